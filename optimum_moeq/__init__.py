@@ -1,0 +1,24 @@
+"""optimum-moeq: mixed-bit Mixture-of-Experts quantization for Hugging Face Transformers.
+
+Importing the package registers ``RouterNormConfig`` and its quantizer with transformers.
+"""
+
+from .allocation import Allocation, LayerSignals, allocate_layers
+from .config import RouterNormConfig
+from .footprint import ExpertsFootprint, experts_footprint
+from .nn import MixedBitExperts
+from .quantizer import RouterNormHfQuantizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Allocation",
+    "ExpertsFootprint",
+    "LayerSignals",
+    "MixedBitExperts",
+    "RouterNormConfig",
+    "RouterNormHfQuantizer",
+    "__version__",
+    "allocate_layers",
+    "experts_footprint",
+]

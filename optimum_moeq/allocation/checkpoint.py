@@ -1,0 +1,95 @@
+"""Streaming pass over a checkpoint's safetensors: router rows and expert input projections.
+
+Tensors are memory-mapped and read one at a time (one expert at a time from fused tensors),
+so the cost is one read of the input projections and memory stays near one expert's weight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from ..models.adapter import MoEAdapter
+from .allocation import LayerSignals
+from .signals import max_neuron_variance, router_norm_change
+
+_INDEX_NAME = "model.safetensors.index.json"
+_SINGLE_NAME = "model.safetensors"
+
+
+def safetensors_files(folder: str | os.PathLike) -> list[str]:
+    """The safetensors shards of a local checkpoint folder."""
+    folder = os.fspath(folder)
+    index = os.path.join(folder, _INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(folder, s) for s in shards]
+    single = os.path.join(folder, _SINGLE_NAME)
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(
+        f"no {_SINGLE_NAME} or {_INDEX_NAME} in {folder!r}: allocation reads safetensors checkpoints only."
+    )
+
+
+def _matches_in(path: str, adapter: MoEAdapter) -> list[tuple[str, re.Match]]:
+    """(kind, match) for each tensor of ``path`` the method reads; only the header is read."""
+    patterns = (
+        ("router", adapter.router_key),
+        ("expert", adapter.expert_input_key),
+        ("fused", adapter.fused_input_key),
+    )
+    with safe_open(path, framework="pt") as f:
+        keys = list(f.keys())
+    return [(kind, m) for key in keys for kind, pattern in patterns if (m := pattern.match(key))]
+
+
+def read_layer_signals(files: Iterable[str], adapter: MoEAdapter, *, progress: bool = True) -> dict[str, LayerSignals]:
+    """Router-norm change and MaxVar per expert of every MoE layer, keyed by experts module name."""
+    files = [os.fspath(f) for f in files]
+    if any(not f.endswith(".safetensors") for f in files):
+        raise ValueError(f"allocation reads safetensors checkpoints only, got {files}.")
+    plan = [(path, _matches_in(path, adapter)) for path in files]
+    routers: dict[str, list[float]] = {}
+    maxvar: dict[str, dict[int, float]] = defaultdict(dict)
+    total = sum(len(matches) for _, matches in plan)
+    with tqdm(total=total, desc="Reading routers and experts", disable=not progress) as bar:
+        for path, matches in plan:
+            with safe_open(path, framework="pt") as f:
+                for kind, match in matches:
+                    layer = adapter.experts_module_name(match["layer"])
+                    if kind == "router":
+                        routers[layer] = router_norm_change(f.get_tensor(match.string)).tolist()
+                    elif kind == "expert":
+                        maxvar[layer][int(match["expert"])] = max_neuron_variance(f.get_tensor(match.string))
+                    else:
+                        fused = f.get_slice(match.string)
+                        num_experts, two_i, _ = fused.get_shape()
+                        for expert in range(num_experts):
+                            maxvar[layer][expert] = max_neuron_variance(fused[expert, : two_i // 2, :])
+                    bar.update()
+    return _assemble(routers, maxvar)
+
+
+def _assemble(routers: dict[str, list[float]], maxvar: dict[str, dict[int, float]]) -> dict[str, LayerSignals]:
+    if not routers:
+        raise ValueError("no MoE router weights found in the checkpoint: is this a Mixture-of-Experts model?")
+    signals = {}
+    for layer in sorted(routers, key=_natural_key):
+        experts = maxvar.get(layer, {})
+        missing = sorted(set(range(len(routers[layer]))) - set(experts))
+        if missing:
+            raise ValueError(f"{layer}: the checkpoint has a router but no input projection for experts {missing}.")
+        signals[layer] = LayerSignals(routers[layer], [experts[e] for e in range(len(routers[layer]))])
+    return signals
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in name.split(".")]

@@ -1,0 +1,85 @@
+"""RouterNormConfig: what ``from_pretrained(..., quantization_config=...)`` takes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from transformers.quantizers.auto import register_quantization_config
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .allocation.allocation import validate_bits_mapping
+from .allocation.bits import check_avg_bits, check_levels
+from .allocation.ranking import RANKINGS
+from .quant import QUANTIZATION_METHODS
+from .quant.packed import FORMAT_VERSION
+
+QUANT_METHOD = "moeq"
+
+
+@register_quantization_config(QUANT_METHOD)
+class RouterNormConfig(QuantizationConfigMixin):
+    """Mixed-bit expert quantization chosen by router-norm change and MaxVar (Chowdhury et al., 2026).
+
+    Args:
+        avg_bits: average bits per expert weight in each MoE layer, between the lowest and
+            highest of ``bit_levels``.
+        bit_levels: 2 or 3 ascending bit-widths in 1..8 (3 levels equally spaced).
+        group_size: weights per (scale, zero) group along each projection's input dimension.
+        ranking: "combined" (router-norm order re-ranked by MaxVar), "router" or "maxvar".
+        zeta: MaxVar ratio above which the combined ranking moves an expert forward.
+        method: per-expert weight quantizer, one of ``QUANTIZATION_METHODS``.
+        modules_to_not_convert: experts module names (or name suffixes) to keep unquantized.
+        allocation: bits per expert by experts module name; computed on load, saved with the model.
+    """
+
+    def __init__(
+        self,
+        avg_bits: float = 2.5,
+        bit_levels: Sequence[int] = (2, 3),
+        group_size: int = 128,
+        ranking: str = "combined",
+        zeta: float = 3.0,
+        method: str = "rtn",
+        modules_to_not_convert: list[str] | None = None,
+        allocation: Mapping[str, Sequence[int]] | None = None,
+        format_version: int = FORMAT_VERSION,
+        **kwargs: Any,
+    ):
+        self.quant_method = QUANT_METHOD
+        self.avg_bits = avg_bits
+        self.bit_levels = list(bit_levels) if isinstance(bit_levels, (list, tuple)) else bit_levels
+        self.group_size = group_size
+        self.ranking = ranking
+        self.zeta = zeta
+        self.method = method
+        self.modules_to_not_convert = modules_to_not_convert
+        self.allocation = (
+            {k: list(v) for k, v in allocation.items()} if isinstance(allocation, Mapping) else allocation
+        )
+        self.format_version = format_version
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Refuse bad values now, before any weight is read."""
+        if not isinstance(self.bit_levels, list):
+            raise ValueError(f"bit_levels={self.bit_levels!r} must be a list or tuple of 2 or 3 bit-widths.")
+        check_levels(self.bit_levels)
+        if isinstance(self.avg_bits, bool) or not isinstance(self.avg_bits, (int, float)):
+            raise ValueError(f"avg_bits={self.avg_bits!r} must be a number.")
+        check_avg_bits(self.avg_bits, self.bit_levels)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size!r} must be a positive integer, e.g. 64 or 128.")
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"ranking={self.ranking!r} is not supported: allowed are {RANKINGS}.")
+        if isinstance(self.zeta, bool) or not isinstance(self.zeta, (int, float)) or not self.zeta > 0:
+            raise ValueError(f"zeta={self.zeta!r} must be a number greater than 0 (the paper uses 3.0).")
+        if self.method not in QUANTIZATION_METHODS:
+            raise ValueError(f"method={self.method!r} is not supported: allowed are {QUANTIZATION_METHODS}.")
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"format_version={self.format_version!r} is not readable by this optimum-moeq "
+                f"(it reads version {FORMAT_VERSION}); upgrade optimum-moeq."
+            )
+        if self.allocation is not None:
+            validate_bits_mapping(self.allocation)

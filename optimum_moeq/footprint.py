@@ -1,0 +1,54 @@
+"""True sizes of a quantized model's experts: packed codes plus group scales and zeros."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .nn import MixedBitExperts
+
+
+@dataclass(frozen=True)
+class ExpertsFootprint:
+    num_weights: int  # expert weights represented
+    code_bytes: int  # packed bit planes
+    metadata_bytes: int  # scales and zeros
+
+    @property
+    def total_bytes(self) -> int:
+        return self.code_bytes + self.metadata_bytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Code bits only: the paper's "average bits"."""
+        return 8 * self.code_bytes / self.num_weights
+
+    @property
+    def bits_per_weight_with_metadata(self) -> float:
+        return 8 * self.total_bytes / self.num_weights
+
+    def __str__(self) -> str:
+        return (
+            f"{self.num_weights:,} expert weights: {self.code_bytes:,} B of codes "
+            f"({self.bits_per_weight:.3f} bits/weight) + {self.metadata_bytes:,} B of scales and zeros "
+            f"= {self.total_bytes:,} B ({self.bits_per_weight_with_metadata:.3f} bits/weight)"
+        )
+
+
+def experts_footprint(model: nn.Module) -> ExpertsFootprint:
+    """Sum the stored tensors of every mixed-bit experts module of ``model``."""
+    num_weights = code_bytes = metadata_bytes = 0
+    for module in model.modules():
+        if not isinstance(module, MixedBitExperts):
+            continue
+        num_weights += module.num_experts * sum(n * k for n, k in module.projection_shapes.values())
+        for name, param in module.named_parameters(recurse=False):
+            nbytes = param.numel() * param.element_size()
+            if name.endswith(("_scale", "_zero")):
+                metadata_bytes += nbytes
+            else:
+                code_bytes += nbytes
+    if not num_weights:
+        raise ValueError("the model has no optimum-moeq mixed-bit experts: load it with RouterNormConfig first.")
+    return ExpertsFootprint(num_weights, code_bytes, metadata_bytes)

@@ -1,0 +1,31 @@
+"""One adapter per MoE family; ``get_adapter`` picks it from a transformers config."""
+
+from __future__ import annotations
+
+from .adapter import MoEAdapter
+from .mixtral import MIXTRAL
+
+ADAPTERS: tuple[MoEAdapter, ...] = (MIXTRAL,)
+SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
+
+_EXPERT_COUNT_ATTRIBUTES = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def get_adapter(config) -> MoEAdapter:
+    """The adapter for ``config.model_type``, or an error saying what is supported."""
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not any(getattr(text_config, a, None) for a in _EXPERT_COUNT_ATTRIBUTES):
+        raise ValueError(
+            f"model_type={model_type!r} is not a Mixture-of-Experts model: there are no experts to allocate bits to."
+        )
+    raise ValueError(
+        f"model_type={model_type!r} is a MoE architecture optimum-moeq does not support yet; "
+        f"supported are {SUPPORTED_MODEL_TYPES}."
+    )
+
+
+__all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "MoEAdapter", "get_adapter"]

@@ -1,0 +1,121 @@
+"""The mixed-bit experts module that replaces a MoE layer's experts.
+
+Experts of one bit-width share one tensor per projection and per stored field (see
+``quant/packed.py``), named ``{projection}_b{bits}_{field}``, e.g. ``gate_up_proj_b3_q2``.
+The forward keeps transformers' experts contract: ``forward(hidden_states, top_k_index,
+top_k_weights)`` with hidden_states [T, H], top_k_index / top_k_weights [T, k].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from ..kernels.reference import packed_linear
+from ..quant import PackedProjection, check_group_size, pack_projection, packed_tensor_shapes, quantize_weight
+from ..quant.packing import check_bits, required_k_multiple
+
+
+class MixedBitExperts(nn.Module):
+    """SwiGLU experts (fused gate_up [E, 2I, H], down [E, H, I]), each at its own bit-width."""
+
+    def __init__(
+        self,
+        expert_bits: Sequence[int],
+        hidden_dim: int,
+        intermediate_dim: int,
+        group_size: int,
+        hidden_act: str = "silu",
+        method: str = "rtn",
+        with_full_precision_placeholders: bool = False,
+        name: str = "experts",
+    ):
+        super().__init__()
+        for b in expert_bits:
+            check_bits(b)
+        self.expert_bits = list(expert_bits)
+        self.num_experts = len(self.expert_bits)
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.group_size = group_size
+        self.hidden_act = hidden_act
+        self.method = method
+        self.act_fn = ACT2FN[hidden_act]
+        self.bit_widths = sorted(set(self.expert_bits))
+        self.members = {b: [e for e, eb in enumerate(self.expert_bits) if eb == b] for b in self.bit_widths}
+        self._slot = {e: (b, self.members[b].index(e)) for e, b in enumerate(self.expert_bits)}
+        # (out features N, in features K) of each projection
+        self.projection_shapes = {
+            "gate_up_proj": (2 * intermediate_dim, hidden_dim),
+            "down_proj": (hidden_dim, intermediate_dim),
+        }
+        for proj, (n, k) in self.projection_shapes.items():
+            _check_divides(f"{name}.{proj}", k, group_size, self.bit_widths)
+            for b in self.bit_widths:
+                specs = packed_tensor_shapes(b, n, k, group_size, lead=(len(self.members[b]),))
+                for field, (shape, dtype) in specs.items():
+                    param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+                    self.register_parameter(f"{proj}_b{b}_{field}", param)
+            if with_full_precision_placeholders:
+                # Receives the checkpoint's weight during quantize-on-load, then is dropped.
+                self.register_parameter(proj, nn.Parameter(torch.empty(self.num_experts, n, k), requires_grad=False))
+
+    def packed(self, proj: str, bits: int) -> PackedProjection:
+        """All experts of ``bits`` bits for projection ``proj``."""
+        fields = {f: getattr(self, f"{proj}_b{bits}_{f}", None) for f in ("q2", "q1", "scale", "zero")}
+        return PackedProjection(bits=bits, **fields)
+
+    def expert_projection(self, proj: str, expert: int) -> PackedProjection:
+        bits, index = self._slot[expert]
+        group = self.packed(proj, bits)
+        return PackedProjection(bits, **{f: t[index] for f, t in group.tensors().items()})
+
+    def quantize_projection(self, proj: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Packed tensors, by parameter name, for the full-precision ``weight`` [E, N, K] of ``proj``."""
+        expected = (self.num_experts, *self.projection_shapes[proj])
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"{proj} weight has shape {tuple(weight.shape)}, expected {expected}.")
+        tensors = {}
+        for b in self.bit_widths:
+            quantized = quantize_weight(weight[self.members[b]], b, self.group_size, self.method)
+            for field, tensor in pack_projection(quantized).tensors().items():
+                tensors[f"{proj}_b{b}_{field}"] = tensor
+        return tensors
+
+    def drop_placeholder(self, proj: str) -> None:
+        self._parameters.pop(proj, None)
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        # Accumulate in float32 so bf16/fp16 sums over top-k do not round at every add.
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+        for expert in torch.unique(top_k_index).tolist():
+            if expert >= self.num_experts:  # index used for experts on another rank
+                continue
+            token_idx, k_pos = torch.where(top_k_index == expert)
+            x = hidden_states[token_idx]
+            gate, up = packed_linear(x, self.expert_projection("gate_up_proj", expert)).chunk(2, dim=-1)
+            y = packed_linear(self.act_fn(gate) * up, self.expert_projection("down_proj", expert))
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).float())
+        return out.to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        counts = ", ".join(f"{len(self.members[b])}x{b}-bit" for b in self.bit_widths)
+        return (
+            f"num_experts={self.num_experts} ({counts}), hidden_dim={self.hidden_dim}, "
+            f"intermediate_dim={self.intermediate_dim}, group_size={self.group_size}"
+        )
+
+
+def _check_divides(name: str, k: int, group_size: int, bit_widths: Sequence[int]) -> None:
+    check_group_size(group_size, k, name)
+    multiple = max(required_k_multiple(b) for b in bit_widths)
+    if k % multiple:
+        raise ValueError(
+            f"{name} has input dimension {k}, which bit-widths {list(bit_widths)} cannot pack: "
+            f"it must be a multiple of {multiple}."
+        )

@@ -1,0 +1,33 @@
+"""Per-expert weight quantizers and the packed bit-plane format."""
+
+from .packed import PackedProjection, pack_projection, packed_tensor_shapes
+from .packing import MAX_BITS, MIN_BITS, check_bits, pack_codes, unpack_codes
+from .rtn import METADATA_DTYPE, GroupQuantized, check_group_size, dequantize, quantize_rtn
+
+QUANTIZATION_METHODS = ("rtn",)
+
+
+def quantize_weight(weight, bits: int, group_size: int, method: str = "rtn") -> GroupQuantized:
+    """Quantize ``weight`` ``[..., N, K]`` with the named calibration-free method."""
+    if method == "rtn":
+        return quantize_rtn(weight, bits, group_size)
+    raise ValueError(f"method={method!r} is not supported: allowed are {QUANTIZATION_METHODS}.")
+
+
+__all__ = [
+    "MAX_BITS",
+    "METADATA_DTYPE",
+    "MIN_BITS",
+    "QUANTIZATION_METHODS",
+    "GroupQuantized",
+    "PackedProjection",
+    "check_bits",
+    "check_group_size",
+    "dequantize",
+    "pack_codes",
+    "pack_projection",
+    "packed_tensor_shapes",
+    "quantize_rtn",
+    "quantize_weight",
+    "unpack_codes",
+]

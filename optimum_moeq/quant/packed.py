@@ -1,0 +1,62 @@
+"""The packed tensors of one projection for a set of experts sharing a bit-width.
+
+Kernel layout (format version 1), for ``E_b`` experts of ``bits`` bits, a projection with
+K inputs and N outputs and groups of G along K:
+
+    q2    int32    [E_b, bits // 2, K / 16, N]   two-bit planes (absent for 1 bit)
+    q1    int32    [E_b, K / 32, N]              top bit for odd widths (absent otherwise)
+    scale float16  [E_b, K / G, N]
+    zero  float16  [E_b, K / G, N]               W[n, k] = (code - zero) * scale
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .packing import pack_codes, packed_shapes
+from .rtn import METADATA_DTYPE, GroupQuantized
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PackedProjection:
+    bits: int
+    scale: torch.Tensor
+    zero: torch.Tensor
+    q2: torch.Tensor | None = None
+    q1: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by suffix (``q2``, ``q1``, ``scale``, ``zero``)."""
+        named = {"q2": self.q2, "q1": self.q1, "scale": self.scale, "zero": self.zero}
+        return {name: t for name, t in named.items() if t is not None}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def pack_projection(quantized: GroupQuantized) -> PackedProjection:
+    """Move group-quantized ``[..., N, K]`` codes and metadata into the kernel layout."""
+    q2, q1 = pack_codes(quantized.codes.transpose(-1, -2), quantized.bits)
+    return PackedProjection(
+        bits=quantized.bits,
+        scale=quantized.scale.transpose(-1, -2).contiguous(),
+        zero=quantized.zero.transpose(-1, -2).contiguous(),
+        q2=q2,
+        q1=q1,
+    )
+
+
+def packed_tensor_shapes(
+    bits: int, n: int, k: int, group_size: int, lead: tuple[int, ...] = ()
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of each stored tensor, to build empty modules before weights load."""
+    specs = {name: (shape, torch.int32) for name, shape in packed_shapes(bits, k, n, lead).items()}
+    meta_shape = (*lead, k // group_size, n)
+    specs["scale"] = (meta_shape, METADATA_DTYPE)
+    specs["zero"] = (meta_shape, METADATA_DTYPE)
+    return specs

@@ -1,0 +1,107 @@
+"""Bit-plane packing: a b-bit code costs exactly b bits.
+
+Layout (format version 1). A projection's codes are held transposed, ``[..., K, N]``
+(K = input features, N = output features), so that N is contiguous for the GPU kernels.
+A b-bit code ``c`` is split into ``b // 2`` two-bit planes and, for odd ``b``, one one-bit
+plane holding the top bit::
+
+    c = p2[0] | p2[1] << 2 | ... | p2[b//2 - 1] << 2*(b//2 - 1) | p1 << 2*(b//2)
+
+A two-bit plane packs 16 consecutive K rows into one int32 (``[..., K/16, N]``), value ``j`` of
+a word in bits ``2j, 2j+1``; the one-bit plane packs 32 rows (``[..., K/32, N]``), value ``j``
+in bit ``j``. Two-bit planes are stacked on a new axis: ``q2`` is ``[..., b//2, K/16, N]``.
+One decode path serves every width, with power-of-two strides and no value crossing a word.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MIN_BITS, MAX_BITS = 1, 8
+_VALUES_PER_WORD = {2: 16, 1: 32}
+
+
+def check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits={bits!r} is not supported: allowed are integers {MIN_BITS} to {MAX_BITS}.")
+
+
+def num_two_bit_planes(bits: int) -> int:
+    return bits // 2
+
+
+def has_one_bit_plane(bits: int) -> bool:
+    return bits % 2 == 1
+
+
+def required_k_multiple(bits: int) -> int:
+    """The input dimension must be a multiple of this for ``bits`` to pack without padding."""
+    return 32 if has_one_bit_plane(bits) else 16
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    # Words are built in int64 as unsigned 32-bit values; reinterpret the top bit as the sign.
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _pack_plane(values: torch.Tensor, width: int) -> torch.Tensor:
+    """``values`` [..., K, N] in [0, 2**width) -> int32 [..., K/per_word, N]."""
+    per_word = _VALUES_PER_WORD[width]
+    *lead, k, n = values.shape
+    grouped = values.to(torch.int64).reshape(*lead, k // per_word, per_word, n)
+    shifts = torch.arange(per_word, dtype=torch.int64, device=values.device) * width
+    return _to_int32((grouped << shifts[:, None]).sum(dim=-2))
+
+
+def _unpack_plane(words: torch.Tensor, width: int) -> torch.Tensor:
+    """int32 [..., K/per_word, N] -> int32 [..., K, N]."""
+    per_word = _VALUES_PER_WORD[width]
+    *lead, kw, n = words.shape
+    shifts = torch.arange(per_word, dtype=torch.int32, device=words.device) * width
+    values = (words.unsqueeze(-2) >> shifts[:, None]) & ((1 << width) - 1)
+    return values.reshape(*lead, kw * per_word, n)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Pack integer codes ``[..., K, N]`` in ``[0, 2**bits)`` into ``(q2, q1)`` bit planes.
+
+    ``q2`` is None for 1 bit, ``q1`` is None for even widths.
+    """
+    check_bits(bits)
+    k = codes.shape[-2]
+    if k % required_k_multiple(bits):
+        raise ValueError(
+            f"cannot pack {bits}-bit codes along an input dimension of {k}: "
+            f"it must be a multiple of {required_k_multiple(bits)}."
+        )
+    codes = codes.to(torch.int32)
+    n2 = num_two_bit_planes(bits)
+    q2 = None
+    if n2:
+        q2 = torch.stack([_pack_plane((codes >> (2 * i)) & 3, 2) for i in range(n2)], dim=-3)
+    q1 = _pack_plane((codes >> (2 * n2)) & 1, 1) if has_one_bit_plane(bits) else None
+    return q2, q1
+
+
+def unpack_codes(q2: torch.Tensor | None, q1: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int32 codes ``[..., K, N]``."""
+    check_bits(bits)
+    n2 = num_two_bit_planes(bits)
+    codes = None
+    for i in range(n2):
+        plane = _unpack_plane(q2[..., i, :, :], 2) << (2 * i)
+        codes = plane if codes is None else codes | plane
+    if has_one_bit_plane(bits):
+        top = _unpack_plane(q1, 1) << (2 * n2)
+        codes = top if codes is None else codes | top
+    return codes
+
+
+def packed_shapes(bits: int, k: int, n: int, lead: tuple[int, ...] = ()) -> dict[str, tuple[int, ...]]:
+    """Shapes of the planes :func:`pack_codes` returns, to allocate them before the weights arrive."""
+    shapes = {}
+    if num_two_bit_planes(bits):
+        shapes["q2"] = (*lead, num_two_bit_planes(bits), k // 16, n)
+    if has_one_bit_plane(bits):
+        shapes["q1"] = (*lead, k // 32, n)
+    return shapes

@@ -1,0 +1,28 @@
+from setuptools import find_namespace_packages, setup
+
+setup(
+    name="optimum-moeq",
+    version="0.1.0",
+    description="Mixed-bit Mixture-of-Experts quantization for Hugging Face Transformers "
+    "(router-norm / MaxVar expert bit allocation)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_namespace_packages(include=["optimum_moeq", "optimum_moeq.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.23,<6",
+        "accelerate>=1.10",
+        "safetensors>=0.6",
+        "huggingface_hub>=1.0",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "gpu": ["triton>=3.3"],
+        "eval": ["lm-eval>=0.4.9"],
+        "dev": ["pytest>=8", "ruff"],
+    },
+    entry_points={"console_scripts": ["moeq=optimum_moeq.cli:main"]},
+)

@@ -1,0 +1,50 @@
+"""Tiny Mixtral checkpoints built in the test session: random weights, no network."""
+
+import pytest
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+
+NUM_EXPERTS = 8
+HIDDEN = 64
+INTERMEDIATE = 128
+LAYERS = 2
+
+
+def tiny_mixtral_config(**overrides) -> MixtralConfig:
+    kwargs = dict(
+        vocab_size=128,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=NUM_EXPERTS,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    kwargs.update(overrides)
+    return MixtralConfig(**kwargs)
+
+
+# Router row norms chosen per layer (expert index order), and the expert whose gate
+# projection gets one neuron of very high variance, so the combined ranking moves it.
+ROUTER_NORMS = [
+    [0.8, 0.3, 1.4, 0.5, 1.1, 0.2, 0.9, 1.6],
+    [1.2, 0.7, 0.1, 1.5, 0.4, 1.0, 0.6, 1.3],
+]
+HIGH_VARIANCE_EXPERT = [7, 3]
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_path(tmp_path_factory):
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(tiny_mixtral_config())
+    with torch.no_grad():
+        for layer, norms, loud in zip(model.model.layers, ROUTER_NORMS, HIGH_VARIANCE_EXPERT):
+            router = layer.mlp.gate.weight
+            router.copy_(router / router.norm(dim=1, keepdim=True) * torch.tensor(norms)[:, None])
+            # gate rows of expert `loud`: one neuron 20x the spread of every other neuron
+            layer.mlp.experts.gate_up_proj[loud, 5].mul_(20.0)
+    path = tmp_path_factory.mktemp("tiny-mixtral")
+    model.save_pretrained(path)
+    return path

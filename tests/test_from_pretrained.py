@@ -1,0 +1,177 @@
+"""End to end through transformers: quantize on load, forward, bytes, save, reload."""
+
+import json
+
+import pytest
+import torch
+from conftest import HIDDEN, HIGH_VARIANCE_EXPERT, INTERMEDIATE, NUM_EXPERTS, ROUTER_NORMS
+from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+import optimum_moeq
+from optimum_moeq import MixedBitExperts, RouterNormConfig, experts_footprint
+from optimum_moeq.kernels import dequantize_packed
+
+GROUP = 32
+TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _quantize(path, **kwargs):
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=RouterNormConfig(group_size=GROUP, **kwargs), dtype=torch.float32
+    )
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_mixtral_path):
+    return _quantize(tiny_mixtral_path, avg_bits=2.5)
+
+
+def _three_bit_experts(model, layer):
+    return {e for e, b in enumerate(model.model.layers[layer].mlp.experts.expert_bits) if b == 3}
+
+
+def test_combined_ranking_gives_four_experts_three_bits_by_the_paper_rule(quantized):
+    for layer, norms in enumerate(ROUTER_NORMS):
+        module = quantized.model.layers[layer].mlp.experts
+        assert isinstance(module, MixedBitExperts)
+        assert sorted(module.expert_bits) == [2, 2, 2, 2, 3, 3, 3, 3]
+        # The loud expert jumps to the front; the three smallest router norms of the rest follow.
+        loud = HIGH_VARIANCE_EXPERT[layer]
+        quiet = sorted((e for e in range(NUM_EXPERTS) if e != loud), key=lambda e: norms[e])[:3]
+        assert _three_bit_experts(quantized, layer) == {loud, *quiet}
+    name = "model.layers.0.mlp.experts"
+    assert quantized.config.quantization_config.allocation[name] == quantized.model.layers[0].mlp.experts.expert_bits
+
+
+def test_router_ranking_gives_three_bits_to_the_smallest_router_norms(tiny_mixtral_path):
+    model = _quantize(tiny_mixtral_path, avg_bits=2.5, ranking="router")
+    for layer, norms in enumerate(ROUTER_NORMS):
+        assert _three_bit_experts(model, layer) == set(sorted(range(NUM_EXPERTS), key=lambda e: norms[e])[:4])
+
+
+def test_logits_equal_the_model_with_dequantized_experts(tiny_mixtral_path, quantized):
+    reference = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, dtype=torch.float32)
+    original_logits = _logits(reference)
+    with torch.no_grad():
+        for layer, q_layer in zip(reference.model.layers, quantized.model.layers):
+            for proj in ("gate_up_proj", "down_proj"):
+                weight = getattr(layer.mlp.experts, proj)
+                for e in range(NUM_EXPERTS):
+                    weight[e] = dequantize_packed(q_layer.mlp.experts.expert_projection(proj, e))
+    quantized_logits = _logits(quantized)
+    assert (quantized_logits - _logits(reference)).abs().max() < 1e-4
+    assert (quantized_logits - original_logits).abs().max() > 1e-2
+
+
+def test_only_experts_are_quantized(quantized):
+    layer = quantized.model.layers[0]
+    assert layer.self_attn.q_proj.weight.dtype == torch.float32
+    assert layer.mlp.gate.weight.dtype == torch.float32
+    assert quantized.lm_head.weight.dtype == torch.float32
+
+
+def test_expert_bytes_match_the_packed_sizes(quantized):
+    weights_per_expert = 2 * INTERMEDIATE * HIDDEN + HIDDEN * INTERMEDIATE
+    bits = [b for layer in quantized.model.layers for b in layer.mlp.experts.expert_bits]
+    code_bytes = sum(b * weights_per_expert // 8 for b in bits)
+    metadata_bytes = len(bits) * 2 * 2 * weights_per_expert // GROUP  # float16 scale + zero per group
+    stored = sum(
+        p.numel() * p.element_size() for layer in quantized.model.layers for p in layer.mlp.experts.parameters()
+    )
+    footprint = experts_footprint(quantized)
+    assert stored == code_bytes + metadata_bytes == footprint.total_bytes
+    assert footprint.code_bytes == code_bytes
+    assert footprint.bits_per_weight == 2.5
+    assert footprint.bits_per_weight_with_metadata == 2.5 + 32 / GROUP
+
+
+def test_save_and_reload_give_identical_logits(quantized, tmp_path):
+    quantized.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "moeq"
+    assert saved["allocation"]["model.layers.1.mlp.experts"] == quantized.model.layers[1].mlp.experts.expert_bits
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for layer, q_layer in zip(reloaded.model.layers, quantized.model.layers):
+        assert layer.mlp.experts.expert_bits == q_layer.mlp.experts.expert_bits
+        assert layer.mlp.experts.gate_up_proj_b3_scale.dtype == torch.float16
+    assert torch.equal(_logits(reloaded), _logits(quantized))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda bits: bits.pop(), r"lists 7 bit-widths but the module has 8 experts"),
+        (
+            lambda bits: bits.__setitem__(2, 9),
+            r"allocation\['model.layers.0.mlp.experts'\]\[2\]: bits=9 is not supported",
+        ),
+    ],
+)
+def test_tampered_allocation_is_refused_on_reload(quantized, tmp_path, edit, message):
+    quantized.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    edit(config["quantization_config"]["allocation"]["model.layers.0.mlp.experts"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_avg_bits_outside_the_levels_fails_before_any_weight_is_read(tiny_mixtral_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"avg_bits=5 is outside the bit levels \(2, 3\)"):
+        RouterNormConfig(avg_bits=5, bit_levels=(2, 3))
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(optimum_moeq.allocation.checkpoint, "safe_open", no_reading)
+    monkeypatch.setattr(MixtralForCausalLM, "_load_pretrained_model", no_reading)
+    config = RouterNormConfig(avg_bits=2.5)
+    config.avg_bits = 5  # edited after construction: checked again when loading starts
+    with pytest.raises(ValueError, match=r"avg_bits=5 is outside the bit levels \(2, 3\)"):
+        AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
+
+
+def test_group_size_that_does_not_divide_is_named_at_load(tiny_mixtral_path):
+    with pytest.raises(ValueError, match=r"group_size=48 does not divide the input dimension 64 of model\.layers\.0"):
+        AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=RouterNormConfig(group_size=48))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_and_device_map_auto(quantized, tmp_path, dtype):
+    quantized.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype, device_map="auto")
+    logits = _logits(model)
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == dtype
+    assert model.model.layers[0].mlp.experts.down_proj_b2_scale.dtype == torch.float16  # metadata keeps its dtype
+    reference = _logits(quantized)
+    assert ((logits.float() - reference).norm() / reference.norm()) < 0.05
+
+
+def test_modules_to_not_convert_keeps_an_experts_module(tiny_mixtral_path, tmp_path):
+    model = _quantize(tiny_mixtral_path, avg_bits=2.5, modules_to_not_convert=["model.layers.1.mlp.experts"])
+    assert isinstance(model.model.layers[0].mlp.experts, MixedBitExperts)
+    assert not isinstance(model.model.layers[1].mlp.experts, MixedBitExperts)
+    assert list(model.config.quantization_config.allocation) == ["model.layers.0.mlp.experts"]
+    model.save_pretrained(tmp_path)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path)), _logits(model))
+
+
+def test_dense_and_unsupported_models_are_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    LlamaForCausalLM(LlamaConfig(**small)).save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match="model_type='llama' is not a Mixture-of-Experts model"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=RouterNormConfig())
+    moe = Qwen2MoeConfig(**small, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    Qwen2MoeForCausalLM(moe).save_pretrained(tmp_path / "moe")
+    with pytest.raises(
+        ValueError, match=r"model_type='qwen2_moe' is a MoE architecture .* supported are \('mixtral',\)"
+    ):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "moe", quantization_config=RouterNormConfig())

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from optimum_moeq.quant.packing import pack_codes, packed_shapes, unpack_codes
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("lead", [(), (3,)])
+def test_pack_unpack_round_trip_is_exact(bits, lead):
+    generator = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (*lead, 64, 24), generator=generator, dtype=torch.int32)
+    q2, q1 = pack_codes(codes, bits)
+    assert torch.equal(unpack_codes(q2, q1, bits), codes)
+    stored = [t for t in (q2, q1) if t is not None]
+    assert all(t.dtype == torch.int32 for t in stored)
+    assert {name: tuple(t.shape) for name, t in zip(("q2", "q1"), (q2, q1)) if t is not None} == packed_shapes(
+        bits, 64, 24, lead
+    )
+    # exactly `bits` bits per code, no padding
+    assert sum(t.numel() * 32 for t in stored) == codes.numel() * bits
+
+
+def test_two_bit_word_layout_matches_hand_computation():
+    values = [3, 0, 1, 2, 2, 1, 0, 3, 3, 3, 1, 1, 0, 2, 2, 0]  # 16 rows of K, one column
+    codes = torch.tensor(values, dtype=torch.int32)[:, None]
+    q2, q1 = pack_codes(codes, 2)
+    expected = sum(v << (2 * j) for j, v in enumerate(values))  # value j in bits 2j, 2j+1
+    assert q1 is None
+    assert q2.shape == (1, 1, 1)
+    assert q2.item() & 0xFFFFFFFF == expected
+
+
+def test_three_bit_top_bit_goes_to_the_one_bit_plane():
+    codes = torch.zeros(32, 1, dtype=torch.int32)
+    codes[5] = 7  # 0b111: low two bits in the 2-bit plane, top bit in the 1-bit plane
+    q2, q1 = pack_codes(codes, 3)
+    assert q2[0, 0, 0].item() == 3 << 10 and q2[0, 1, 0].item() == 0
+    assert q1[0, 0].item() == 1 << 5
+
+
+def test_input_dimension_must_pack_whole_words():
+    with pytest.raises(ValueError, match="input dimension of 48: it must be a multiple of 32"):
+        pack_codes(torch.zeros(48, 4, dtype=torch.int32), 3)
+
+
+@pytest.mark.parametrize("bits", [0, 9, 2.5])
+def test_unsupported_bits_are_refused(bits):
+    with pytest.raises(ValueError, match=r"bits=.* is not supported: allowed are integers 1 to 8"):
+        pack_codes(torch.zeros(32, 4, dtype=torch.int32), bits)

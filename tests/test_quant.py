@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from optimum_moeq.kernels import dequantize_packed
+from optimum_moeq.quant import dequantize, pack_projection, quantize_rtn
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_rtn_error_is_at_most_half_a_step(bits):
+    weight = torch.randn(2, 16, 128, dtype=torch.float64)
+    q = quantize_rtn(weight, bits, group_size=32)
+    assert q.codes.min() >= 0 and q.codes.max() <= 2**bits - 1
+    assert q.scale.dtype == q.zero.dtype == torch.float16
+    assert q.scale.shape == q.zero.shape == (2, 16, 4)
+    # independent float64 dequantization
+    s = q.scale.double().repeat_interleave(32, dim=-1)
+    z = q.zero.double().repeat_interleave(32, dim=-1)
+    restored = (q.codes.double() - z) * s
+    assert torch.allclose(dequantize(q.codes, q.scale, q.zero).double(), restored, atol=1e-6)
+    # every weight within half a step, plus the float16 rounding of the metadata
+    assert ((restored - weight).abs() <= s * 0.5 + 2e-3 * weight.abs().amax()).all()
+
+
+def test_rtn_is_exact_on_weights_already_on_the_grid():
+    codes = torch.randint(0, 8, (4, 64))
+    codes[:, ::32] = 0
+    codes[:, 1::32] = 7  # every group spans the full 3-bit range
+    weight = (codes.float() - 3.0) * 0.25  # scale 0.25, zero 3: exact in float16
+    q = quantize_rtn(weight, 3, group_size=32)
+    assert torch.equal(q.codes, codes.int())
+    assert torch.equal(dequantize(q.codes, q.scale, q.zero), weight)
+
+
+def test_group_size_must_divide_the_input_dimension():
+    with pytest.raises(ValueError, match="group_size=48 does not divide the input dimension 64"):
+        quantize_rtn(torch.randn(4, 64), 2, group_size=48)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_packed_layout_dequantizes_to_the_same_weights(bits):
+    weight = torch.randn(3, 48, 64)
+    q = quantize_rtn(weight, bits, group_size=16)
+    packed = pack_projection(q)
+    assert packed.scale.shape == (3, 4, 48)  # [E, K/G, N]: N contiguous for the kernels
+    assert torch.equal(dequantize_packed(packed), dequantize(q.codes, q.scale, q.zero))
+    assert packed.nbytes == 3 * 48 * 64 * bits // 8 + 2 * 2 * 3 * 48 * 4
