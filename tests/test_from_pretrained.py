@@ -175,3 +175,15 @@ def test_dense_and_unsupported_models_are_refused(tmp_path):
         ValueError, match=r"model_type='qwen2_moe' is a MoE architecture .* supported are \('mixtral',\)"
     ):
         AutoModelForCausalLM.from_pretrained(tmp_path / "moe", quantization_config=RouterNormConfig())
+
+
+def test_quantize_on_load_with_device_map_auto_in_bfloat16(tiny_mixtral_path):
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_mixtral_path,
+        quantization_config=RouterNormConfig(group_size=GROUP),
+        dtype=torch.bfloat16,
+        device_map="auto",
+    )
+    assert not [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    assert not hasattr(model.model.layers[0].mlp.experts, "gate_up_proj")  # placeholder dropped
+    assert _logits(model).dtype == torch.bfloat16
