@@ -19,7 +19,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "triton>=3.3"],
         "gpu": ["triton>=3.3"],
         "eval": ["lm-eval>=0.4.9"],
         "dev": ["pytest>=8", "ruff"],

@@ -1,7 +1,13 @@
 """Tiny Mixtral checkpoints built in the test session: random weights, no network."""
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors through the interpreter; set before any kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import MixtralConfig, MixtralForCausalLM
 
 NUM_EXPERTS = 8

@@ -3,7 +3,9 @@
 Experts of one bit-width share one tensor per projection and per stored field (see
 ``quant/packed.py``), named ``{projection}_b{bits}_{field}``, e.g. ``gate_up_proj_b3_q2``.
 The forward keeps transformers' experts contract: ``forward(hidden_states, top_k_index,
-top_k_weights)`` with hidden_states [T, H], top_k_index / top_k_weights [T, k].
+top_k_weights)`` with hidden_states [T, H], top_k_index / top_k_weights [T, k]. CUDA inputs take
+the Triton kernels (one launch per bit-width per projection), CPU inputs the torch reference;
+``kernel="torch"`` or ``"triton"`` forces one (the latter runs on CPU under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -14,13 +16,18 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from ..kernels.grouped import block_k_for, grouped_experts_forward, triton_available
 from ..kernels.reference import packed_linear
 from ..quant import PackedProjection, check_group_size, pack_projection, packed_tensor_shapes, quantize_weight
 from ..quant.packing import check_bits, required_k_multiple
 
+KERNELS = ("auto", "torch", "triton")
+
 
 class MixedBitExperts(nn.Module):
     """SwiGLU experts (fused gate_up [E, 2I, H], down [E, H, I]), each at its own bit-width."""
+
+    kernel: str = "auto"
 
     def __init__(
         self,
@@ -47,6 +54,7 @@ class MixedBitExperts(nn.Module):
         self.bit_widths = sorted(set(self.expert_bits))
         self.members = {b: [e for e, eb in enumerate(self.expert_bits) if eb == b] for b in self.bit_widths}
         self._slot = {e: (b, self.members[b].index(e)) for e, b in enumerate(self.expert_bits)}
+        self._local_index: dict[torch.device, dict[int, torch.Tensor]] = {}
         # (out features N, in features K) of each projection
         self.projection_shapes = {
             "gate_up_proj": (2 * intermediate_dim, hidden_dim),
@@ -89,6 +97,48 @@ class MixedBitExperts(nn.Module):
         self._parameters.pop(proj, None)
 
     def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        if self._use_triton(hidden_states):
+            return grouped_experts_forward(
+                hidden_states,
+                top_k_index,
+                top_k_weights,
+                {b: self.packed("gate_up_proj", b) for b in self.bit_widths},
+                {b: self.packed("down_proj", b) for b in self.bit_widths},
+                self.local_index(hidden_states.device),
+                num_experts=self.num_experts,
+                intermediate_dim=self.intermediate_dim,
+                group_size=self.group_size,
+            )
+        return self._reference_forward(hidden_states, top_k_index, top_k_weights)
+
+    def _use_triton(self, hidden_states: torch.Tensor) -> bool:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel={self.kernel!r} is not supported: allowed are {KERNELS}.")
+        if self.kernel == "torch":
+            return False
+        usable = triton_available() and block_k_for(self.group_size) is not None
+        if self.kernel == "triton" and not usable:
+            raise ValueError(
+                f"kernel='triton' needs the triton package and a group_size with a power-of-two divisor >= 16, "
+                f"got group_size={self.group_size}; install optimum-moeq[gpu] or use kernel='torch'."
+            )
+        return self.kernel == "triton" or (usable and hidden_states.is_cuda)
+
+    def local_index(self, device: torch.device) -> dict[int, torch.Tensor]:
+        """Per bit-width, each expert's index within that width's tensors, or -1 (one more slot, -1,
+        for the expert index transformers uses for experts held elsewhere)."""
+        if device not in self._local_index:
+            maps = {}
+            for b in self.bit_widths:
+                index = torch.full((self.num_experts + 1,), -1, dtype=torch.int32)
+                index[self.members[b]] = torch.arange(len(self.members[b]), dtype=torch.int32)
+                maps[b] = index.to(device)
+            self._local_index[device] = maps
+        return self._local_index[device]
+
+    def _reference_forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         # Accumulate in float32 so bf16/fp16 sums over top-k do not round at every add.

@@ -1,0 +1,160 @@
+"""Host side of the Triton MoE kernels: block sizes, launches, and a whole experts layer.
+
+A layer runs as: gate_up (one launch per bit-width, SiLU(gate) * up fused) -> down (one launch
+per bit-width, routing weight fused, float32 partial sums per pair) -> sum over top-k.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Mapping
+
+import torch
+
+from ..quant.packed import PackedProjection
+from .routing import align_pairs_by_expert
+
+# At or below this many (token, expert) pairs the GEMV kernel runs, above it the tl.dot kernel.
+DECODE_MAX_PAIRS = 32
+_GEMV_BLOCK_N = 64
+_GEMM_BLOCK_N = 64
+_TARGET_PROGRAMS = 1024  # split K until the decode launch has about this many programs
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block_k_for(group_size: int) -> int | None:
+    """Largest power of two <= 128 dividing ``group_size`` (one group per K step), or None if < 16."""
+    block = 128
+    while block >= 16:
+        if group_size % block == 0:
+            return block
+        block //= 2
+    return None
+
+
+@functools.cache
+def _kernels():
+    from . import triton_moe
+
+    return triton_moe
+
+
+def _plane_args(packed: PackedProjection) -> tuple:
+    q2 = packed.q2 if packed.q2 is not None else packed.scale  # unread when absent; any tensor will do
+    q1 = packed.q1 if packed.q1 is not None else packed.scale
+    for t in (packed.q2, packed.q1, packed.scale, packed.zero):
+        if t is not None and not t.is_contiguous():
+            raise ValueError("packed expert tensors must be contiguous for the Triton kernels.")
+    q2_strides = packed.q2.stride()[:3] if packed.q2 is not None else (0, 0, 0)
+    q1_strides = packed.q1.stride()[:2] if packed.q1 is not None else (0, 0)
+    strides = (*q2_strides, *q1_strides, packed.scale.stride(0), packed.scale.stride(1))
+    return (q2, q1, packed.scale, packed.zero), strides
+
+
+def launch_projection(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    packed: PackedProjection,
+    local_index: torch.Tensor,
+    top_k_index: torch.Tensor,
+    *,
+    group_size: int,
+    n_out: int,
+    x_rows_per_pair_div: int,
+    fuse_swiglu: bool = False,
+    routing_weights: torch.Tensor | None = None,
+    blocks=None,
+) -> None:
+    """One launch: every pair whose expert is in ``packed``'s bit-width writes its row of ``out``.
+
+    ``x`` rows are indexed by pair // ``x_rows_per_pair_div``; ``out`` rows by pair. ``blocks``
+    (from ``align_pairs_by_expert``) selects the tl.dot kernel, otherwise the GEMV kernel runs.
+    """
+    kernels = _kernels()
+    num_pairs = top_k_index.numel()
+    k = x.shape[1]
+    block_k = block_k_for(group_size)
+    tensors, strides = _plane_args(packed)
+    n2 = packed.bits // 2
+    has_q1 = packed.bits % 2 == 1
+    routing = routing_weights if routing_weights is not None else out
+    common = dict(GROUP=group_size, N2=n2, HAS_Q1=has_q1, FUSE_SWIGLU=fuse_swiglu)
+    common["HAS_ROUTING_WEIGHT"] = routing_weights is not None
+    if blocks is None:
+        programs = num_pairs * triton_cdiv(n_out, _GEMV_BLOCK_N)
+        split_k = 1 if fuse_swiglu else _split_k(programs, k // block_k)
+        if split_k > 1 and out.dtype != torch.float32:
+            raise ValueError("split-K accumulates atomically and needs a float32 output.")
+        grid = (num_pairs, triton_cdiv(n_out, _GEMV_BLOCK_N), split_k)
+        kernels._moe_gemv_kernel[grid](
+            x, out, top_k_index, local_index, routing, *tensors, k, n_out, x_rows_per_pair_div, n_out,
+            x.stride(0), out.stride(0), *strides, **common, SPLIT_K=split_k, BLOCK_K=block_k,
+            BLOCK_N=_GEMV_BLOCK_N, num_warps=4,
+        )  # fmt: skip
+    else:
+        grid = (blocks.block_expert.numel(), triton_cdiv(n_out, _GEMM_BLOCK_N))
+        dot_in_fp32 = interpreting() and x.dtype == torch.bfloat16
+        kernels._moe_gemm_kernel[grid](
+            x, out, blocks.sorted_pairs, blocks.block_expert, local_index, routing, *tensors, num_pairs, k, n_out,
+            x_rows_per_pair_div, n_out, x.stride(0), out.stride(0), *strides, **common, DOT_IN_FP32=dot_in_fp32,
+            BLOCK_M=blocks.block_m, BLOCK_K=block_k, BLOCK_N=_GEMM_BLOCK_N, num_warps=4, num_stages=3,
+        )  # fmt: skip
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _split_k(programs: int, k_steps: int) -> int:
+    split = 1
+    while programs * split * 2 <= _TARGET_PROGRAMS and split * 2 <= k_steps:
+        split *= 2
+    return split
+
+
+def grouped_experts_forward(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: Mapping[int, PackedProjection],
+    down: Mapping[int, PackedProjection],
+    local_index: Mapping[int, torch.Tensor],
+    *,
+    num_experts: int,
+    intermediate_dim: int,
+    group_size: int,
+    decode_max_pairs: int = DECODE_MAX_PAIRS,
+) -> torch.Tensor:
+    """SwiGLU experts over packed mixed-bit weights; same contract as transformers' experts forward."""
+    tokens, hidden = hidden_states.shape
+    top_k = top_k_index.shape[1]
+    num_pairs = tokens * top_k
+    pair_expert = top_k_index.reshape(-1).to(torch.int32).contiguous()
+    weights = top_k_weights.reshape(-1).contiguous()
+    x = hidden_states.contiguous()
+    blocks = None
+    if num_pairs > decode_max_pairs:
+        block_m = 16 if num_pairs <= 8 * num_experts else 64
+        blocks = align_pairs_by_expert(pair_expert, num_experts, block_m)
+    act = torch.zeros(num_pairs, intermediate_dim, dtype=x.dtype, device=x.device)
+    for bits, packed in gate_up.items():
+        launch_projection(
+            x, act, packed, local_index[bits], pair_expert, group_size=group_size, n_out=intermediate_dim,
+            x_rows_per_pair_div=top_k, fuse_swiglu=True, blocks=blocks,
+        )  # fmt: skip
+    out = torch.zeros(num_pairs, hidden, dtype=torch.float32, device=x.device)
+    for bits, packed in down.items():
+        launch_projection(
+            act, out, packed, local_index[bits], pair_expert, group_size=group_size, n_out=hidden,
+            x_rows_per_pair_div=1, routing_weights=weights, blocks=blocks,
+        )  # fmt: skip
+    return out.view(tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)

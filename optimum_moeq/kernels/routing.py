@@ -1,0 +1,42 @@
+"""Token-to-expert layouts for the grouped kernels, computed on the device without host syncs.
+
+A *pair* is one (token, k) routing choice: pair p = token * top_k + k. The prefill kernel takes
+pairs sorted by expert, each expert's run padded to a multiple of ``block_m`` so that a block of
+rows never mixes experts. Sizes are upper bounds, so the result has a fixed shape for a given
+batch (CUDA-graph friendly): padding slots hold ``num_pairs``, unused blocks hold expert -1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ExpertBlocks:
+    sorted_pairs: torch.Tensor  # int32 [num_blocks * block_m]
+    block_expert: torch.Tensor  # int32 [num_blocks], -1 where a block is unused
+    num_pairs: int
+    block_m: int
+
+
+def align_pairs_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
+    experts = top_k_index.reshape(-1).long()
+    num_pairs = experts.numel()
+    device = experts.device
+    counts = torch.bincount(experts, minlength=num_experts)[:num_experts]
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    padded_start = padded_end - padded
+    order = torch.argsort(experts, stable=True)
+    sorted_experts = experts[order]
+    first_of_expert = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(num_pairs, device=device) - first_of_expert[sorted_experts]
+    max_blocks = (num_pairs + num_experts * (block_m - 1)) // block_m + 1
+    sorted_pairs = torch.full((max_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
+    sorted_pairs[padded_start[sorted_experts] + rank] = order.to(torch.int32)
+    block_starts = torch.arange(max_blocks, device=device) * block_m
+    block_expert = torch.searchsorted(padded_end, block_starts, right=True).to(torch.int32)
+    block_expert[block_starts >= padded_end[-1]] = -1
+    return ExpertBlocks(sorted_pairs, block_expert, num_pairs, block_m)

@@ -1,0 +1,219 @@
+"""Triton kernels: one launch per bit-width per projection for all experts of that width.
+
+Both kernels read the packed layout of ``quant/packed.py`` and dequantize inside the loop,
+one group of K rows per step so that each step needs one row of scales and zeros, with the zero
+folded out of the inner product: ``sum_k x_k (q_kn - z_n) s_n = s_n (sum_k x_k q_kn - z_n sum_k x_k)``.
+
+* ``_moe_gemv_kernel`` (decode, a few tokens): one program per (pair, N tile, K split);
+  the expert is read on the device from the routing tensor; split-K partial sums are added
+  atomically in float32.
+* ``_moe_gemm_kernel`` (prefill): pairs sorted by expert into blocks of BLOCK_M rows
+  (``routing.align_pairs_by_expert``), ``tl.dot`` tiles.
+
+With ``FUSE_SWIGLU`` a program computes gate columns n and up columns n + I of the fused
+gate_up projection and writes SiLU(gate) * up; with ``HAS_ROUTING_WEIGHT`` the output rows are
+scaled by the pair's routing weight. Programs whose expert has another bit-width exit at once.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dequant_tile(
+    q2_ptr,
+    q1_ptr,
+    scale_ptr,
+    zero_ptr,
+    k0,
+    offs_n,
+    n_mask,
+    stride_q2_plane,
+    stride_q2_row,
+    stride_q1_row,
+    stride_meta_row,
+    GROUP: tl.constexpr,
+    N2: tl.constexpr,
+    HAS_Q1: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Codes [BLOCK_K, BLOCK_N] (int32) of rows k0.. and the group's scale and zero [BLOCK_N]."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    codes = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
+    for i in tl.static_range(N2):
+        words = tl.load(
+            q2_ptr + i * stride_q2_plane + (offs_k // 16)[:, None] * stride_q2_row + offs_n[None, :],
+            mask=n_mask[None, :],
+            other=0,
+        )
+        codes |= ((words >> ((offs_k % 16) * 2)[:, None]) & 3) << (2 * i)
+    if HAS_Q1:
+        words = tl.load(
+            q1_ptr + (offs_k // 32)[:, None] * stride_q1_row + offs_n[None, :], mask=n_mask[None, :], other=0
+        )
+        codes |= ((words >> (offs_k % 32)[:, None]) & 1) << (2 * N2)
+    group = k0 // GROUP
+    scale = tl.load(scale_ptr + group * stride_meta_row + offs_n, mask=n_mask, other=0).to(tl.float32)
+    zero = tl.load(zero_ptr + group * stride_meta_row + offs_n, mask=n_mask, other=0).to(tl.float32)
+    return codes, scale, zero
+
+
+@triton.jit
+def _moe_gemv_kernel(
+    x_ptr,
+    out_ptr,
+    pair_expert_ptr,
+    local_index_ptr,
+    routing_weight_ptr,
+    q2_ptr,
+    q1_ptr,
+    scale_ptr,
+    zero_ptr,
+    K,
+    N,
+    X_ROWS_PER_PAIR_DIV,
+    UP_OFFSET,
+    stride_x,
+    stride_out,
+    stride_q2_expert,
+    stride_q2_plane,
+    stride_q2_row,
+    stride_q1_expert,
+    stride_q1_row,
+    stride_meta_expert,
+    stride_meta_row,
+    GROUP: tl.constexpr,
+    N2: tl.constexpr,
+    HAS_Q1: tl.constexpr,
+    FUSE_SWIGLU: tl.constexpr,
+    HAS_ROUTING_WEIGHT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    expert = tl.load(pair_expert_ptr + pair)
+    local = tl.load(local_index_ptr + expert)
+    if local < 0:  # this expert has another bit-width
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    x_row = x_ptr + (pair // X_ROWS_PER_PAIR_DIV).to(tl.int64) * stride_x
+    q2_e = q2_ptr + local.to(tl.int64) * stride_q2_expert
+    q1_e = q1_ptr + local.to(tl.int64) * stride_q1_expert
+    scale_e = scale_ptr + local.to(tl.int64) * stride_meta_expert
+    zero_e = zero_ptr + local.to(tl.int64) * stride_meta_expert
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        x = tl.load(x_row + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
+        x_sum = tl.sum(x, axis=0)
+        codes, scale, zero = _dequant_tile(
+            q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plane, stride_q2_row, stride_q1_row,
+            stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
+        )  # fmt: skip
+        acc += scale * (tl.sum(x[:, None] * codes.to(tl.float32), axis=0) - zero * x_sum)
+        if FUSE_SWIGLU:
+            codes, scale, zero = _dequant_tile(
+                q2_e, q1_e, scale_e, zero_e, k0, offs_n + UP_OFFSET, n_mask, stride_q2_plane, stride_q2_row,
+                stride_q1_row, stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
+            )  # fmt: skip
+            acc_up += scale * (tl.sum(x[:, None] * codes.to(tl.float32), axis=0) - zero * x_sum)
+    if FUSE_SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if HAS_ROUTING_WEIGHT:
+        acc *= tl.load(routing_weight_ptr + pair).to(tl.float32)
+    out = out_ptr + pair.to(tl.int64) * stride_out + offs_n
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.atomic_add(out, acc, mask=n_mask)
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    x_ptr,
+    out_ptr,
+    sorted_pairs_ptr,
+    block_expert_ptr,
+    local_index_ptr,
+    routing_weight_ptr,
+    q2_ptr,
+    q1_ptr,
+    scale_ptr,
+    zero_ptr,
+    num_pairs,
+    K,
+    N,
+    X_ROWS_PER_PAIR_DIV,
+    UP_OFFSET,
+    stride_x,
+    stride_out,
+    stride_q2_expert,
+    stride_q2_plane,
+    stride_q2_row,
+    stride_q1_expert,
+    stride_q1_row,
+    stride_meta_expert,
+    stride_meta_row,
+    GROUP: tl.constexpr,
+    N2: tl.constexpr,
+    HAS_Q1: tl.constexpr,
+    FUSE_SWIGLU: tl.constexpr,
+    HAS_ROUTING_WEIGHT: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:  # padding block
+        return
+    local = tl.load(local_index_ptr + expert)
+    if local < 0:  # this expert has another bit-width
+        return
+    pairs = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    m_mask = pairs < num_pairs
+    x_rows = x_ptr + (pairs // X_ROWS_PER_PAIR_DIV).to(tl.int64)[:, None] * stride_x
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    q2_e = q2_ptr + local.to(tl.int64) * stride_q2_expert
+    q1_e = q1_ptr + local.to(tl.int64) * stride_q1_expert
+    scale_e = scale_ptr + local.to(tl.int64) * stride_meta_expert
+    zero_e = zero_ptr + local.to(tl.int64) * stride_meta_expert
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_rows + k0 + tl.arange(0, BLOCK_K)[None, :], mask=m_mask[:, None], other=0)
+        codes, scale, zero = _dequant_tile(
+            q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plane, stride_q2_row, stride_q1_row,
+            stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
+        )  # fmt: skip
+        w = (codes.to(tl.float32) - zero[None, :]) * scale[None, :]
+        if DOT_IN_FP32:  # the interpreter's bfloat16 dot is wrong; GPUs take the native path
+            acc += tl.dot(x.to(tl.float32), w)
+        else:
+            acc += tl.dot(x, w.to(x.dtype))
+        if FUSE_SWIGLU:
+            codes, scale, zero = _dequant_tile(
+                q2_e, q1_e, scale_e, zero_e, k0, offs_n + UP_OFFSET, n_mask, stride_q2_plane, stride_q2_row,
+                stride_q1_row, stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
+            )  # fmt: skip
+            w = (codes.to(tl.float32) - zero[None, :]) * scale[None, :]
+            if DOT_IN_FP32:
+                acc_up += tl.dot(x.to(tl.float32), w)
+            else:
+                acc_up += tl.dot(x, w.to(x.dtype))
+    if FUSE_SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if HAS_ROUTING_WEIGHT:
+        acc *= tl.load(routing_weight_ptr + pairs, mask=m_mask, other=0).to(tl.float32)[:, None]
+    out = out_ptr + pairs.to(tl.int64)[:, None] * stride_out + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])

@@ -1,0 +1,117 @@
+"""Triton kernels against the float32 torch reference: CPU through TRITON_INTERPRET=1, and the
+same checks at real Mixtral sizes when a GPU is present."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from optimum_moeq.kernels.grouped import DECODE_MAX_PAIRS  # noqa: E402
+from optimum_moeq.kernels.routing import align_pairs_by_expert  # noqa: E402
+from optimum_moeq.nn import MixedBitExperts  # noqa: E402
+from optimum_moeq.quant.synthetic import random_packed_projection  # noqa: E402
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+GPU_TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _experts(bits, hidden, intermediate, group_size, device="cpu", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    module = MixedBitExperts(bits, hidden, intermediate, group_size)
+    with torch.no_grad():
+        for proj, (n, k) in module.projection_shapes.items():
+            for b in module.bit_widths:
+                packed = random_packed_projection(len(module.members[b]), n, k, b, group_size, generator=generator)
+                for field, tensor in packed.tensors().items():
+                    getattr(module, f"{proj}_b{b}_{field}").copy_(tensor)
+    return module.to(device)
+
+
+def _routing(tokens, num_experts, top_k, skip_expert, generator):
+    choices = [e for e in range(num_experts) if e != skip_expert]
+    index = torch.stack([torch.tensor(choices)[torch.randperm(len(choices), generator=generator)[:top_k]]
+                         for _ in range(tokens)])  # fmt: skip
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=generator), dim=-1)
+    return index, weights
+
+
+def _relative_error(module, x, index, weights):
+    module.kernel = "torch"
+    reference = module(x.float(), index, weights)
+    module.kernel = "triton"
+    out = module(x, index, weights)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    return ((out.float() - reference).norm() / reference.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 37])  # decode (GEMV, split-K) and prefill (tl.dot) paths
+def test_mixed_bit_layer_matches_reference_on_cpu(dtype, tokens):
+    generator = torch.Generator().manual_seed(tokens)
+    module = _experts([2, 3, 4, 3, 1, 5, 8, 2], hidden=64, intermediate=96, group_size=32)
+    index, weights = _routing(tokens, 8, 2, skip_expert=6, generator=generator)  # expert 6: no token
+    x = torch.randn(tokens, 64, generator=generator).to(dtype)
+    assert (tokens * 2 <= DECODE_MAX_PAIRS) == (tokens < 37)
+    assert _relative_error(module, x, index, weights) < TOLERANCE[dtype]
+
+
+def test_expert_index_of_another_rank_is_ignored():
+    module = _experts([2, 3, 3, 2], hidden=32, intermediate=64, group_size=16)
+    index = torch.tensor([[0, 4], [4, 2], [1, 3]])  # 4 = num_experts: held elsewhere
+    weights = torch.full((3, 2), 0.5)
+    x = torch.randn(3, 32)
+    assert _relative_error(module, x, index, weights) < 1e-5
+
+
+def test_align_pairs_by_expert_blocks_hold_one_expert_each():
+    index = torch.tensor([[0, 3], [3, 1], [0, 3], [5, 0], [3, 0], [0, 1]])
+    blocks = align_pairs_by_expert(index, num_experts=6, block_m=4)
+    flat = index.reshape(-1)
+    rows = blocks.sorted_pairs.view(-1, 4)
+    seen = []
+    for row, expert in zip(rows.tolist(), blocks.block_expert.tolist()):
+        pairs = [p for p in row if p < blocks.num_pairs]
+        if expert < 0:
+            assert not pairs
+        seen += pairs
+        assert all(flat[p].item() == expert for p in pairs)
+    assert sorted(seen) == list(range(flat.numel()))
+    assert blocks.block_expert.tolist()[:5] == [0, 0, 1, 3, 5]  # expert 0's 5 pairs take two blocks
+
+
+def test_triton_kernel_refuses_a_group_size_it_cannot_tile():
+    module = MixedBitExperts([2, 2], hidden_dim=32, intermediate_dim=32, group_size=8)
+    module.kernel = "triton"
+    with pytest.raises(ValueError, match="group_size=8"):
+        module(torch.randn(1, 32), torch.tensor([[0]]), torch.ones(1, 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real-size kernel checks need a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 16, 512])
+def test_mixtral_sized_layer_matches_reference_on_gpu(dtype, tokens):
+    generator = torch.Generator().manual_seed(tokens)
+    bits = [3, 2, 3, 2, 3, 2, 3, 2]
+    module = _experts(bits, hidden=4096, intermediate=14336, group_size=128, device="cuda")
+    index, weights = _routing(tokens, 8, 2, skip_expert=7 if tokens < 512 else -1, generator=generator)
+    x = torch.randn(tokens, 4096, generator=generator).to(dtype)
+    error = _relative_error(module, x.cuda(), index.cuda(), weights.cuda())
+    assert error < GPU_TOLERANCE[dtype]
+
+
+def test_quantized_model_runs_through_the_kernels_unchanged(tiny_mixtral_path):
+    from transformers import AutoModelForCausalLM
+
+    from optimum_moeq import RouterNormConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_mixtral_path, quantization_config=RouterNormConfig(group_size=32)
+    )
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(tokens).logits
+        for module in model.modules():
+            if isinstance(module, MixedBitExperts):
+                module.kernel = "triton"
+        logits = model(tokens).logits
+    assert ((logits - reference).norm() / reference.norm()) < 1e-5
