@@ -1,0 +1,164 @@
+"""Greedy decode tokens/s: a Mixtral-8x7B-shaped model with packed 2.5-bit experts vs bfloat16.
+
+    python benchmarks/decode.py                      # on a GPU: table to benchmarks/results/decode.md
+    python benchmarks/decode.py --layers 12 --compile
+    python benchmarks/decode.py --smoke              # CPU, Triton interpreter, tiny model: checks the script
+
+Both models are built directly on the device with random weights (the quantized one directly
+in packed form: no download, no full-precision copy of its experts), with the same number of
+layers (as many as the bf16 model fits; default 12 of 32). The bytes-per-token limit is the bytes
+a batch-1 step must read (non-expert weights, lm_head, top-k experts' packed bytes per layer)
+over the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import copy_bandwidth, device_name, smoke_environment, write_table  # noqa: E402
+
+
+def mixtral_config(layers: int, smoke: bool):
+    from transformers import MixtralConfig
+
+    if smoke:
+        return MixtralConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256,
+        )  # fmt: skip
+    return MixtralConfig(num_hidden_layers=layers, max_position_embeddings=4096)  # Mixtral-8x7B shapes
+
+
+def build_model(config, expert_bits, group_size: int, device: torch.device):
+    """Random weights on ``device``; experts packed at ``expert_bits`` (or bf16 when None)."""
+    from transformers import MixtralForCausalLM
+    from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
+
+    from optimum_moeq.nn import MixedBitExperts
+    from optimum_moeq.quant.synthetic import random_packed_projection
+
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("meta"):
+        model = MixtralForCausalLM(config)
+        if expert_bits is not None:
+            for layer in model.model.layers:
+                layer.mlp.experts = MixedBitExperts(
+                    expert_bits, config.hidden_size, config.intermediate_size, group_size, config.hidden_act
+                )
+    torch.set_default_dtype(torch.float32)
+    model.to_empty(device=device)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dtype == torch.bfloat16:
+                param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, 0.02)
+        for layer in model.model.layers:
+            experts = layer.mlp.experts
+            if isinstance(experts, MixedBitExperts):
+                for proj, (n, k) in experts.projection_shapes.items():
+                    for b in experts.bit_widths:
+                        packed = random_packed_projection(
+                            len(experts.members[b]), n, k, b, group_size, generator=generator
+                        )
+                        for field, tensor in packed.tensors().items():
+                            getattr(experts, f"{proj}_b{b}_{field}").copy_(tensor)
+    model.model.rotary_emb = MixtralRotaryEmbedding(config=config).to(device)
+    return model.eval()
+
+
+def bytes_per_token(model) -> int:
+    """Bytes a batch-1 decode step reads: all non-expert weights but the embedding table, and the
+    mean top-k experts of each layer."""
+    from optimum_moeq.nn import MixedBitExperts
+
+    total = 0
+    for name, param in model.named_parameters():
+        if ".experts." not in name and "embed_tokens" not in name:
+            total += param.numel() * param.element_size()
+    top_k = model.config.num_experts_per_tok
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        if isinstance(experts, MixedBitExperts):
+            layer_bytes = sum(p.numel() * p.element_size() for p in experts.parameters())
+        else:
+            layer_bytes = experts.gate_up_proj.nbytes + experts.down_proj.nbytes
+        total += layer_bytes * top_k // model.config.num_local_experts
+    return total
+
+
+def decode_tokens_per_s(model, batch: int, new_tokens: int, cache: str, device) -> float:
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (batch, 16), generator=torch.Generator().manual_seed(batch)).to(device)
+    kwargs = dict(do_sample=False, pad_token_id=0, cache_implementation=cache if cache == "static" else None)
+
+    def run(n: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(new_tokens)  # warm-up: kernel compilation, graph capture
+    elapsed = min(run(new_tokens) for _ in range(2)) - min(run(1) for _ in range(2))  # without the prefill
+    return batch * (new_tokens - 1) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU through the Triton interpreter")
+    parser.add_argument("--layers", type=int, default=12, help="layers in both models (Mixtral-8x7B has 32)")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--cache", choices=["dynamic", "static"], default="static")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the forward (with the static cache)")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "decode.md"))
+    args = parser.parse_args()
+    smoke_environment(args.smoke)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    layers, new_tokens = (2, 4) if args.smoke else (args.layers, args.new_tokens)
+    group_size = 32 if args.smoke else args.group_size
+    config = mixtral_config(layers, args.smoke)
+    bandwidth = copy_bandwidth(device)
+    batches = [1] if args.smoke else [int(b) for b in args.batches.split(",")]
+
+    results = {}
+    for label, bits in (("2.5-bit experts", [3, 2] * 4), ("bf16", None)):
+        model = build_model(config, bits, group_size, device)
+        if args.compile:
+            model.forward = torch.compile(model.forward, mode="reduce-overhead")
+        per_token = bytes_per_token(model)
+        for batch in batches:
+            results[label, batch] = (decode_tokens_per_s(model, batch, new_tokens, args.cache, device), per_token)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    rows = []
+    for (label, batch), (tok_s, per_token) in results.items():
+        limit = bandwidth / 2 / per_token  # copy bandwidth counts read + write; a step only reads
+        ratio = tok_s / results["bf16", batch][0]
+        rows.append([label, batch, f"{tok_s:.1f}", f"{ratio:.2f}x", f"{per_token / 1e9:.3f}", f"{limit:.0f}",
+                     f"{tok_s / limit:.0%}" if batch == 1 else "-"])  # fmt: skip
+    notes = (
+        f"Device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write; the limit uses "
+        f"half, the read side). {layers} layers of {'tiny smoke' if args.smoke else 'Mixtral-8x7B'} shapes, "
+        f"group {group_size}, cache {args.cache}, "
+        f"compile {args.compile}, {new_tokens} new tokens after a 16-token prompt, prefill excluded. "
+        f"Command: python benchmarks/decode.py{' --smoke' if args.smoke else f' --layers {layers}'}"
+        f"{' --compile' if args.compile else ''}"
+    )
+    header = ["experts", "batch", "tokens/s", "vs bf16", "GB read / token (batch 1)", "limit tokens/s", "of limit"]
+    write_table(args.out, "Greedy decode, Mixtral-8x7B shapes", header, rows, notes)
+
+
+if __name__ == "__main__":
+    main()

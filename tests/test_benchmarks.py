@@ -1,0 +1,24 @@
+"""The GPU benchmarks run end to end in --smoke mode (CPU, tiny shapes): the scripts work and
+write their tables; the figures are not speed."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.parametrize(("script", "columns"), [("kernels.py", "packed GB/s"), ("decode.py", "limit tokens/s")])
+def test_benchmark_smoke_run_writes_its_table(script, columns, tmp_path):
+    out = tmp_path / "table.md"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--smoke", "--out", str(out)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = out.read_text()
+    assert columns in table and "not speed" in table
+    assert table.count("\n| ") >= 3  # header and at least two rows
