@@ -48,17 +48,29 @@ def _dequant_tile(
             q2_ptr + i * stride_q2_plane + (offs_k // 16)[:, None] * stride_q2_row + offs_n[None, :],
             mask=n_mask[None, :],
             other=0,
+            eviction_policy="evict_first",  # weights are read once; keep activations in cache
         )
         codes |= ((words >> ((offs_k % 16) * 2)[:, None]) & 3) << (2 * i)
     if HAS_Q1:
         words = tl.load(
-            q1_ptr + (offs_k // 32)[:, None] * stride_q1_row + offs_n[None, :], mask=n_mask[None, :], other=0
+            q1_ptr + (offs_k // 32)[:, None] * stride_q1_row + offs_n[None, :],
+            mask=n_mask[None, :],
+            other=0,
+            eviction_policy="evict_first",
         )
         codes |= ((words >> (offs_k % 32)[:, None]) & 1) << (2 * N2)
     group = k0 // GROUP
     scale = tl.load(scale_ptr + group * stride_meta_row + offs_n, mask=n_mask, other=0).to(tl.float32)
     zero = tl.load(zero_ptr + group * stride_meta_row + offs_n, mask=n_mask, other=0).to(tl.float32)
     return codes, scale, zero
+
+
+@triton.jit
+def _codes_to_float(codes):
+    """Exact float32 of small non-negative int codes without an int-to-float conversion: OR the
+    code into the mantissa of 2**23 and subtract 2**23 (an integer op and an add, both cheaper
+    than a conversion on GPUs)."""
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
@@ -117,13 +129,13 @@ def _moe_gemv_kernel(
             q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plane, stride_q2_row, stride_q1_row,
             stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
         )  # fmt: skip
-        acc += scale * (tl.sum(x[:, None] * codes.to(tl.float32), axis=0) - zero * x_sum)
+        acc += scale * (tl.sum(x[:, None] * _codes_to_float(codes), axis=0) - zero * x_sum)
         if FUSE_SWIGLU:
             codes, scale, zero = _dequant_tile(
                 q2_e, q1_e, scale_e, zero_e, k0, offs_n + UP_OFFSET, n_mask, stride_q2_plane, stride_q2_row,
                 stride_q1_row, stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
             )  # fmt: skip
-            acc_up += scale * (tl.sum(x[:, None] * codes.to(tl.float32), axis=0) - zero * x_sum)
+            acc_up += scale * (tl.sum(x[:, None] * _codes_to_float(codes), axis=0) - zero * x_sum)
     if FUSE_SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
     if HAS_ROUTING_WEIGHT:
@@ -196,7 +208,7 @@ def _moe_gemm_kernel(
             q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plane, stride_q2_row, stride_q1_row,
             stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
         )  # fmt: skip
-        w = (codes.to(tl.float32) - zero[None, :]) * scale[None, :]
+        w = (_codes_to_float(codes) - zero[None, :]) * scale[None, :]
         if DOT_IN_FP32:  # the interpreter's bfloat16 dot is wrong; GPUs take the native path
             acc += tl.dot(x.to(tl.float32), w)
         else:
@@ -206,7 +218,7 @@ def _moe_gemm_kernel(
                 q2_e, q1_e, scale_e, zero_e, k0, offs_n + UP_OFFSET, n_mask, stride_q2_plane, stride_q2_row,
                 stride_q1_row, stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
             )  # fmt: skip
-            w = (codes.to(tl.float32) - zero[None, :]) * scale[None, :]
+            w = (_codes_to_float(codes) - zero[None, :]) * scale[None, :]
             if DOT_IN_FP32:
                 acc_up += tl.dot(x.to(tl.float32), w)
             else:
