@@ -3,6 +3,7 @@
 Importing the package registers ``RouterNormConfig`` and its quantizer with transformers.
 """
 
+from .allocate import allocate
 from .allocation import Allocation, LayerSignals, allocate_layers
 from .config import RouterNormConfig
 from .footprint import ExpertsFootprint, experts_footprint
@@ -19,6 +20,7 @@ __all__ = [
     "RouterNormConfig",
     "RouterNormHfQuantizer",
     "__version__",
+    "allocate",
     "allocate_layers",
     "experts_footprint",
 ]

@@ -30,6 +30,8 @@ class RouterNormConfig(QuantizationConfigMixin):
         zeta: MaxVar ratio above which the combined ranking moves an expert forward.
         method: per-expert weight quantizer, one of ``QUANTIZATION_METHODS``.
         modules_to_not_convert: experts module names (or name suffixes) to keep unquantized.
+        reference_model: local folder or Hub id of the checkpoint before (fine-)tuning; the ranking
+            then uses each router row's norm change from it (only its router tensors are read).
         allocation: bits per expert by experts module name; computed on load, saved with the model.
     """
 
@@ -42,6 +44,7 @@ class RouterNormConfig(QuantizationConfigMixin):
         zeta: float = 3.0,
         method: str = "rtn",
         modules_to_not_convert: list[str] | None = None,
+        reference_model: str | None = None,
         allocation: Mapping[str, Sequence[int]] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
@@ -54,6 +57,7 @@ class RouterNormConfig(QuantizationConfigMixin):
         self.zeta = zeta
         self.method = method
         self.modules_to_not_convert = modules_to_not_convert
+        self.reference_model = None if reference_model is None else str(reference_model)
         self.allocation = (
             {k: list(v) for k, v in allocation.items()} if isinstance(allocation, Mapping) else allocation
         )

@@ -2,8 +2,8 @@
 
 Order of events in ``from_pretrained``: the model is built on the meta device; before weights
 load, the allocation is computed from the checkpoint files (or read from a saved config) and
-each experts module is swapped for a :class:`MixedBitExperts`; each layer's fused expert weights
-then stream through :class:`QuantizeExperts`, one projection of one layer at a time.
+each experts module is swapped for a mixed-bit one; each layer's expert weights then stream
+through :class:`QuantizeExperts`, one projection of one layer at a time.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 from transformers.utils import is_accelerate_available
 
-from .allocation import Allocation, allocate_layers, read_layer_signals
+from .allocate import allocate_from_files
+from .allocation import Allocation
 from .config import QUANT_METHOD, RouterNormConfig
 from .models import get_adapter
-from .nn import MixedBitExperts
+from .nn import REPLACEMENTS, MixedBitExperts
 from .quant import check_group_size
 
 logger = logging.getLogger(__name__)
@@ -41,14 +42,14 @@ class RouterNormHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs) -> None:
         config = self.quantization_config
         adapter = get_adapter(model.config)
-        experts = {
-            name: module
+        shapes = {
+            name: adapter.experts_shape(module, model.config)
             for name, module in model.named_modules()
             if adapter.experts_module_key.match(name) and should_convert_module(name, config.modules_to_not_convert)
         }
-        for name, module in experts.items():  # before any weight is read
-            check_group_size(config.group_size, module.gate_up_proj.shape[-1], f"{name}.gate_up_proj")
-            check_group_size(config.group_size, module.down_proj.shape[-1], f"{name}.down_proj")
+        for name, shape in shapes.items():  # before any weight is read
+            check_group_size(config.group_size, shape.hidden_dim, f"{name} (input projection)")
+            check_group_size(config.group_size, shape.intermediate_dim, f"{name}.down_proj")
         if self.pre_quantized:
             if config.allocation is None:
                 raise ValueError("the checkpoint's quantization_config has no allocation: it cannot be reloaded.")
@@ -56,28 +57,35 @@ class RouterNormHfQuantizer(HfQuantizer):
         else:
             if not checkpoint_files:
                 raise ValueError("quantize-on-load needs the checkpoint files to compute the allocation.")
-            signals = read_layer_signals(checkpoint_files, adapter)
-            signals = {name: s for name, s in signals.items() if name in experts}
-            self.allocation = allocate_layers(signals, config.avg_bits, config.bit_levels, config.ranking, config.zeta)
+            self.allocation = allocate_from_files(checkpoint_files, adapter, config, experts_modules=set(shapes))
             config.allocation = self.allocation.bits
             logger.info("optimum-moeq allocation:\n%s", self.allocation)
-        _check_allocation_matches_model(config.allocation, experts)
+        _check_allocation_matches_model(config.allocation, shapes)
 
-        hidden_act = model.config.get_text_config().hidden_act
-        for name, module in experts.items():
-            _, intermediate_x2, hidden = module.gate_up_proj.shape
+        replacement_class = REPLACEMENTS[adapter.replacement]
+        for name, shape in shapes.items():
             with torch.device("meta"):
-                replacement = MixedBitExperts(
+                replacement = replacement_class(
                     config.allocation[name],
-                    hidden_dim=hidden,
-                    intermediate_dim=intermediate_x2 // 2,
+                    hidden_dim=shape.hidden_dim,
+                    intermediate_dim=shape.intermediate_dim,
                     group_size=config.group_size,
-                    hidden_act=hidden_act,
+                    hidden_act=shape.activation,
                     method=config.method,
                     with_full_precision_placeholders=not self.pre_quantized,
                     name=name,
+                    gated=adapter.gated,
                 )
             model.set_submodule(name, replacement)
+            # The MoE block's own weight init reaches into the experts it was built with (Switch
+            # indexes them by name); its weights all come from the checkpoint, so skip it.
+            model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
+
+    def update_weight_conversions(self, weight_conversions, model):
+        adapter = get_adapter(model.config)
+        if not self.pre_quantized and adapter.extra_weight_conversions is not None:
+            weight_conversions = list(weight_conversions) + adapter.extra_weight_conversions()
+        return super().update_weight_conversions(weight_conversions, model)
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         if self.pre_quantized:
@@ -110,7 +118,7 @@ class RouterNormHfQuantizer(HfQuantizer):
 
 
 class QuantizeExperts(ConversionOps):
-    """Turns one layer's fused full-precision projection [E, N, K] into its packed tensors."""
+    """Turns one layer's full-precision projection [E, N, K] into its packed tensors."""
 
     def __init__(self, hf_quantizer: RouterNormHfQuantizer):
         self.hf_quantizer = hf_quantizer
@@ -127,18 +135,17 @@ class QuantizeExperts(ConversionOps):
         return {f"{prefix}.{name}": tensor for name, tensor in packed.items()}
 
 
-def _check_allocation_matches_model(allocation: dict[str, list[int]], experts: dict) -> None:
+def _check_allocation_matches_model(allocation: dict[str, list[int]], shapes: dict) -> None:
     """A saved (possibly edited) allocation must name exactly the model's experts modules."""
-    unknown = sorted(set(allocation) - set(experts))
+    unknown = sorted(set(allocation) - set(shapes))
     if unknown:
         raise ValueError(f"allocation names {unknown}, which are not experts modules of this model.")
-    missing = sorted(set(experts) - set(allocation))
+    missing = sorted(set(shapes) - set(allocation))
     if missing:
         raise ValueError(f"allocation has no bits for the experts modules {missing}.")
-    for name, module in experts.items():
-        num_experts = module.gate_up_proj.shape[0]
-        if len(allocation[name]) != num_experts:
+    for name, shape in shapes.items():
+        if len(allocation[name]) != shape.num_experts:
             raise ValueError(
                 f"allocation[{name!r}] lists {len(allocation[name])} bit-widths but the module has "
-                f"{num_experts} experts."
+                f"{shape.num_experts} experts."
             )

@@ -163,16 +163,16 @@ def test_modules_to_not_convert_keeps_an_experts_module(tiny_mixtral_path, tmp_p
 
 
 def test_dense_and_unsupported_models_are_refused(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
     small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     LlamaForCausalLM(LlamaConfig(**small)).save_pretrained(tmp_path / "dense")
     with pytest.raises(ValueError, match="model_type='llama' is not a Mixture-of-Experts model"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=RouterNormConfig())
-    moe = Qwen2MoeConfig(**small, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32)
-    Qwen2MoeForCausalLM(moe).save_pretrained(tmp_path / "moe")
+    moe = AutoConfig.for_model("granitemoe", **small, num_local_experts=4, num_experts_per_tok=2)
+    AutoModelForCausalLM.from_config(moe).save_pretrained(tmp_path / "moe")
     with pytest.raises(
-        ValueError, match=r"model_type='qwen2_moe' is a MoE architecture .* supported are \('mixtral',\)"
+        ValueError, match=r"model_type='granitemoe' is a MoE architecture .* supported are \('mixtral', "
     ):
         AutoModelForCausalLM.from_pretrained(tmp_path / "moe", quantization_config=RouterNormConfig())
 

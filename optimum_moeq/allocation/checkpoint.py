@@ -48,7 +48,7 @@ def _matches_in(path: str, adapter: MoEAdapter) -> list[tuple[str, re.Match]]:
     )
     with safe_open(path, framework="pt") as f:
         keys = list(f.keys())
-    return [(kind, m) for key in keys for kind, pattern in patterns if (m := pattern.match(key))]
+    return [(kind, m) for key in keys for kind, pattern in patterns if pattern and (m := pattern.match(key))]
 
 
 def read_layer_signals(files: Iterable[str], adapter: MoEAdapter, *, progress: bool = True) -> dict[str, LayerSignals]:
@@ -64,18 +64,33 @@ def read_layer_signals(files: Iterable[str], adapter: MoEAdapter, *, progress: b
         for path, matches in plan:
             with safe_open(path, framework="pt") as f:
                 for kind, match in matches:
-                    layer = adapter.experts_module_name(match["layer"])
+                    layer = adapter.experts_module_name(match)
                     if kind == "router":
                         routers[layer] = router_norm_change(f.get_tensor(match.string)).tolist()
                     elif kind == "expert":
                         maxvar[layer][int(match["expert"])] = max_neuron_variance(f.get_tensor(match.string))
                     else:
                         fused = f.get_slice(match.string)
-                        num_experts, two_i, _ = fused.get_shape()
+                        num_experts, rows, _ = fused.get_shape()
+                        gate_rows = rows // 2 if adapter.gated else rows  # gate rows come first
                         for expert in range(num_experts):
-                            maxvar[layer][expert] = max_neuron_variance(fused[expert, : two_i // 2, :])
+                            maxvar[layer][expert] = max_neuron_variance(fused[expert, :gate_rows, :])
                     bar.update()
     return _assemble(routers, maxvar)
+
+
+def read_router_norms(files: Iterable[str], adapter: MoEAdapter, *, progress: bool = True) -> dict[str, list[float]]:
+    """Router row norms per experts module, reading the router tensors only (e.g. of a reference model)."""
+    files = [os.fspath(f) for f in files]
+    norms = {}
+    for path in tqdm(files, desc="Reading reference routers", disable=not progress):
+        with safe_open(path, framework="pt") as f:
+            for kind, match in _matches_in(path, adapter):
+                if kind == "router":
+                    norms[adapter.experts_module_name(match)] = router_norm_change(f.get_tensor(match.string)).tolist()
+    if not norms:
+        raise ValueError(f"no router weights found in the reference checkpoint files {files}.")
+    return norms
 
 
 def _assemble(routers: dict[str, list[float]], maxvar: dict[str, dict[int, float]]) -> dict[str, LayerSignals]:

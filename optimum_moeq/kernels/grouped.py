@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 
 import torch
+from transformers.activations import ACT2FN
 
 from ..quant.packed import PackedProjection
 from .routing import align_pairs_by_expert
@@ -132,9 +133,15 @@ def grouped_experts_forward(
     num_experts: int,
     intermediate_dim: int,
     group_size: int,
+    activation: str = "silu",
+    gated: bool = True,
     decode_max_pairs: int = DECODE_MAX_PAIRS,
 ) -> torch.Tensor:
-    """SwiGLU experts over packed mixed-bit weights; same contract as transformers' experts forward."""
+    """Experts over packed mixed-bit weights; same contract as transformers' experts forward.
+
+    ``gate_up`` holds the input projection: gate then up rows when ``gated``, else up only.
+    SiLU(gate) * up is fused into its launch; other activations run in torch between launches.
+    """
     tokens, hidden = hidden_states.shape
     top_k = top_k_index.shape[1]
     num_pairs = tokens * top_k
@@ -145,12 +152,17 @@ def grouped_experts_forward(
     if num_pairs > decode_max_pairs:
         block_m = 16 if num_pairs <= 8 * num_experts else 64
         blocks = align_pairs_by_expert(pair_expert, num_experts, block_m)
-    act = torch.zeros(num_pairs, intermediate_dim, dtype=x.dtype, device=x.device)
+    fuse = gated and activation == "silu"
+    width = intermediate_dim if fuse or not gated else 2 * intermediate_dim
+    act = torch.zeros(num_pairs, width, dtype=x.dtype, device=x.device)
     for bits, packed in gate_up.items():
         launch_projection(
-            x, act, packed, local_index[bits], pair_expert, group_size=group_size, n_out=intermediate_dim,
-            x_rows_per_pair_div=top_k, fuse_swiglu=True, blocks=blocks,
+            x, act, packed, local_index[bits], pair_expert, group_size=group_size, n_out=width,
+            x_rows_per_pair_div=top_k, fuse_swiglu=fuse, blocks=blocks,
         )  # fmt: skip
+    if not fuse:
+        act_fn = ACT2FN[activation]
+        act = act_fn(act[:, :intermediate_dim]) * act[:, intermediate_dim:] if gated else act_fn(act)
     out = torch.zeros(num_pairs, hidden, dtype=torch.float32, device=x.device)
     for bits, packed in down.items():
         launch_projection(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from .adapter import MoEAdapter
+from .adapter import ExpertsShape, MoEAdapter
 from .mixtral import MIXTRAL
+from .qwen_style import QWEN_STYLE
+from .switch_transformers import SWITCH_TRANSFORMERS
 
-ADAPTERS: tuple[MoEAdapter, ...] = (MIXTRAL,)
+ADAPTERS: tuple[MoEAdapter, ...] = (MIXTRAL, QWEN_STYLE, SWITCH_TRANSFORMERS)
 SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
 
 _EXPERT_COUNT_ATTRIBUTES = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -28,4 +30,4 @@ def get_adapter(config) -> MoEAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "MoEAdapter", "get_adapter"]
+__all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "ExpertsShape", "MoEAdapter", "get_adapter"]

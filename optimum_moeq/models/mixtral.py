@@ -6,15 +6,16 @@ too); the loaded model fuses them into ``mlp.experts.gate_up_proj`` [E, 2I, H].
 
 import re
 
-from .adapter import MoEAdapter
+from .adapter import MoEAdapter, fused_experts_shape
 
-_LAYER = r"^model\.layers\.(?P<layer>\d+)\.(?:block_sparse_moe|mlp)"
+_PREFIX = r"^(?P<prefix>model\.layers\.\d+)\.(?:block_sparse_moe|mlp)"
 
 MIXTRAL = MoEAdapter(
+    name="mixtral",
     model_types=("mixtral",),
-    router_key=re.compile(_LAYER + r"\.gate\.weight$"),
-    expert_input_key=re.compile(_LAYER + r"\.experts\.(?P<expert>\d+)\.w1\.weight$"),
-    fused_input_key=re.compile(_LAYER + r"\.experts\.gate_up_proj$"),
-    experts_module="model.layers.{layer}.mlp.experts",
+    router_key=re.compile(_PREFIX + r"\.gate\.weight$"),
+    expert_input_key=re.compile(_PREFIX + r"\.experts\.(?P<expert>\d+)\.w1\.weight$"),
+    fused_input_key=re.compile(_PREFIX + r"\.experts\.gate_up_proj$"),
     experts_module_key=re.compile(r"^model\.layers\.\d+\.mlp\.experts$"),
+    experts_shape=fused_experts_shape,
 )

@@ -1,5 +1,7 @@
 """Modules that replace a model's experts."""
 
-from .experts import MixedBitExperts
+from .experts import MixedBitExperts, MixedBitOneHotExperts
 
-__all__ = ["MixedBitExperts"]
+REPLACEMENTS = {"top_k": MixedBitExperts, "one_hot": MixedBitOneHotExperts}
+
+__all__ = ["REPLACEMENTS", "MixedBitExperts", "MixedBitOneHotExperts"]

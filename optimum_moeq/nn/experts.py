@@ -25,7 +25,8 @@ KERNELS = ("auto", "torch", "triton")
 
 
 class MixedBitExperts(nn.Module):
-    """SwiGLU experts (fused gate_up [E, 2I, H], down [E, H, I]), each at its own bit-width."""
+    """Experts each at its own bit-width: gated (``gate_up_proj`` [E, 2I, H] holding gate then up,
+    act(gate) * up) or not (``up_proj`` [E, I, H], act(up)), then ``down_proj`` [E, H, I]."""
 
     kernel: str = "auto"
 
@@ -39,6 +40,7 @@ class MixedBitExperts(nn.Module):
         method: str = "rtn",
         with_full_precision_placeholders: bool = False,
         name: str = "experts",
+        gated: bool = True,
     ):
         super().__init__()
         for b in expert_bits:
@@ -50,14 +52,16 @@ class MixedBitExperts(nn.Module):
         self.group_size = group_size
         self.hidden_act = hidden_act
         self.method = method
+        self.gated = gated
         self.act_fn = ACT2FN[hidden_act]
         self.bit_widths = sorted(set(self.expert_bits))
         self.members = {b: [e for e, eb in enumerate(self.expert_bits) if eb == b] for b in self.bit_widths}
         self._slot = {e: (b, self.members[b].index(e)) for e, b in enumerate(self.expert_bits)}
         self._local_index: dict[torch.device, dict[int, torch.Tensor]] = {}
         # (out features N, in features K) of each projection
+        self.input_projection = "gate_up_proj" if gated else "up_proj"
         self.projection_shapes = {
-            "gate_up_proj": (2 * intermediate_dim, hidden_dim),
+            self.input_projection: ((2 if gated else 1) * intermediate_dim, hidden_dim),
             "down_proj": (hidden_dim, intermediate_dim),
         }
         for proj, (n, k) in self.projection_shapes.items():
@@ -104,12 +108,14 @@ class MixedBitExperts(nn.Module):
                 hidden_states,
                 top_k_index,
                 top_k_weights,
-                {b: self.packed("gate_up_proj", b) for b in self.bit_widths},
+                {b: self.packed(self.input_projection, b) for b in self.bit_widths},
                 {b: self.packed("down_proj", b) for b in self.bit_widths},
                 self.local_index(hidden_states.device),
                 num_experts=self.num_experts,
                 intermediate_dim=self.intermediate_dim,
                 group_size=self.group_size,
+                activation=self.hidden_act,
+                gated=self.gated,
             )
         return self._reference_forward(hidden_states, top_k_index, top_k_weights)
 
@@ -147,9 +153,13 @@ class MixedBitExperts(nn.Module):
             if expert >= self.num_experts:  # index used for experts on another rank
                 continue
             token_idx, k_pos = torch.where(top_k_index == expert)
-            x = hidden_states[token_idx]
-            gate, up = packed_linear(x, self.expert_projection("gate_up_proj", expert)).chunk(2, dim=-1)
-            y = packed_linear(self.act_fn(gate) * up, self.expert_projection("down_proj", expert))
+            h = packed_linear(hidden_states[token_idx], self.expert_projection(self.input_projection, expert))
+            if self.gated:
+                gate, up = h.chunk(2, dim=-1)
+                h = self.act_fn(gate) * up
+            else:
+                h = self.act_fn(h)
+            y = packed_linear(h, self.expert_projection("down_proj", expert))
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).float())
         return out.to(hidden_states.dtype)
 
@@ -159,6 +169,21 @@ class MixedBitExperts(nn.Module):
             f"num_experts={self.num_experts} ({counts}), hidden_dim={self.hidden_dim}, "
             f"intermediate_dim={self.intermediate_dim}, group_size={self.group_size}"
         )
+
+
+class MixedBitOneHotExperts(MixedBitExperts):
+    """Takes the experts-module contract of Switch Transformers: ``forward(hidden_states,
+    selected_experts, routing_weights)`` with a one-hot expert mask [T, 1, E] (all zero for
+    tokens over capacity) and routing weights [T, 1]."""
+
+    def forward(
+        self, hidden_states: torch.Tensor, selected_experts: torch.Tensor, routing_weights: torch.Tensor
+    ) -> torch.Tensor:
+        mask = selected_experts.reshape(hidden_states.shape[0], -1)
+        routed = mask.any(dim=-1, keepdim=True)
+        # Dropped tokens get the "expert held elsewhere" index, which contributes nothing.
+        top_k_index = torch.where(routed, mask.argmax(dim=-1, keepdim=True), self.num_experts)
+        return super().forward(hidden_states, top_k_index, routing_weights.reshape(-1, 1))
 
 
 def _check_divides(name: str, k: int, group_size: int, bit_widths: Sequence[int]) -> None:

@@ -1,0 +1,86 @@
+"""``allocate``: the bits of every expert, from the checkpoint files alone, without building the model."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Collection
+
+from transformers import AutoConfig
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from .allocation import Allocation, LayerSignals, allocate_layers, read_layer_signals, safetensors_files
+from .allocation.checkpoint import read_router_norms
+from .config import RouterNormConfig
+from .models import MoEAdapter, get_adapter
+
+_INDEX = "model.safetensors.index.json"
+
+
+def allocate(path_or_repo: str | os.PathLike, config: RouterNormConfig, *, progress: bool = True) -> Allocation:
+    """Read routers and expert input projections from ``path_or_repo`` (a local folder or a Hub id)
+    and allocate bits as ``config`` asks. Only those tensors are read, one at a time."""
+    model_config = AutoConfig.from_pretrained(path_or_repo)
+    adapter = get_adapter(model_config)
+    return allocate_from_files(resolve_checkpoint(path_or_repo, adapter), adapter, config, progress=progress)
+
+
+def allocate_from_files(
+    files: list[str],
+    adapter: MoEAdapter,
+    config: RouterNormConfig,
+    *,
+    experts_modules: Collection[str] | None = None,
+    progress: bool = True,
+) -> Allocation:
+    """The allocation for the experts modules found in ``files`` (restricted to ``experts_modules``
+    when given, and to those ``config.modules_to_not_convert`` does not exclude)."""
+    signals = {
+        name: layer
+        for name, layer in read_layer_signals(files, adapter, progress=progress).items()
+        if should_convert_module(name, config.modules_to_not_convert)
+        and (experts_modules is None or name in experts_modules)
+    }
+    if config.reference_model is not None:
+        reference_files = resolve_checkpoint(config.reference_model, adapter, routers_only=True)
+        signals = subtract_reference(signals, read_router_norms(reference_files, adapter, progress=progress))
+    return allocate_layers(signals, config.avg_bits, config.bit_levels, config.ranking, config.zeta)
+
+
+def subtract_reference(signals: dict[str, LayerSignals], reference: dict[str, list[float]]) -> dict[str, LayerSignals]:
+    """Router-norm change: final row norms minus the reference checkpoint's, layer by layer."""
+    changed = {}
+    for name, layer in signals.items():
+        if name not in reference:
+            raise ValueError(f"the reference model has no router for {name}: is it the same architecture?")
+        if len(reference[name]) != len(layer.router_change):
+            raise ValueError(
+                f"{name}: the reference router has {len(reference[name])} experts, "
+                f"the model's has {len(layer.router_change)}."
+            )
+        change = [final - ref for final, ref in zip(layer.router_change, reference[name])]
+        changed[name] = LayerSignals(change, layer.maxvar)
+    return changed
+
+
+def resolve_checkpoint(
+    path_or_repo: str | os.PathLike, adapter: MoEAdapter, *, routers_only: bool = False
+) -> list[str]:
+    """Local safetensors files of a folder, or the Hub files holding the tensors the method reads
+    (for ``routers_only``, just the shards with router weights)."""
+    if os.path.isdir(path_or_repo):
+        return safetensors_files(path_or_repo)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo = str(path_or_repo)
+    try:
+        index = hf_hub_download(repo, _INDEX)
+    except EntryNotFoundError:
+        return [hf_hub_download(repo, "model.safetensors")]
+    with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    patterns = [adapter.router_key] if routers_only else [adapter.router_key, adapter.expert_input_key]
+    patterns += [] if routers_only or adapter.fused_input_key is None else [adapter.fused_input_key]
+    shards = sorted({shard for key, shard in weight_map.items() if any(p.match(key) for p in patterns)})
+    return [hf_hub_download(repo, shard) for shard in shards]
