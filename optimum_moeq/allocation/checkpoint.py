@@ -11,7 +11,10 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
+import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
@@ -51,31 +54,51 @@ def _matches_in(path: str, adapter: MoEAdapter) -> list[tuple[str, re.Match]]:
     return [(kind, m) for key in keys for kind, pattern in patterns if pattern and (m := pattern.match(key))]
 
 
-def read_layer_signals(files: Iterable[str], adapter: MoEAdapter, *, progress: bool = True) -> dict[str, LayerSignals]:
-    """Router-norm change and MaxVar per expert of every MoE layer, keyed by experts module name."""
+def read_layer_signals(
+    files: Iterable[str], adapter: MoEAdapter, *, progress: bool = True, device: str | torch.device | None = None
+) -> dict[str, LayerSignals]:
+    """Router-norm change and MaxVar per expert of every MoE layer, keyed by experts module name.
+
+    The next tensor is read from disk on a background thread while the current one is reduced
+    (on ``device``: the GPU when there is one), so the pass costs about one read of the tensors.
+    """
     files = [os.fspath(f) for f in files]
     if any(not f.endswith(".safetensors") for f in files):
         raise ValueError(f"allocation reads safetensors checkpoints only, got {files}.")
-    plan = [(path, _matches_in(path, adapter)) for path in files]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    jobs = []  # (path, kind, match, expert or None)
+    for path in files:
+        for kind, match in _matches_in(path, adapter):
+            if kind == "fused":
+                with safe_open(path, framework="pt") as f:
+                    num_experts = f.get_slice(match.string).get_shape()[0]
+                jobs += [(path, kind, match, e) for e in range(num_experts)]
+            else:
+                jobs.append((path, kind, match, None))
     routers: dict[str, list[float]] = {}
     maxvar: dict[str, dict[int, float]] = defaultdict(dict)
-    total = sum(len(matches) for _, matches in plan)
-    with tqdm(total=total, desc="Reading routers and experts", disable=not progress) as bar:
-        for path, matches in plan:
-            with safe_open(path, framework="pt") as f:
-                for kind, match in matches:
-                    layer = adapter.experts_module_name(match)
-                    if kind == "router":
-                        routers[layer] = router_norm_change(f.get_tensor(match.string)).tolist()
-                    elif kind == "expert":
-                        maxvar[layer][int(match["expert"])] = max_neuron_variance(f.get_tensor(match.string))
-                    else:
-                        fused = f.get_slice(match.string)
-                        num_experts, rows, _ = fused.get_shape()
-                        gate_rows = rows // 2 if adapter.gated else rows  # gate rows come first
-                        for expert in range(num_experts):
-                            maxvar[layer][expert] = max_neuron_variance(fused[expert, :gate_rows, :])
-                    bar.update()
+    with ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as reader:
+        handles = {path: stack.enter_context(safe_open(path, framework="pt")) for path in files}
+
+        def load(job) -> torch.Tensor:
+            path, kind, match, expert = job
+            if kind != "fused":
+                return handles[path].get_tensor(match.string)
+            fused = handles[path].get_slice(match.string)
+            rows = fused.get_shape()[1]
+            return fused[expert, : rows // 2 if adapter.gated else rows, :]  # gate rows come first
+
+        pending = reader.submit(load, jobs[0]) if jobs else None
+        for i, job in enumerate(tqdm(jobs, desc="Reading routers and experts", disable=not progress)):
+            tensor = pending.result().to(device)
+            if i + 1 < len(jobs):
+                pending = reader.submit(load, jobs[i + 1])
+            _, kind, match, expert = job
+            layer = adapter.experts_module_name(match)
+            if kind == "router":
+                routers[layer] = router_norm_change(tensor).tolist()
+            else:
+                maxvar[layer][int(match["expert"]) if expert is None else expert] = max_neuron_variance(tensor)
     return _assemble(routers, maxvar)
 
 

@@ -20,6 +20,7 @@ def router_norm_change(router: torch.Tensor, reference: torch.Tensor | None = No
     return norms - torch.linalg.vector_norm(reference.double(), dim=-1)
 
 
-def max_neuron_variance(input_projection: torch.Tensor) -> float:
-    """v_e = max over neurons n of Var_k(W_e[n, k]) for one expert's input projection [I, H]."""
-    return torch.var(input_projection.double(), dim=-1).max().item()
+def max_neuron_variance(input_projection: torch.Tensor, rows_per_chunk: int = 2048) -> float:
+    """v_e = max over neurons n of Var_k(W_e[n, k]) (sample variance) for one expert's input
+    projection [I, H]; float64 a chunk of rows at a time, so the temporary stays small."""
+    return max(torch.var(rows.double(), dim=-1).max().item() for rows in input_projection.split(rows_per_chunk))
