@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -136,7 +135,8 @@ def child(mode: str, path: str) -> dict:
             for e in range(gate_up.shape[0]):
                 max_neuron_variance(gate_up[e, : gate_up.shape[1] // 2])
     elapsed = time.perf_counter() - start
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/status") as f:  # VmHWM: this process's own peak (ru_maxrss survives exec)
+        peak_rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     return {"seconds": elapsed, "peak_rss": peak_rss, "peak_anon": peak_anon[0], "bytes": nbytes}
 
 

@@ -6,7 +6,7 @@ Importing the package registers ``RouterNormConfig`` and its quantizer with tran
 from .allocate import allocate
 from .allocation import Allocation, LayerSignals, allocate_layers
 from .config import RouterNormConfig
-from .footprint import ExpertsFootprint, experts_footprint
+from .footprint import ExpertsFootprint, ModelFootprint, experts_footprint, model_footprint
 from .nn import MixedBitExperts
 from .quantizer import RouterNormHfQuantizer
 
@@ -16,6 +16,7 @@ __all__ = [
     "Allocation",
     "ExpertsFootprint",
     "LayerSignals",
+    "ModelFootprint",
     "MixedBitExperts",
     "RouterNormConfig",
     "RouterNormHfQuantizer",
@@ -23,4 +24,5 @@ __all__ = [
     "allocate",
     "allocate_layers",
     "experts_footprint",
+    "model_footprint",
 ]

@@ -13,6 +13,7 @@ from .allocation.bits import check_avg_bits, check_levels
 from .allocation.ranking import RANKINGS
 from .quant import QUANTIZATION_METHODS
 from .quant.packed import FORMAT_VERSION
+from .quant.packing import check_bits
 
 QUANT_METHOD = "moeq"
 
@@ -28,8 +29,12 @@ class RouterNormConfig(QuantizationConfigMixin):
         group_size: weights per (scale, zero) group along each projection's input dimension.
         ranking: "combined" (router-norm order re-ranked by MaxVar), "router" or "maxvar".
         zeta: MaxVar ratio above which the combined ranking moves an expert forward.
-        method: per-expert weight quantizer, one of ``QUANTIZATION_METHODS``.
-        modules_to_not_convert: experts module names (or name suffixes) to keep unquantized.
+        method: per-expert weight quantizer: "hqq" (optimised scales and zeros, no calibration
+            data) or "rtn" (min-max round-to-nearest).
+        modules_to_not_convert: module names (or name suffixes) to keep unquantized.
+        attention_bits: None keeps attention and the other dense linears (shared experts, dense
+            MLP layers) in the model's dtype; 4 or 8 (any of 1..8) quantizes them group-wise with
+            ``method``. Routers and lm_head are never quantized.
         reference_model: local folder or Hub id of the checkpoint before (fine-)tuning; the ranking
             then uses each router row's norm change from it (only its router tensors are read).
         allocation: bits per expert by experts module name; computed on load, saved with the model.
@@ -42,9 +47,10 @@ class RouterNormConfig(QuantizationConfigMixin):
         group_size: int = 128,
         ranking: str = "combined",
         zeta: float = 3.0,
-        method: str = "rtn",
+        method: str = "hqq",
         modules_to_not_convert: list[str] | None = None,
         reference_model: str | None = None,
+        attention_bits: int | None = None,
         allocation: Mapping[str, Sequence[int]] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
@@ -58,6 +64,7 @@ class RouterNormConfig(QuantizationConfigMixin):
         self.method = method
         self.modules_to_not_convert = modules_to_not_convert
         self.reference_model = None if reference_model is None else str(reference_model)
+        self.attention_bits = attention_bits
         self.allocation = (
             {k: list(v) for k, v in allocation.items()} if isinstance(allocation, Mapping) else allocation
         )
@@ -80,6 +87,11 @@ class RouterNormConfig(QuantizationConfigMixin):
             raise ValueError(f"zeta={self.zeta!r} must be a number greater than 0 (the paper uses 3.0).")
         if self.method not in QUANTIZATION_METHODS:
             raise ValueError(f"method={self.method!r} is not supported: allowed are {QUANTIZATION_METHODS}.")
+        if self.attention_bits is not None:
+            try:
+                check_bits(self.attention_bits)
+            except ValueError as err:
+                raise ValueError(f"attention_bits: {err} (None keeps the model's dtype)") from None
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
                 f"format_version={self.format_version!r} is not readable by this optimum-moeq "

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .nn import MixedBitExperts
+from .nn import MixedBitExperts, PackedLinear
 
 
 @dataclass(frozen=True)
@@ -52,3 +52,47 @@ def experts_footprint(model: nn.Module) -> ExpertsFootprint:
     if not num_weights:
         raise ValueError("the model has no optimum-moeq mixed-bit experts: load it with RouterNormConfig first.")
     return ExpertsFootprint(num_weights, code_bytes, metadata_bytes)
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """Every stored byte of a model: packed experts, packed linears and the rest as it is."""
+
+    experts_bytes: int
+    packed_linear_bytes: int
+    other_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.experts_bytes + self.packed_linear_bytes + self.other_bytes
+
+    def __str__(self) -> str:
+        gib = 2**30
+        return (
+            f"{self.total_bytes / gib:.3f} GiB in all: experts {self.experts_bytes / gib:.3f} GiB, "
+            f"packed linears {self.packed_linear_bytes / gib:.3f} GiB, other {self.other_bytes / gib:.3f} GiB"
+        )
+
+
+def model_footprint(model: nn.Module) -> ModelFootprint:
+    """True bytes of all parameters and buffers (tied tensors counted once), by kind."""
+    kind_of = {}
+    for module in model.modules():
+        kind = (
+            "experts"
+            if isinstance(module, MixedBitExperts)
+            else "linear"
+            if isinstance(module, PackedLinear)
+            else None
+        )
+        if kind:
+            for tensor in module.parameters(recurse=False):
+                kind_of[id(tensor)] = kind
+    totals = {"experts": 0, "linear": 0, "other": 0}
+    seen = set()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        totals[kind_of.get(id(tensor), "other")] += tensor.numel() * tensor.element_size()
+    return ModelFootprint(totals["experts"], totals["linear"], totals["other"])

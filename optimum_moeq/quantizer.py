@@ -9,8 +9,10 @@ through :class:`QuantizeExperts`, one projection of one layer at a time.
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
+from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.auto import register_quantizer
 from transformers.quantizers.base import HfQuantizer
@@ -21,10 +23,13 @@ from .allocate import allocate_from_files
 from .allocation import Allocation
 from .config import QUANT_METHOD, RouterNormConfig
 from .models import get_adapter
-from .nn import REPLACEMENTS, MixedBitExperts
+from .nn import REPLACEMENTS, MixedBitExperts, PackedLinear
 from .quant import check_group_size
 
 logger = logging.getLogger(__name__)
+
+# Routing layers stay in full precision whatever the options: a router's scores pick the experts.
+_ROUTING_MODULE = re.compile(r"(?:^|\.)(?:gate|router|classifier|shared_expert_gate)$")
 
 
 @register_quantizer(QUANT_METHOD)
@@ -80,6 +85,33 @@ class RouterNormHfQuantizer(HfQuantizer):
             # The MoE block's own weight init reaches into the experts it was built with (Switch
             # indexes them by name); its weights all come from the checkpoint, so skip it.
             model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
+        if config.attention_bits is not None:
+            self._replace_dense_linears(model, adapter)
+
+    def _replace_dense_linears(self, model, adapter) -> None:
+        """``attention_bits``: every nn.Linear outside the experts, routers and output embeddings."""
+        config = self.quantization_config
+        keep = self.get_modules_to_not_convert(model, config.modules_to_not_convert, add_default_skips=True)
+        for name, module in list(model.named_modules()):
+            if type(module) is not nn.Linear or _ROUTING_MODULE.search(name) or not should_convert_module(name, keep):
+                continue
+            parents = [name[:i] for i in range(len(name)) if name[i] == "."]
+            if any(adapter.experts_module_key.match(parent) for parent in parents):
+                continue
+            with torch.device("meta"):
+                replacement = PackedLinear(
+                    module.in_features,
+                    module.out_features,
+                    config.attention_bits,
+                    config.group_size,
+                    bias=module.bias is not None,
+                    method=config.method,
+                    with_full_precision_placeholders=not self.pre_quantized,
+                    name=name,
+                )
+            model.set_submodule(name, replacement)
+            # as for the experts: the parent's init would reach for the plain `weight` (Switch attention)
+            model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
 
     def update_weight_conversions(self, weight_conversions, model):
         adapter = get_adapter(model.config)
@@ -91,7 +123,7 @@ class RouterNormHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             return False
         module, tensor_name = get_module_from_name(model, param_name)
-        return isinstance(module, MixedBitExperts) and tensor_name in module.projection_shapes
+        return isinstance(module, (MixedBitExperts, PackedLinear)) and tensor_name in module.projection_shapes
 
     def param_element_size(self, model, param_name: str, param: torch.Tensor) -> float:
         # The packed tensors are parameters of their own and are counted as such; the
@@ -105,7 +137,7 @@ class RouterNormHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for module in model.modules():
-            if isinstance(module, MixedBitExperts):
+            if isinstance(module, (MixedBitExperts, PackedLinear)):
                 module.requires_grad_(False)
         return model
 
@@ -118,7 +150,8 @@ class RouterNormHfQuantizer(HfQuantizer):
 
 
 class QuantizeExperts(ConversionOps):
-    """Turns one layer's full-precision projection [E, N, K] into its packed tensors."""
+    """Turns one full-precision weight (an experts projection [E, N, K] or a linear's [N, K])
+    into the packed tensors of the module that receives it."""
 
     def __init__(self, hf_quantizer: RouterNormHfQuantizer):
         self.hf_quantizer = hf_quantizer

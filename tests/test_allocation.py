@@ -32,7 +32,7 @@ def test_maxvar_finds_the_one_high_variance_neuron():
     weight = torch.randn(32, 64) * 0.1
     weight[9] = torch.randn(64) * 5.0
     expected = weight[9].double().var().item()  # sample variance of the loud neuron
-    assert max_neuron_variance(weight) == pytest.approx(expected, rel=1e-12)
+    assert max_neuron_variance(weight) == pytest.approx(expected, rel=1e-6)
 
 
 def test_rankings():

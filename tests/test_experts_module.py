@@ -20,7 +20,7 @@ def module_and_weights():
     bits = [2, 3, 4, 3, 2, 8]
     gate_up = torch.randn(E, 2 * INTER, H) * 0.05
     down = torch.randn(E, H, INTER) * 0.05
-    module = MixedBitExperts(bits, hidden_dim=H, intermediate_dim=INTER, group_size=G)
+    module = MixedBitExperts(bits, hidden_dim=H, intermediate_dim=INTER, group_size=G, method="rtn")
     with torch.no_grad():
         for proj, weight in (("gate_up_proj", gate_up), ("down_proj", down)):
             for name, tensor in module.quantize_projection(proj, weight).items():

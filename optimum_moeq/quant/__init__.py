@@ -1,16 +1,19 @@
 """Per-expert weight quantizers and the packed bit-plane format."""
 
+from .hqq import quantize_hqq
 from .packed import PackedProjection, pack_projection, packed_tensor_shapes
 from .packing import MAX_BITS, MIN_BITS, check_bits, pack_codes, unpack_codes
 from .rtn import METADATA_DTYPE, GroupQuantized, check_group_size, dequantize, quantize_rtn
 
-QUANTIZATION_METHODS = ("rtn",)
+QUANTIZATION_METHODS = ("hqq", "rtn")
 
 
-def quantize_weight(weight, bits: int, group_size: int, method: str = "rtn") -> GroupQuantized:
+def quantize_weight(weight, bits: int, group_size: int, method: str = "hqq") -> GroupQuantized:
     """Quantize ``weight`` ``[..., N, K]`` with the named calibration-free method."""
     if method == "rtn":
         return quantize_rtn(weight, bits, group_size)
+    if method == "hqq":
+        return quantize_hqq(weight, bits, group_size)
     raise ValueError(f"method={method!r} is not supported: allowed are {QUANTIZATION_METHODS}.")
 
 
@@ -27,6 +30,7 @@ __all__ = [
     "pack_codes",
     "pack_projection",
     "packed_tensor_shapes",
+    "quantize_hqq",
     "quantize_rtn",
     "quantize_weight",
     "unpack_codes",
