@@ -9,7 +9,7 @@ import sys
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(avg_bits=args.avg_bits, group_size=args.group_size, out=args.out)
+    run_demo(avg_bits=args.avg_bits, group_size=args.group_size, method=args.method, out=args.out)
     return 0
 
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--avg-bits", type=float, default=2.5, help="average expert bits (default 2.5)")
     demo.add_argument("--group-size", type=int, default=64, help="weights per scale/zero group (default 64)")
+    demo.add_argument("--method", default="hqq", help="per-expert quantizer: hqq (default) or rtn")
     demo.add_argument("--out", help="folder to keep the quantized checkpoint in (default: a temporary one)")
     demo.set_defaults(run=_demo)
     return parser

@@ -39,9 +39,11 @@ def build_small_mixtral(path: str, *, layers: int = 4, experts: int = 8, hidden:
     return path
 
 
-def run_demo(avg_bits: float = 2.5, group_size: int = 64, out: str | None = None) -> dict[str, float]:
+def run_demo(
+    avg_bits: float = 2.5, group_size: int = 64, method: str = "hqq", out: str | None = None
+) -> dict[str, float]:
     """Build, quantize, report, save and reload; return the figures printed."""
-    config = RouterNormConfig(avg_bits=avg_bits, group_size=group_size)  # bad values fail here, first
+    config = RouterNormConfig(avg_bits=avg_bits, group_size=group_size, method=method)  # bad values fail first
     with tempfile.TemporaryDirectory() as tmp:
         source = build_small_mixtral(os.path.join(tmp, "mixtral-small"))
         full = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
