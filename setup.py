@@ -22,6 +22,7 @@ setup(
         "test": ["pytest>=8", "triton>=3.3"],
         "gpu": ["triton>=3.3"],
         "eval": ["lm-eval>=0.4.9"],
+        "bench": ["matplotlib"],
         "dev": ["pytest>=8", "ruff"],
     },
     entry_points={"console_scripts": ["moeq=optimum_moeq.cli:main"]},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,14 +31,20 @@ class RouterNormConfig(QuantizationConfigMixin):
         ranking: "combined" (router-norm order re-ranked by MaxVar), "router" or "maxvar".
         zeta: MaxVar ratio above which the combined ranking moves an expert forward.
         method: per-expert weight quantizer: "hqq" (optimised scales and zeros, no calibration
-            data) or "rtn" (min-max round-to-nearest).
+            data), "rtn" (min-max round-to-nearest) or "gptq" (needs ``dataset``).
+        dataset: GPTQ calibration data: a local text file, a list of strings, or token ids.
+        tokenizer: tokenizer for text calibration data (default: the model's own).
+        nsamples, seqlen: GPTQ draws ``nsamples`` windows of ``seqlen`` tokens from ``dataset``.
+        damp_percent: GPTQ's Hessian damping, as a fraction of its mean diagonal.
+        min_expert_tokens: experts routed fewer calibration tokens are quantized with "hqq".
         modules_to_not_convert: module names (or name suffixes) to keep unquantized.
         attention_bits: None keeps attention and the other dense linears (shared experts, dense
             MLP layers) in the model's dtype; 4 or 8 (any of 1..8) quantizes them group-wise with
             ``method``. Routers and lm_head are never quantized.
         reference_model: local folder or Hub id of the checkpoint before (fine-)tuning; the ranking
             then uses each router row's norm change from it (only its router tensors are read).
-        allocation: bits per expert by experts module name; computed on load, saved with the model.
+        allocation: bits per expert by experts module name; computed on load unless given (then used
+            as it is, e.g. to compare allocations), and saved with the model.
     """
 
     def __init__(
@@ -51,6 +58,12 @@ class RouterNormConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         reference_model: str | None = None,
         attention_bits: int | None = None,
+        dataset: str | list | None = None,
+        tokenizer: Any = None,
+        nsamples: int = 128,
+        seqlen: int = 512,
+        damp_percent: float = 0.01,
+        min_expert_tokens: int = 32,
         allocation: Mapping[str, Sequence[int]] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
@@ -65,6 +78,10 @@ class RouterNormConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = modules_to_not_convert
         self.reference_model = None if reference_model is None else str(reference_model)
         self.attention_bits = attention_bits
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.nsamples, self.seqlen = nsamples, seqlen
+        self.damp_percent, self.min_expert_tokens = damp_percent, min_expert_tokens
         self.allocation = (
             {k: list(v) for k, v in allocation.items()} if isinstance(allocation, Mapping) else allocation
         )
@@ -97,5 +114,18 @@ class RouterNormConfig(QuantizationConfigMixin):
                 f"format_version={self.format_version!r} is not readable by this optimum-moeq "
                 f"(it reads version {FORMAT_VERSION}); upgrade optimum-moeq."
             )
+        for name in ("nsamples", "seqlen", "min_expert_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        if not 0 <= self.damp_percent < 1:
+            raise ValueError(f"damp_percent={self.damp_percent!r} must be in [0, 1), e.g. 0.01.")
         if self.allocation is not None:
             validate_bits_mapping(self.allocation)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What config.json keeps: no tokenizer object, and calibration data only as a file name."""
+        data = {k: v for k, v in self.__dict__.items() if k != "tokenizer"}
+        if not isinstance(data.get("dataset"), str):
+            data["dataset"] = None
+        return copy.deepcopy(data)

@@ -41,6 +41,10 @@ class RouterNormHfQuantizer(HfQuantizer):
 
     def validate_environment(self, device_map=None, **kwargs) -> None:
         self.quantization_config.post_init()  # the config may have been edited since construction
+        if self._calibrating and self.quantization_config.dataset is None:
+            raise ValueError(
+                "method='gptq' needs calibration data: pass dataset= (a text file, strings or token ids)."
+            )
         if device_map is not None and not is_accelerate_available():
             raise ImportError("Loading with a device_map needs accelerate: `pip install accelerate`.")
 
@@ -59,6 +63,8 @@ class RouterNormHfQuantizer(HfQuantizer):
             if config.allocation is None:
                 raise ValueError("the checkpoint's quantization_config has no allocation: it cannot be reloaded.")
             self.allocation = Allocation(bits=config.allocation)
+        elif config.allocation is not None:  # the user's own allocation: used as given
+            self.allocation = Allocation(bits=config.allocation)
         else:
             if not checkpoint_files:
                 raise ValueError("quantize-on-load needs the checkpoint files to compute the allocation.")
@@ -66,6 +72,12 @@ class RouterNormHfQuantizer(HfQuantizer):
             config.allocation = self.allocation.bits
             logger.info("optimum-moeq allocation:\n%s", self.allocation)
         _check_allocation_matches_model(config.allocation, shapes)
+        if self._calibrating:
+            if config.dataset is None:
+                raise ValueError(
+                    "method='gptq' needs calibration data: pass dataset= (a text file, strings or token ids)."
+                )
+            shapes = {}  # experts load in full precision; GPTQ quantizes them after loading
 
         replacement_class = REPLACEMENTS[adapter.replacement]
         for name, shape in shapes.items():
@@ -135,7 +147,21 @@ class RouterNormHfQuantizer(HfQuantizer):
     def get_quantize_ops(self) -> ConversionOps:
         return QuantizeExperts(self)
 
+    @property
+    def _calibrating(self) -> bool:
+        return self.quantization_config.method == "gptq" and not self.pre_quantized
+
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self._calibrating:
+            from .calibration import quantize_model_gptq
+
+            config = self.quantization_config
+            tokenizer = config.tokenizer
+            if tokenizer is None and not _is_token_ids(config.dataset):
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
+            self.gptq_report = quantize_model_gptq(model, config, tokenizer=tokenizer)
         for module in model.modules():
             if isinstance(module, (MixedBitExperts, PackedLinear)):
                 module.requires_grad_(False)
@@ -166,6 +192,12 @@ class QuantizeExperts(ConversionOps):
             missing_keys.discard(full_layer_name)
         prefix = full_layer_name.rsplit(".", 1)[0]
         return {f"{prefix}.{name}": tensor for name, tensor in packed.items()}
+
+
+def _is_token_ids(dataset) -> bool:
+    return isinstance(dataset, torch.Tensor) or (
+        isinstance(dataset, (list, tuple)) and bool(dataset) and not isinstance(dataset[0], str)
+    )
 
 
 def _check_allocation_matches_model(allocation: dict[str, list[int]], shapes: dict) -> None:

@@ -18,7 +18,7 @@ from optimum_moeq import RouterNormConfig
         ({"group_size": 0}, r"group_size=0 must be a positive integer"),
         ({"ranking": "random"}, r"ranking='random' is not supported: allowed are \('combined', 'router', 'maxvar'\)"),
         ({"zeta": 0}, r"zeta=0 must be a number greater than 0"),
-        ({"method": "awq"}, r"method='awq' is not supported: allowed are \('hqq', 'rtn'\)"),
+        ({"method": "awq"}, r"method='awq' is not supported: allowed are \('hqq', 'rtn', 'gptq'\)"),
         ({"allocation": {"m": []}}, r"allocation\['m'\]=\[\] must be a non-empty list"),
         ({"format_version": 2}, r"format_version=2 is not readable"),
     ],

@@ -187,3 +187,10 @@ def test_quantize_on_load_with_device_map_auto_in_bfloat16(tiny_mixtral_path):
     assert not [name for name, p in model.named_parameters() if p.device.type == "meta"]
     assert not hasattr(model.model.layers[0].mlp.experts, "gate_up_proj")  # placeholder dropped
     assert _logits(model).dtype == torch.bfloat16
+
+
+def test_a_given_allocation_is_used_as_it_is(tiny_mixtral_path):
+    bits = {f"model.layers.{i}.mlp.experts": [4, 2, 2, 2, 3, 3, 2, 2] for i in range(2)}
+    model = _quantize(tiny_mixtral_path, avg_bits=2.5, allocation=bits)
+    assert model.model.layers[1].mlp.experts.expert_bits == [4, 2, 2, 2, 3, 3, 2, 2]
+    assert model.config.quantization_config.allocation == bits

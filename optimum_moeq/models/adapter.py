@@ -34,6 +34,7 @@ class MoEAdapter:
     experts_module_key: re.Pattern  # names of the experts modules in the loaded model
     experts_shape: Callable[[nn.Module, object], ExpertsShape]
     experts_module: str = "{prefix}.mlp.experts"
+    router_module: str = "gate"  # the router's module, beside the experts module
     gated: bool = True  # act(gate) * up, with gate_up fused; else act(up)
     extra_weight_conversions: Callable[[], list] | None = None  # fuse per-expert tensors while loading
     replacement: str = "top_k"  # which MixedBitExperts subclass keeps the replaced module's forward contract

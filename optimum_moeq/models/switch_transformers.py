@@ -38,4 +38,5 @@ SWITCH_TRANSFORMERS = MoEAdapter(
     gated=False,
     extra_weight_conversions=_merge_experts,
     replacement="one_hot",
+    router_module="router.classifier",
 )

@@ -5,14 +5,14 @@ from .packed import PackedProjection, pack_projection, packed_tensor_shapes
 from .packing import MAX_BITS, MIN_BITS, check_bits, pack_codes, unpack_codes
 from .rtn import METADATA_DTYPE, GroupQuantized, check_group_size, dequantize, quantize_rtn
 
-QUANTIZATION_METHODS = ("hqq", "rtn")
+QUANTIZATION_METHODS = ("hqq", "rtn", "gptq")  # gptq needs calibration: see calibration.py
 
 
 def quantize_weight(weight, bits: int, group_size: int, method: str = "hqq") -> GroupQuantized:
     """Quantize ``weight`` ``[..., N, K]`` with the named calibration-free method."""
     if method == "rtn":
         return quantize_rtn(weight, bits, group_size)
-    if method == "hqq":
+    if method in ("hqq", "gptq"):  # gptq's calibration-free fallback is hqq
         return quantize_hqq(weight, bits, group_size)
     raise ValueError(f"method={method!r} is not supported: allowed are {QUANTIZATION_METHODS}.")
 

@@ -51,11 +51,11 @@ def quantize_hqq(
     bits: int,
     group_size: int,
     *,
-    shrink_steps: int = 16,
+    shrink_steps: int = 10,
     min_shrink: float = 0.5,
-    refit_iterations: int = 4,
+    refit_iterations: int = 2,
     lp_norm: float | None = 0.7,
-    lp_iterations: int = 20,
+    lp_iterations: int = 5,
 ) -> GroupQuantized:
     """Optimised asymmetric group quantization of ``weight`` [..., N, K], on ``weight``'s device."""
     check_bits(bits)
