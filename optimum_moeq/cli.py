@@ -1,4 +1,4 @@
-"""The ``moeq`` command."""
+"""The ``moeq`` command: allocate, quantize, eval, push, card, demo."""
 
 from __future__ import annotations
 
@@ -6,21 +6,112 @@ import argparse
 import sys
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace):
+    from .config import RouterNormConfig
+
+    levels = tuple(int(b) for b in args.levels.split(","))
+    extra = {}
+    if getattr(args, "method", None):
+        extra["method"] = args.method
+    if getattr(args, "group_size", None):
+        extra["group_size"] = args.group_size
+    if getattr(args, "attention_bits", None):
+        extra["attention_bits"] = args.attention_bits
+    return RouterNormConfig(
+        avg_bits=args.avg_bits, bit_levels=levels, ranking=args.ranking, zeta=args.zeta,
+        reference_model=args.reference_model, **extra,
+    )  # fmt: skip
+
+
+def _allocate(args) -> int:
+    from .commands import allocate_command
+
+    config = _config(args)  # bad values fail before anything is read
+    print(allocate_command(args.model, config, json_path=args.json, plot_path=args.plot))
+    return 0
+
+
+def _quantize(args) -> int:
+    from .commands import quantize_to_folder
+
+    out = quantize_to_folder(args.model, args.out, _config(args), overwrite=args.overwrite)
+    print(f"wrote {out} (model, allocation, model card)")
+    return 0
+
+
+def _card(args) -> int:
+    from .commands import card_command
+
+    print(f"wrote {card_command(args.folder, base_model=args.base_model)}")
+    return 0
+
+
+def _push(args) -> int:
+    from .commands import push_command
+
+    commit = push_command(args.folder, args.repo_id, private=args.private, token=args.token)
+    print(f"pushed {args.folder} to {getattr(commit, 'commit_url', args.repo_id)}")
+    return 0
+
+
+def _demo(args) -> int:
     from .demo import run_demo
 
     run_demo(avg_bits=args.avg_bits, group_size=args.group_size, method=args.method, out=args.out)
     return 0
 
 
+def _allocation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--avg-bits", type=float, required=True, help="average bits per expert weight, e.g. 2.5")
+    parser.add_argument("--levels", default="2,3", help="bit levels, 2 or 3 of them (default 2,3)")
+    parser.add_argument("--ranking", default="combined", help="combined (default), router or maxvar")
+    parser.add_argument("--zeta", type=float, default=3.0, help="MaxVar ratio of the combined ranking (default 3)")
+    parser.add_argument("--reference-model", help="checkpoint before fine-tuning: rank by router-norm change")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moeq", description="Mixed-bit Mixture-of-Experts quantization (router-norm / MaxVar allocation)."
+        prog="moeq",
+        description="Mixed-bit Mixture-of-Experts quantization: each expert's bits chosen by router-norm / MaxVar.",
+        epilog="MODEL is a local folder or a Hub id. Add --verbose for a traceback on errors.",
     )
+    parser.add_argument("--verbose", action="store_true", help="show the full traceback on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser(
-        "demo", help="quantize a small Mixtral built on the spot (no download) and report on it"
+
+    allocate = commands.add_parser("allocate", help="print the allocation table without loading the model")
+    allocate.add_argument("model", metavar="MODEL")
+    _allocation_options(allocate)
+    allocate.add_argument("--json", help="also write the allocation (bits and signals) as JSON here")
+    allocate.add_argument("--plot", help="also draw the allocation heatmap (PNG) here")
+    allocate.set_defaults(run=_allocate)
+
+    quantize = commands.add_parser("quantize", help="write a quantized checkpoint and its model card")
+    quantize.add_argument("model", metavar="MODEL")
+    quantize.add_argument("out", metavar="OUT")
+    _allocation_options(quantize)
+    quantize.add_argument("--method", default="hqq", help="hqq (default) or rtn")
+    quantize.add_argument("--group-size", type=int, default=128, help="weights per scale/zero group (default 128)")
+    quantize.add_argument("--attention-bits", type=int, help="also quantize attention and dense linears (4 or 8)")
+    quantize.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    quantize.set_defaults(run=_quantize)
+
+    commands.add_parser(
+        "eval", add_help=False, help="lm-eval's own command line (same arguments, same output), quantizer registered"
     )
+
+    push = commands.add_parser("push", help="upload a quantized folder to the Hub with its model card")
+    push.add_argument("folder", metavar="OUT")
+    push.add_argument("repo_id", metavar="REPO_ID")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--token", help="Hub token (default: the one huggingface-cli login saved)")
+    push.set_defaults(run=_push)
+
+    card = commands.add_parser("card", help="(re-)render OUT/README.md, e.g. after evaluation")
+    card.add_argument("folder", metavar="OUT")
+    card.add_argument("--base-model", help="Hub id of the model it was quantized from")
+    card.set_defaults(run=_card)
+
+    demo = commands.add_parser("demo", help="quantize a small Mixtral built on the spot (no download) and report")
     demo.add_argument("--avg-bits", type=float, default=2.5, help="average expert bits (default 2.5)")
     demo.add_argument("--group-size", type=int, default=64, help="weights per scale/zero group (default 64)")
     demo.add_argument("--method", default="hqq", help="per-expert quantizer: hqq (default) or rtn")
@@ -30,12 +121,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = "--verbose" in argv
     try:
+        command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+        if command is not None and argv[command] == "eval":  # everything after it is lm-eval's
+            import optimum_moeq  # noqa: F401  (registers the quantizer before lm-eval loads anything)
+
+            from .evaluation import run_lm_eval_cli
+
+            return run_lm_eval_cli(argv[command + 1 :])
+        args = build_parser().parse_args(argv)
         return args.run(args)
-    except ValueError as err:
-        print(f"moeq: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("moeq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line; the traceback only when asked for
+        if verbose:
+            raise
+        print(f"moeq: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (
+        text if isinstance(err, (ValueError, FileExistsError, FileNotFoundError)) else f"{type(err).__name__}: {text}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ through :class:`QuantizeExperts`, one projection of one layer at a time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 
@@ -22,6 +23,7 @@ from transformers.utils import is_accelerate_available
 from .allocate import allocate_from_files
 from .allocation import Allocation
 from .config import QUANT_METHOD, RouterNormConfig
+from .hub import push_to_hub
 from .models import get_adapter
 from .nn import REPLACEMENTS, MixedBitExperts, PackedLinear
 from .quant import check_group_size
@@ -165,6 +167,8 @@ class RouterNormHfQuantizer(HfQuantizer):
         for module in model.modules():
             if isinstance(module, (MixedBitExperts, PackedLinear)):
                 module.requires_grad_(False)
+        # model.push_to_hub(repo_id) uploads the packed checkpoint with the optimum-moeq model card
+        model.push_to_hub = functools.partial(push_to_hub, model)
         return model
 
     def is_serializable(self) -> bool:

@@ -1,0 +1,75 @@
+"""What the ``moeq`` subcommands do, as functions (the CLI only parses arguments)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .allocate import allocate
+from .allocation import Allocation
+from .config import RouterNormConfig
+from .hub import push_folder, write_model_card
+
+
+def auto_model_class(model_id: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.from_pretrained(model_id)
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def allocate_command(model_id: str, config: RouterNormConfig, json_path=None, plot_path=None) -> Allocation:
+    allocation = allocate(model_id, config)
+    if json_path:
+        Path(json_path).write_text(allocation.to_json())
+    if plot_path:
+        from .plots import plot_allocation
+
+        plot_allocation(allocation, plot_path)
+    return allocation
+
+
+def quantize_to_folder(
+    model_id: str, out: str | os.PathLike, config: RouterNormConfig, overwrite: bool = False
+) -> Path:
+    """Quantize ``model_id`` into ``out`` with its tokenizer and model card, atomically: everything is
+    written to a hidden sibling folder that replaces ``out`` only once complete."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists: pass --overwrite to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        model = auto_model_class(model_id).from_pretrained(model_id, quantization_config=config, dtype="auto")
+        model.save_pretrained(partial)
+        _save_tokenizer(model_id, partial)
+        write_model_card(partial, base_model=None if os.path.isdir(model_id) else model_id, name=out.name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def _save_tokenizer(model_id: str, folder: Path) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+    except (OSError, ValueError, TypeError):  # checkpoints without a tokenizer (tiny test models)
+        return
+    tokenizer.save_pretrained(folder)
+
+
+def card_command(folder: str, base_model: str | None = None) -> Path:
+    return write_model_card(folder, base_model=base_model)
+
+
+def push_command(folder: str, repo_id: str, private: bool = False, token: str | None = None):
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a saved model folder (no config.json).")
+    return push_folder(folder, repo_id, private=private, token=token)

@@ -1,0 +1,159 @@
+"""Model cards and Hub uploads for quantized checkpoints (huggingface_hub's ModelCard and commits)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+
+from .allocation import Allocation, format_table
+from .plots import plot_allocation
+
+EVAL_RESULTS_FILE = "eval_results.json"  # written by optimum_moeq.evaluation, read into the card
+_TEMPLATE = "moeq.md"
+
+
+def template_path() -> str:
+    """model_cards/moeq.md, installed with the package as optimum_moeq.model_cards."""
+    try:
+        from importlib.resources import files
+
+        candidate = files("optimum_moeq.model_cards") / _TEMPLATE
+        if candidate.is_file():
+            return str(candidate)
+    except ModuleNotFoundError:
+        pass
+    return str(Path(__file__).resolve().parent.parent / "model_cards" / _TEMPLATE)
+
+
+def _true_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def _eval_results(folder: Path) -> tuple[list[EvalResult], str]:
+    path = folder / EVAL_RESULTS_FILE
+    if not path.is_file():
+        return [], ""
+    results = json.loads(path.read_text()).get("results", {})
+    entries, lines = [], ["## Evaluation (lm-eval)", "", "| task | metric | value |", "|---|---|---|"]
+    for task, metrics in sorted(results.items()):
+        for key, value in sorted(metrics.items()):
+            metric, _, filter_name = key.partition(",")
+            if not isinstance(value, (int, float)) or metric.endswith("_stderr") or metric == "alias":
+                continue
+            entries.append(
+                EvalResult(
+                    task_type="text-generation",
+                    dataset_type=task,
+                    dataset_name=task,
+                    metric_type=metric,
+                    metric_value=float(value),
+                )  # fmt: skip
+            )
+            lines.append(f"| {task} | {metric} | {value:.4f} |")
+    return entries, "\n".join(lines)
+
+
+def render_model_card(
+    folder: str | os.PathLike, repo_id: str | None = None, base_model: str | None = None, name: str | None = None
+) -> ModelCard:
+    """The card of a saved quantized checkpoint, from its config (allocation) and eval results.
+
+    Also draws ``allocation.png`` into ``folder``, which the card embeds.
+    """
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    quantization = config.get("quantization_config") or {}
+    if quantization.get("quant_method") != "moeq":
+        raise ValueError(f"{folder} is not an optimum-moeq checkpoint (its config has no moeq quantization_config).")
+    allocation = Allocation(bits=quantization["allocation"])
+    plot_allocation(allocation, folder / "allocation.png")
+    base_model = base_model or quantization.get("base_model") or _local_free(config.get("_name_or_path"))
+    eval_results, evaluation = _eval_results(folder)
+    name = repo_id or name or folder.name
+    card_data = ModelCardData(
+        base_model=base_model,
+        base_model_relation="quantized" if base_model else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["optimum-moeq", "mixture-of-experts", "quantized", f"{allocation.average_bits:g}-bit"],
+        model_name=name,
+        eval_results=eval_results or None,
+    )
+    attention_bits = quantization.get("attention_bits")
+    return ModelCard.from_template(
+        card_data,
+        template_path=template_path(),
+        model_name=name,
+        repo_id=repo_id or "path/to/" + name,
+        base_model_line=f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "A MoE model",
+        average_bits=f"{allocation.average_bits:.3f}",
+        bit_levels=tuple(quantization.get("bit_levels", ())),
+        ranking=quantization.get("ranking"),
+        zeta=quantization.get("zeta"),
+        method=quantization.get("method"),
+        group_size=quantization.get("group_size"),
+        attention="kept in the model's dtype" if attention_bits is None else f"{attention_bits}-bit, same quantizer",
+        true_size=f"{_human_bytes(_true_bytes(folder))} of safetensors",
+        allocation_table="```\n" + format_table(allocation.bits) + "\n```",
+        evaluation=evaluation,
+    )
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def _local_free(name: str | None) -> str | None:
+    """A Hub id, or None for a local path (a card cannot link to someone's disk)."""
+    if not name or os.path.isabs(name) or os.path.exists(name) or name.count("/") != 1:
+        return None
+    return name
+
+
+def write_model_card(
+    folder: str | os.PathLike, repo_id: str | None = None, base_model: str | None = None, name: str | None = None
+) -> Path:
+    card = render_model_card(folder, repo_id=repo_id, base_model=base_model, name=name)
+    path = Path(folder) / "README.md"
+    card.save(path)
+    return path
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload optimum-moeq quantized model",
+    base_model: str | None = None,
+):
+    """Render the card, then upload every file of ``folder`` to ``repo_id`` in one commit."""
+    folder = Path(folder)
+    write_model_card(folder, repo_id=repo_id, base_model=base_model)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    operations = [
+        CommitOperationAdd(path_in_repo=str(path.relative_to(folder)), path_or_fileobj=str(path))
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    ]
+    return api.create_commit(repo_id, operations=operations, commit_message=commit_message)
+
+
+def push_to_hub(model, repo_id: str, *, tokenizer=None, base_model: str | None = None, **kwargs):
+    """Save ``model`` (and ``tokenizer``) to a temporary folder and push it with its card."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        base_model = base_model or _local_free(getattr(model.config, "_name_or_path", None))
+        return push_folder(tmp, repo_id, base_model=base_model, **kwargs)
