@@ -22,7 +22,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "triton>=3.3"],
+        "test": ["pytest>=8", "triton>=3.3", "lm-eval>=0.4.9"],
         "gpu": ["triton>=3.3"],
         "eval": ["lm-eval>=0.4.9"],
         "dev": ["pytest>=8", "ruff"],
