@@ -45,7 +45,8 @@ def quantize_to_folder(
         model = auto_model_class(model_id).from_pretrained(model_id, quantization_config=config, dtype="auto")
         model.save_pretrained(partial)
         _save_tokenizer(model_id, partial)
-        write_model_card(partial, base_model=None if os.path.isdir(model_id) else model_id, name=out.name)
+        base_model = None if os.path.isdir(model_id) else model_id
+        write_model_card(partial, base_model=base_model, name=out.name, allocation=model.hf_quantizer.allocation)
         if out.exists():
             shutil.rmtree(out)
         os.replace(partial, out)

@@ -7,14 +7,20 @@ full-precision and dequantized references.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from .config import RouterNormConfig
 from .footprint import experts_footprint
+from .hub import write_model_card
+from .plots import plot_allocation
+
+BUNDLED_TASK = Path(__file__).resolve().parent.parent / "tests" / "data" / "tiny_mc.jsonl"
 
 
 def build_small_mixtral(path: str, *, layers: int = 4, experts: int = 8, hidden: int = 256, seed: int = 0) -> str:
@@ -42,7 +48,7 @@ def build_small_mixtral(path: str, *, layers: int = 4, experts: int = 8, hidden:
 def run_demo(
     avg_bits: float = 2.5, group_size: int = 64, method: str = "hqq", out: str | None = None
 ) -> dict[str, float]:
-    """Build, quantize, report, save and reload; return the figures printed."""
+    """Build, quantize, report, save, reload, draw, evaluate, write the card; return the figures printed."""
     config = RouterNormConfig(avg_bits=avg_bits, group_size=group_size, method=method)  # bad values fail first
     with tempfile.TemporaryDirectory() as tmp:
         source = build_small_mixtral(os.path.join(tmp, "mixtral-small"))
@@ -65,9 +71,55 @@ def run_demo(
         with torch.no_grad():
             reload_diff = (reloaded(tokens).logits - logits).abs().max().item()
         print(f"Saved to {saved}; reloaded logits differ by {reload_diff:.3g} (max abs)")
+        picture = plot_allocation(quantized.hf_quantizer.allocation, os.path.join(saved, "allocation.png"))
+        print(f"Allocation picture: {picture}")
+        accuracy = _evaluate_on_bundled_task(reloaded, saved)
+        card = write_model_card(saved, name="mixtral-small-moeq", allocation=quantized.hf_quantizer.allocation)
+        print(f"Model card: {card}")
     return {
         "average_bits": quantized.hf_quantizer.allocation.average_bits,
         "bits_per_weight_with_metadata": footprint.bits_per_weight_with_metadata,
         "relative_logit_error": rel_error,
         "reload_max_abs_diff": reload_diff,
+        "bundled_task_accuracy": accuracy,
     }
+
+
+def word_tokenizer(texts):
+    """A word-level tokenizer over ``texts`` (the demo model and the bundled task need no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for text in texts for w in text.split()})
+    vocab = {"[UNK]": 0, "[PAD]": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
+
+
+def _evaluate_on_bundled_task(model, folder: str) -> float | None:
+    """lm-eval on tests/data/tiny_mc (in a checkout); the accuracy goes into the model card."""
+    task_dir = BUNDLED_TASK.parent
+    if not BUNDLED_TASK.is_file():
+        print("Evaluation skipped: the bundled task (tests/data in a checkout) is not here.")
+        return None
+    try:
+        from .evaluation import evaluate
+    except ImportError:
+        print("Evaluation skipped: pip install 'optimum-moeq[eval]' for lm-eval.")
+        return None
+    docs = [json.loads(line) for line in BUNDLED_TASK.read_text().splitlines()]
+    tokenizer = word_tokenizer(text for d in docs for text in [d["question"], *d["choices"]])
+    tokenizer.save_pretrained(folder)
+    cwd = os.getcwd()
+    os.chdir(task_dir.parent.parent)  # the task's data_files path is relative to the repository root
+    try:
+        results = evaluate(model, tokenizer, ["moeq_tiny_mc"], include_path=str(task_dir), save_to=folder)
+    except ImportError:
+        print("Evaluation skipped: pip install 'optimum-moeq[eval]' for lm-eval.")
+        return None
+    finally:
+        os.chdir(cwd)
+    accuracy = results["results"]["moeq_tiny_mc"]["acc,none"]
+    print(f"lm-eval on the bundled task (12 questions, 3 choices; random model, chance is 1/3): acc {accuracy:.3f}")
+    return accuracy

@@ -58,19 +58,26 @@ def _eval_results(folder: Path) -> tuple[list[EvalResult], str]:
 
 
 def render_model_card(
-    folder: str | os.PathLike, repo_id: str | None = None, base_model: str | None = None, name: str | None = None
+    folder: str | os.PathLike,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    name: str | None = None,
+    allocation: Allocation | None = None,
 ) -> ModelCard:
     """The card of a saved quantized checkpoint, from its config (allocation) and eval results.
 
-    Also draws ``allocation.png`` into ``folder``, which the card embeds.
+    The card embeds ``allocation.png``: drawn from ``allocation`` when given (with its signals),
+    else kept if the folder has one, else drawn from the bits in the config.
     """
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     quantization = config.get("quantization_config") or {}
     if quantization.get("quant_method") != "moeq":
         raise ValueError(f"{folder} is not an optimum-moeq checkpoint (its config has no moeq quantization_config).")
+    picture = folder / "allocation.png"
+    if allocation is not None or not picture.is_file():
+        plot_allocation(allocation or Allocation(bits=quantization["allocation"]), picture)
     allocation = Allocation(bits=quantization["allocation"])
-    plot_allocation(allocation, folder / "allocation.png")
     base_model = base_model or quantization.get("base_model") or _local_free(config.get("_name_or_path"))
     eval_results, evaluation = _eval_results(folder)
     name = repo_id or name or folder.name
@@ -119,9 +126,13 @@ def _local_free(name: str | None) -> str | None:
 
 
 def write_model_card(
-    folder: str | os.PathLike, repo_id: str | None = None, base_model: str | None = None, name: str | None = None
+    folder: str | os.PathLike,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    name: str | None = None,
+    allocation: Allocation | None = None,
 ) -> Path:
-    card = render_model_card(folder, repo_id=repo_id, base_model=base_model, name=name)
+    card = render_model_card(folder, repo_id=repo_id, base_model=base_model, name=name, allocation=allocation)
     path = Path(folder) / "README.md"
     card.save(path)
     return path
@@ -135,10 +146,11 @@ def push_folder(
     token: str | None = None,
     commit_message: str = "Upload optimum-moeq quantized model",
     base_model: str | None = None,
+    allocation: Allocation | None = None,
 ):
     """Render the card, then upload every file of ``folder`` to ``repo_id`` in one commit."""
     folder = Path(folder)
-    write_model_card(folder, repo_id=repo_id, base_model=base_model)
+    write_model_card(folder, repo_id=repo_id, base_model=base_model, allocation=allocation)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     operations = [
@@ -156,4 +168,5 @@ def push_to_hub(model, repo_id: str, *, tokenizer=None, base_model: str | None =
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         base_model = base_model or _local_free(getattr(model.config, "_name_or_path", None))
-        return push_folder(tmp, repo_id, base_model=base_model, **kwargs)
+        allocation = getattr(getattr(model, "hf_quantizer", None), "allocation", None)
+        return push_folder(tmp, repo_id, base_model=base_model, allocation=allocation, **kwargs)

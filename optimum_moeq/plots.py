@@ -36,9 +36,11 @@ def plot_allocation(allocation: Allocation, path: str | os.PathLike) -> str:
         ax.set_xlabel("expert")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
         if title == "bits" and width <= 32:
+            middle = np.nanmean([np.nanmin(data), np.nanmax(data)])
             for (i, j), value in np.ndenumerate(data):
                 if not np.isnan(value):
-                    ax.text(j, i, int(value), ha="center", va="center", color="white", fontsize=7)
+                    color = "black" if value > middle else "white"  # readable on viridis' yellow and purple
+                    ax.text(j, i, int(value), ha="center", va="center", color=color, fontsize=7)
     axes[0][0].set_yticks(range(len(names)))
     axes[0][0].set_yticklabels([_short(n) for n in names], fontsize=7)
     for ax in axes[0][1:]:

@@ -13,7 +13,10 @@ def test_demo_quantizes_saves_and_reloads_exactly(tmp_path, capsys):
     assert figures["bits_per_weight_with_metadata"] == 2.5 + 32 / 64
     assert figures["reload_max_abs_diff"] == 0.0
     assert 0.0 < figures["relative_logit_error"] < 1.0
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    for name in ("model.safetensors", "allocation.png", "README.md", "eval_results.json", "tokenizer.json"):
+        assert (tmp_path / "out" / name).is_file(), name
+    assert 0.0 <= figures["bundled_task_accuracy"] <= 1.0
+    assert "moeq_tiny_mc" in (tmp_path / "out" / "README.md").read_text()  # the card carries the result
 
 
 def test_bad_input_is_one_line_and_a_nonzero_exit(capsys):

@@ -16,6 +16,7 @@ pytest.importorskip("lm_eval")
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from optimum_moeq import RouterNormConfig  # noqa: E402
+from optimum_moeq.demo import word_tokenizer  # noqa: E402
 from optimum_moeq.evaluation import evaluate  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,13 +25,7 @@ DOCS = [json.loads(line) for line in (DATA / "tiny_mc.jsonl").read_text().splitl
 
 
 def _word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = sorted({w for d in DOCS for text in [d["question"], *d["choices"]] for w in text.split()})
-    vocab = {"[UNK]": 0, "[PAD]": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
+    return word_tokenizer(text for d in DOCS for text in [d["question"], *d["choices"]])
 
 
 @pytest.fixture(scope="module")
