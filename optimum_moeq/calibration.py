@@ -6,8 +6,8 @@ are cached, the layer runs once to record what reaches each experts module (hidd
 routing), every expert is quantized with GPTQ (gate_up from its routed tokens, then down from
 the activations of its already-quantized gate_up), the experts module is swapped for its
 packed form, and the layer runs again to give the next layer its (quantized) inputs. Experts
-that receive fewer than ``min_expert_tokens`` tokens are quantized calibration-free, and the
-report lists them.
+that receive fewer than ``min_expert_tokens`` tokens are quantized calibration-free (rtn), and
+the report lists them.
 """
 
 from __future__ import annotations
@@ -184,8 +184,8 @@ def _quantize_experts(module, routed, config: RouterNormConfig, name: str, repor
         down = module.down_proj[expert].float()
         if x.shape[0] < config.min_expert_tokens:
             fallback.append(expert)
-            q_gate_up = quantize_weight(gate_up, bits[expert], config.group_size, "hqq")
-            q_down = quantize_weight(down, bits[expert], config.group_size, "hqq")
+            q_gate_up = quantize_weight(gate_up, bits[expert], config.group_size, "rtn")
+            q_down = quantize_weight(down, bits[expert], config.group_size, "rtn")
         else:
             damp = config.damp_percent
             q_gate_up = quantize_gptq(gate_up, input_hessian(x), bits[expert], config.group_size, damp_percent=damp)

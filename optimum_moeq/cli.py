@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("model", metavar="MODEL")
     quantize.add_argument("out", metavar="OUT")
     _allocation_options(quantize)
-    quantize.add_argument("--method", default="hqq", help="hqq (default) or rtn")
+    quantize.add_argument("--method", default="rtn", help="rtn (default) or hqq")
     quantize.add_argument("--group-size", type=int, default=128, help="weights per scale/zero group (default 128)")
     quantize.add_argument("--attention-bits", type=int, help="also quantize attention and dense linears (4 or 8)")
     quantize.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="quantize a small Mixtral built on the spot (no download) and report")
     demo.add_argument("--avg-bits", type=float, default=2.5, help="average expert bits (default 2.5)")
     demo.add_argument("--group-size", type=int, default=64, help="weights per scale/zero group (default 64)")
-    demo.add_argument("--method", default="hqq", help="per-expert quantizer: hqq (default) or rtn")
+    demo.add_argument("--method", default="rtn", help="per-expert quantizer: rtn (default) or hqq")
     demo.add_argument("--out", help="folder to keep the quantized checkpoint in (default: a temporary one)")
     demo.set_defaults(run=_demo)
     return parser

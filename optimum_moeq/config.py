@@ -30,13 +30,15 @@ class RouterNormConfig(QuantizationConfigMixin):
         group_size: weights per (scale, zero) group along each projection's input dimension.
         ranking: "combined" (router-norm order re-ranked by MaxVar), "router" or "maxvar".
         zeta: MaxVar ratio above which the combined ranking moves an expert forward.
-        method: per-expert weight quantizer: "hqq" (optimised scales and zeros, no calibration
-            data), "rtn" (min-max round-to-nearest) or "gptq" (needs ``dataset``).
+        method: per-expert weight quantizer: "rtn" (min-max round-to-nearest, the default),
+            "gptq" (calibrated on ``dataset``; the best measured) or "hqq" (scales and zeros
+            optimised for weight error without data: lower weight MSE, but a trained model's
+            perplexity measured worse than rtn, see benchmarks/results/replication.md).
         dataset: GPTQ calibration data: a local text file, a list of strings, or token ids.
         tokenizer: tokenizer for text calibration data (default: the model's own).
         nsamples, seqlen: GPTQ draws ``nsamples`` windows of ``seqlen`` tokens from ``dataset``.
         damp_percent: GPTQ's Hessian damping, as a fraction of its mean diagonal.
-        min_expert_tokens: experts routed fewer calibration tokens are quantized with "hqq".
+        min_expert_tokens: experts routed fewer calibration tokens are quantized with "rtn".
         modules_to_not_convert: module names (or name suffixes) to keep unquantized.
         attention_bits: None keeps attention and the other dense linears (shared experts, dense
             MLP layers) in the model's dtype; 4 or 8 (any of 1..8) quantizes them group-wise with
@@ -54,7 +56,7 @@ class RouterNormConfig(QuantizationConfigMixin):
         group_size: int = 128,
         ranking: str = "combined",
         zeta: float = 3.0,
-        method: str = "hqq",
+        method: str = "rtn",
         modules_to_not_convert: list[str] | None = None,
         reference_model: str | None = None,
         attention_bits: int | None = None,

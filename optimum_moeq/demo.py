@@ -46,7 +46,7 @@ def build_small_mixtral(path: str, *, layers: int = 4, experts: int = 8, hidden:
 
 
 def run_demo(
-    avg_bits: float = 2.5, group_size: int = 64, method: str = "hqq", out: str | None = None
+    avg_bits: float = 2.5, group_size: int = 64, method: str = "rtn", out: str | None = None
 ) -> dict[str, float]:
     """Build, quantize, report, save, reload, draw, evaluate, write the card; return the figures printed."""
     config = RouterNormConfig(avg_bits=avg_bits, group_size=group_size, method=method)  # bad values fail first

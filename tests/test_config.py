@@ -18,7 +18,7 @@ from optimum_moeq import RouterNormConfig
         ({"group_size": 0}, r"group_size=0 must be a positive integer"),
         ({"ranking": "random"}, r"ranking='random' is not supported: allowed are \('combined', 'router', 'maxvar'\)"),
         ({"zeta": 0}, r"zeta=0 must be a number greater than 0"),
-        ({"method": "awq"}, r"method='awq' is not supported: allowed are \('hqq', 'rtn', 'gptq'\)"),
+        ({"method": "awq"}, r"method='awq' is not supported: allowed are \('rtn', 'hqq', 'gptq'\)"),
         ({"allocation": {"m": []}}, r"allocation\['m'\]=\[\] must be a non-empty list"),
         ({"format_version": 2}, r"format_version=2 is not readable"),
     ],
@@ -31,7 +31,7 @@ def test_bad_values_are_refused_at_construction(kwargs, message):
 def test_three_levels_and_defaults():
     config = RouterNormConfig(avg_bits=2.0, bit_levels=(1, 2, 3))
     assert config.bit_levels == [1, 2, 3]
-    assert (config.group_size, config.ranking, config.zeta, config.method) == (128, "combined", 3.0, "hqq")
+    assert (config.group_size, config.ranking, config.zeta, config.method) == (128, "combined", 3.0, "rtn")
 
 
 def test_round_trips_through_transformers_config_dispatch():

@@ -37,7 +37,7 @@ class MixedBitExperts(nn.Module):
         intermediate_dim: int,
         group_size: int,
         hidden_act: str = "silu",
-        method: str = "hqq",
+        method: str = "rtn",
         with_full_precision_placeholders: bool = False,
         name: str = "experts",
         gated: bool = True,

@@ -25,7 +25,7 @@ class PackedLinear(nn.Module):
         bits: int,
         group_size: int,
         bias: bool = False,
-        method: str = "hqq",
+        method: str = "rtn",
         with_full_precision_placeholders: bool = False,
         name: str = "linear",
     ):

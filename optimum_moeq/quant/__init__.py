@@ -5,14 +5,15 @@ from .packed import PackedProjection, pack_projection, packed_tensor_shapes
 from .packing import MAX_BITS, MIN_BITS, check_bits, pack_codes, unpack_codes
 from .rtn import METADATA_DTYPE, GroupQuantized, check_group_size, dequantize, quantize_rtn
 
-QUANTIZATION_METHODS = ("hqq", "rtn", "gptq")  # gptq needs calibration: see calibration.py
+QUANTIZATION_METHODS = ("rtn", "hqq", "gptq")  # gptq needs calibration: see calibration.py
 
 
-def quantize_weight(weight, bits: int, group_size: int, method: str = "hqq") -> GroupQuantized:
-    """Quantize ``weight`` ``[..., N, K]`` with the named calibration-free method."""
-    if method == "rtn":
+def quantize_weight(weight, bits: int, group_size: int, method: str = "rtn") -> GroupQuantized:
+    """Quantize ``weight`` ``[..., N, K]`` with the named calibration-free method (for "gptq", its
+    calibration-free fallback, rtn)."""
+    if method in ("rtn", "gptq"):
         return quantize_rtn(weight, bits, group_size)
-    if method in ("hqq", "gptq"):  # gptq's calibration-free fallback is hqq
+    if method == "hqq":
         return quantize_hqq(weight, bits, group_size)
     raise ValueError(f"method={method!r} is not supported: allowed are {QUANTIZATION_METHODS}.")
 
