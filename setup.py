@@ -9,7 +9,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=[*find_namespace_packages(include=["optimum_moeq", "optimum_moeq.*"]), "optimum_moeq.model_cards"],
+    packages=[
+        *find_namespace_packages(include=["optimum_moeq", "optimum_moeq.*"]),
+        "optimum_moeq.model_cards",
+        "optimum.commands.register",  # PEP 420 namespace: register_moeq.py, no __init__.py
+    ],
     package_dir={"optimum_moeq.model_cards": "model_cards"},
     package_data={"optimum_moeq.model_cards": ["*.md"]},
     install_requires=[
@@ -20,6 +24,7 @@ setup(
         "huggingface_hub>=1.0",
         "tqdm",
         "matplotlib",
+        "optimum>=1.24",
     ],
     extras_require={
         "test": ["pytest>=8", "triton>=3.3", "lm-eval>=0.4.9"],

@@ -69,9 +69,9 @@ def _allocation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-model", help="checkpoint before fine-tuning: rank by router-norm change")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "moeq") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moeq",
+        prog=prog,
         description="Mixed-bit Mixture-of-Experts quantization: each expert's bits chosen by router-norm / MaxVar.",
         epilog="MODEL is a local folder or a Hub id. Add --verbose for a traceback on errors.",
     )
@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "moeq") -> int:
+    """The ``moeq`` command; ``optimum-cli moeq`` calls it too (see optimum/commands/register)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "--verbose" in argv
     try:
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluation import run_lm_eval_cli
 
             return run_lm_eval_cli(argv[command + 1 :])
-        args = build_parser().parse_args(argv)
+        args = build_parser(prog).parse_args(argv)
         return args.run(args)
     except KeyboardInterrupt:
         print("moeq: interrupted", file=sys.stderr)
