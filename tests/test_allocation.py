@@ -96,3 +96,11 @@ def test_allocation_prints_a_table_and_round_trips_through_json():
 def test_allocation_refuses_bits_outside_1_to_8():
     with pytest.raises(ValueError, match=r"allocation\['m'\]\[1\]: bits=9 is not supported"):
         Allocation(bits={"m": [2, 9]})
+
+
+def test_maxvar_stays_exact_when_the_mean_dominates():
+    weight = torch.randn(16, 256, dtype=torch.float64) * 1e-3 + 5.0  # one-pass variance would cancel
+    weight[3] += torch.randn(256, dtype=torch.float64) * 1e-2
+    expected = weight.var(dim=-1).max().item()
+    assert max_neuron_variance(weight.float()) == pytest.approx(expected, rel=1e-4)
+    assert max_neuron_variance(weight.to(torch.bfloat16)) > 0

@@ -3,9 +3,11 @@
 Columns (input features) are quantized in order; each column's rounding error is spread over
 the columns not yet quantized, weighted by the inverse Hessian, so that the layer's output on
 the calibration inputs moves as little as possible. Groups get their scale and zero when their
-first column is reached, from the weights as updated so far: min-max (``grid="rtn"``) by
-default; ``grid="hqq"`` measured worse on the replication model (held-out perplexity 3.941 vs
-3.886 at uniform 2 bits), as hqq's clipping drops outlier weights that matter.
+first column is reached, from the weights as updated so far. ``grid="auto"`` takes min-max
+(rtn) at 2 bits and more and hqq's optimised grid at 1 bit, as measured on the replication
+model (benchmarks/results/replication.md): at uniform 2 bits the hqq grid gave held-out
+perplexity 3.941 vs 3.886 from min-max (its clipping drops outlier weights that matter), while
+with 1-bit experts the min-max grid made GPTQ diverge (19.9 vs 4.9).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def quantize_gptq(
     *,
     damp_percent: float = 0.01,
     block_size: int = 128,
-    grid: str = "rtn",
+    grid: str = "auto",
 ) -> GroupQuantized:
     """GPTQ codes, scales and zeros for ``weight`` [N, K] given ``hessian`` [K, K]."""
     check_bits(bits)
@@ -59,7 +61,8 @@ def quantize_gptq(
             if column % group_size == 0:
                 group_end = column + group_size
                 group = torch.cat([block[:, i:], w[:, end:group_end]], dim=1)[:, :group_size]
-                start_grid = (quantize_hqq if grid == "hqq" else quantize_rtn)(group.float(), bits, group_size)
+                use_hqq = grid == "hqq" or (grid == "auto" and bits == 1)
+                start_grid = (quantize_hqq if use_hqq else quantize_rtn)(group.float(), bits, group_size)
                 scales[:, column // group_size] = start_grid.scale[:, 0]
                 zeros[:, column // group_size] = start_grid.zero[:, 0]
                 scale = start_grid.scale[:, 0].double()
