@@ -53,6 +53,11 @@ class RouterNormHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs) -> None:
         config = self.quantization_config
         adapter = get_adapter(model.config)
+        if self._calibrating and (not adapter.gated or model.config.is_encoder_decoder):
+            raise ValueError(
+                f"method='gptq' supports decoder-only gated MoE models, not {model.config.model_type!r}; "
+                "use method='rtn' or 'hqq'."
+            )
         shapes = {
             name: adapter.experts_shape(module, model.config)
             for name, module in model.named_modules()
