@@ -27,7 +27,8 @@ setup(
         "optimum>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=8", "triton>=3.3", "lm-eval>=0.4.9"],
+        "test": ["pytest>=8", "triton>=3.3", "lm-eval>=0.4.9", "bitsandbytes>=0.45"],
+        "bnb": ["bitsandbytes>=0.45"],
         "gpu": ["triton>=3.3"],
         "eval": ["lm-eval>=0.4.9"],
         "dev": ["pytest>=8", "ruff"],

@@ -17,6 +17,7 @@ from .quant.packed import FORMAT_VERSION
 from .quant.packing import check_bits
 
 QUANT_METHOD = "moeq"
+ATTENTION_METHODS = ("moeq", "bnb_nf4", "bnb_int8")
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -43,6 +44,8 @@ class RouterNormConfig(QuantizationConfigMixin):
         attention_bits: None keeps attention and the other dense linears (shared experts, dense
             MLP layers) in the model's dtype; 4 or 8 (any of 1..8) quantizes them group-wise with
             ``method``. Routers and lm_head are never quantized.
+        attention_method: "moeq" (the default: ``attention_bits`` as above), or "bnb_nf4" /
+            "bnb_int8" to put those linears in bitsandbytes' 4-bit NF4 / 8-bit formats instead.
         reference_model: local folder or Hub id of the checkpoint before (fine-)tuning; the ranking
             then uses each router row's norm change from it (only its router tensors are read).
         allocation: bits per expert by experts module name; computed on load unless given (then used
@@ -60,6 +63,7 @@ class RouterNormConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         reference_model: str | None = None,
         attention_bits: int | None = None,
+        attention_method: str = "moeq",
         dataset: str | list | None = None,
         tokenizer: Any = None,
         nsamples: int = 128,
@@ -80,6 +84,7 @@ class RouterNormConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = modules_to_not_convert
         self.reference_model = None if reference_model is None else str(reference_model)
         self.attention_bits = attention_bits
+        self.attention_method = attention_method
         self.dataset = dataset
         self.tokenizer = tokenizer
         self.nsamples, self.seqlen = nsamples, seqlen
@@ -111,6 +116,15 @@ class RouterNormConfig(QuantizationConfigMixin):
                 check_bits(self.attention_bits)
             except ValueError as err:
                 raise ValueError(f"attention_bits: {err} (None keeps the model's dtype)") from None
+        if self.attention_method not in ATTENTION_METHODS:
+            raise ValueError(
+                f"attention_method={self.attention_method!r} is not supported: allowed are {ATTENTION_METHODS}."
+            )
+        if self.attention_method != "moeq" and self.attention_bits is not None:
+            raise ValueError(
+                f"attention_bits={self.attention_bits} and attention_method={self.attention_method!r} both quantize "
+                "the dense linears: give one of them."
+            )
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
                 f"format_version={self.format_version!r} is not readable by this optimum-moeq "

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .nn import MixedBitExperts, PackedLinear
+from .nn import QUANTIZED_DENSE, MixedBitExperts
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class ModelFootprint:
     """Every stored byte of a model: packed experts, packed linears and the rest as it is."""
 
     experts_bytes: int
-    packed_linear_bytes: int
+    packed_linear_bytes: int  # attention and dense linears: ours (attention_bits) or bitsandbytes
     other_bytes: int
 
     @property
@@ -82,7 +82,7 @@ def model_footprint(model: nn.Module) -> ModelFootprint:
             "experts"
             if isinstance(module, MixedBitExperts)
             else "linear"
-            if isinstance(module, PackedLinear)
+            if isinstance(module, QUANTIZED_DENSE)
             else None
         )
         if kind:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from importlib.util import find_spec
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from .allocation import Allocation
 from .config import QUANT_METHOD, RouterNormConfig
 from .hub import push_to_hub
 from .models import get_adapter
-from .nn import REPLACEMENTS, MixedBitExperts, PackedLinear
+from .nn import DENSE_LINEARS, QUANTIZED_DENSE, REPLACEMENTS, MixedBitExperts
 from .quant import check_group_size
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,11 @@ class RouterNormHfQuantizer(HfQuantizer):
 
     def validate_environment(self, device_map=None, **kwargs) -> None:
         self.quantization_config.post_init()  # the config may have been edited since construction
+        if self.quantization_config.attention_method.startswith("bnb") and find_spec("bitsandbytes") is None:
+            raise ImportError(
+                f"attention_method={self.quantization_config.attention_method!r} needs bitsandbytes: "
+                "pip install bitsandbytes"
+            )
         if self._calibrating and self.quantization_config.dataset is None:
             raise ValueError(
                 "method='gptq' needs calibration data: pass dataset= (a text file, strings or token ids)."
@@ -104,11 +110,12 @@ class RouterNormHfQuantizer(HfQuantizer):
             # The MoE block's own weight init reaches into the experts it was built with (Switch
             # indexes them by name); its weights all come from the checkpoint, so skip it.
             model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
-        if config.attention_bits is not None:
+        if config.attention_bits is not None or config.attention_method != "moeq":
             self._replace_dense_linears(model, adapter)
 
     def _replace_dense_linears(self, model, adapter) -> None:
-        """``attention_bits``: every nn.Linear outside the experts, routers and output embeddings."""
+        """``attention_bits`` / ``attention_method``: every nn.Linear outside the experts, routers and
+        output embeddings."""
         config = self.quantization_config
         keep = self.get_modules_to_not_convert(model, config.modules_to_not_convert, add_default_skips=True)
         for name, module in list(model.named_modules()):
@@ -118,11 +125,11 @@ class RouterNormHfQuantizer(HfQuantizer):
             if any(adapter.experts_module_key.match(parent) for parent in parents):
                 continue
             with torch.device("meta"):
-                replacement = PackedLinear(
+                replacement = DENSE_LINEARS[config.attention_method](
                     module.in_features,
                     module.out_features,
-                    config.attention_bits,
-                    config.group_size,
+                    bits=config.attention_bits,
+                    group_size=config.group_size,
                     bias=module.bias is not None,
                     method=config.method,
                     with_full_precision_placeholders=not self.pre_quantized,
@@ -142,7 +149,7 @@ class RouterNormHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             return False
         module, tensor_name = get_module_from_name(model, param_name)
-        return isinstance(module, (MixedBitExperts, PackedLinear)) and tensor_name in module.projection_shapes
+        return isinstance(module, (MixedBitExperts, *QUANTIZED_DENSE)) and tensor_name in module.projection_shapes
 
     def param_element_size(self, model, param_name: str, param: torch.Tensor) -> float:
         # The packed tensors are parameters of their own and are counted as such; the
@@ -170,7 +177,7 @@ class RouterNormHfQuantizer(HfQuantizer):
                 tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
             self.gptq_report = quantize_model_gptq(model, config, tokenizer=tokenizer)
         for module in model.modules():
-            if isinstance(module, (MixedBitExperts, PackedLinear)):
+            if isinstance(module, (MixedBitExperts, *QUANTIZED_DENSE)):
                 module.requires_grad_(False)
         # model.push_to_hub(repo_id) uploads the packed checkpoint with the optimum-moeq model card
         model.push_to_hub = functools.partial(push_to_hub, model)

@@ -1,0 +1,86 @@
+"""Dense linears quantized by bitsandbytes (``attention_method="bnb_nf4" | "bnb_int8"``).
+
+bitsandbytes does the quantizing and dequantizing (``quantize_4bit``/``dequantize_4bit`` with
+NF4 blocks of 64, ``int8_vectorwise_quant``/``_dequant``); the module only names the stored tensors
+as its own parameters (``weight_nf4``, ``weight_absmax``, ``weight_quant_map``; or ``weight_int8``,
+``weight_row_scale``), so they stream in, save and reload through the same path as the
+experts, with no bitsandbytes-specific loading hooks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NF4_BLOCK = 64
+
+
+def _bnb_functional():
+    try:
+        import bitsandbytes.functional as functional
+    except ImportError:
+        raise ImportError("attention_method='bnb_*' needs bitsandbytes: pip install bitsandbytes") from None
+    return functional
+
+
+class _BnbLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, with_full_precision_placeholders: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.projection_shapes = {"weight": (out_features, in_features)}
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        if with_full_precision_placeholders:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+
+    def _stored(self, name: str, shape, dtype) -> None:
+        self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
+
+    def drop_placeholder(self, proj: str) -> None:
+        self._parameters.pop(proj, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(
+            x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class BnbNF4Linear(_BnbLinear):
+    """4-bit NormalFloat weights, blocks of 64 with a float32 absmax each."""
+
+    def __init__(self, in_features, out_features, bias=False, with_full_precision_placeholders=False, **_):
+        super().__init__(in_features, out_features, bias, with_full_precision_placeholders)
+        numel = in_features * out_features
+        self._stored("weight_nf4", (numel // 2, 1), torch.uint8)
+        self._stored("weight_absmax", (-(-numel // NF4_BLOCK),), torch.float32)
+        self._stored("weight_quant_map", (16,), torch.float32)
+
+    def quantize_projection(self, proj: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        packed, state = _bnb_functional().quantize_4bit(weight.float(), blocksize=NF4_BLOCK, quant_type="nf4")
+        return {"weight_nf4": packed, "weight_absmax": state.absmax, "weight_quant_map": state.code}
+
+    def dequantized(self) -> torch.Tensor:
+        functional = _bnb_functional()
+        state = functional.QuantState(
+            absmax=self.weight_absmax, shape=torch.Size(self.projection_shapes["weight"]), code=self.weight_quant_map,
+            blocksize=NF4_BLOCK, quant_type="nf4", dtype=torch.float32,
+        )  # fmt: skip
+        return functional.dequantize_4bit(self.weight_nf4, state)
+
+
+class BnbInt8Linear(_BnbLinear):
+    """LLM.int8()-style weights: int8 per output row with a float32 absmax scale."""
+
+    def __init__(self, in_features, out_features, bias=False, with_full_precision_placeholders=False, **_):
+        super().__init__(in_features, out_features, bias, with_full_precision_placeholders)
+        self._stored("weight_int8", (out_features, in_features), torch.int8)
+        self._stored("weight_row_scale", (out_features,), torch.float32)
+
+    def quantize_projection(self, proj: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        codes, row_scale, _ = _bnb_functional().int8_vectorwise_quant(weight.to(torch.float16))
+        return {"weight_int8": codes, "weight_row_scale": row_scale}
+
+    def dequantized(self) -> torch.Tensor:
+        return _bnb_functional().int8_vectorwise_dequant(self.weight_int8, self.weight_row_scale).float()

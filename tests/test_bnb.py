@@ -1,0 +1,67 @@
+"""attention_method="bnb_nf4" / "bnb_int8": bitsandbytes formats for the dense linears."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import optimum_moeq.quantizer as quantizer_module
+from optimum_moeq import RouterNormConfig, model_footprint
+from optimum_moeq.nn import BnbInt8Linear, BnbNF4Linear
+
+functional = pytest.importorskip("bitsandbytes.functional")
+TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+@pytest.mark.parametrize(("method", "cls"), [("bnb_nf4", BnbNF4Linear), ("bnb_int8", BnbInt8Linear)])
+def test_bnb_attention_quantizes_runs_saves_and_reloads(tiny_mixtral_path, tmp_path, method, cls):
+    config = RouterNormConfig(avg_bits=2.5, group_size=32, attention_method=method)
+    model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config, dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, dtype=torch.float32)
+    for i in range(2):
+        for name in ATTENTION:
+            layer = getattr(model.model.layers[i].self_attn, name)
+            assert isinstance(layer, cls)
+            weight = getattr(original.model.layers[i].self_attn, name).weight.detach()
+            if method == "bnb_nf4":  # bitsandbytes' own round trip, independently
+                packed, state = functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+                expected = functional.dequantize_4bit(packed, state)
+            else:
+                codes, scale, _ = functional.int8_vectorwise_quant(weight.half())
+                expected = functional.int8_vectorwise_dequant(codes, scale).float()
+            assert torch.equal(layer.dequantized(), expected)
+    assert type(model.lm_head) is torch.nn.Linear
+    logits = _logits(model)
+    assert torch.isfinite(logits).all()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(reloaded.model.layers[1].self_attn.o_proj, cls)
+    assert torch.equal(_logits(reloaded), logits)
+    stored = sum(p.numel() * p.element_size() for m in model.modules() if isinstance(m, cls) for p in m.parameters())
+    assert model_footprint(model).packed_linear_bytes == stored
+
+
+def test_nf4_stores_half_a_byte_per_weight_plus_block_scales(tiny_mixtral_path):
+    config = RouterNormConfig(avg_bits=2.5, group_size=32, attention_method="bnb_nf4")
+    model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
+    layer = model.model.layers[0].self_attn.q_proj
+    numel = layer.in_features * layer.out_features
+    assert layer.weight_nf4.numel() * layer.weight_nf4.element_size() == numel // 2
+    assert layer.weight_absmax.numel() == numel // 64
+
+
+def test_bad_attention_method_and_missing_bitsandbytes(tiny_mixtral_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"attention_method='nf4' is not supported: allowed are \('moeq', 'bnb_nf4'"):
+        RouterNormConfig(attention_method="nf4")
+    with pytest.raises(ValueError, match="both quantize the dense linears: give one of them"):
+        RouterNormConfig(attention_bits=4, attention_method="bnb_nf4")
+    monkeypatch.setattr(quantizer_module, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match="needs bitsandbytes: pip install bitsandbytes"):
+        AutoModelForCausalLM.from_pretrained(
+            tiny_mixtral_path, quantization_config=RouterNormConfig(group_size=32, attention_method="bnb_nf4")
+        )
