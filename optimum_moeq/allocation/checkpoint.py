@@ -83,10 +83,14 @@ def read_layer_signals(
         def load(job) -> torch.Tensor:
             path, kind, match, expert = job
             if kind != "fused":
-                return handles[path].get_tensor(match.string)
-            fused = handles[path].get_slice(match.string)
-            rows = fused.get_shape()[1]
-            return fused[expert, : rows // 2 if adapter.gated else rows, :]  # gate rows come first
+                tensor = handles[path].get_tensor(match.string)
+            else:
+                fused = handles[path].get_slice(match.string)
+                rows = fused.get_shape()[1]
+                tensor = fused[expert, : rows // 2 if adapter.gated else rows, :]  # gate rows come first
+            # get_tensor maps the file lazily; copying here makes this thread do the disk reads,
+            # so they overlap the reduction of the previous tensor instead of stalling it.
+            return tensor.clone()
 
         pending = reader.submit(load, jobs[0]) if jobs else None
         for i, job in enumerate(tqdm(jobs, desc="Reading routers and experts", disable=not progress)):

