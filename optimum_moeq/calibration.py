@@ -88,6 +88,15 @@ def allocation_from_model(model: nn.Module, config: RouterNormConfig):
     return allocate_layers(signals, config.avg_bits, config.bit_levels, config.ranking, config.zeta)
 
 
+def check_gptq_supported(adapter, model_config) -> None:
+    """GPTQ walks ``model.model.layers`` and the gated experts' fused gate_up: decoder-only gated MoEs."""
+    if not adapter.gated or model_config.is_encoder_decoder:
+        raise ValueError(
+            f"method='gptq' supports decoder-only gated MoE models, not {model_config.model_type!r}; "
+            "use method='rtn' or 'hqq'."
+        )
+
+
 class _Captured(Exception):
     pass
 
@@ -98,8 +107,7 @@ def quantize_model_gptq(
 ) -> GptqReport:
     """Quantize a loaded full-precision decoder-only MoE model in place with GPTQ."""
     adapter = get_adapter(model.config)
-    if not adapter.gated or model.config.is_encoder_decoder:
-        raise ValueError(f"method='gptq' supports decoder-only gated MoE models, not {model.config.model_type!r}.")
+    check_gptq_supported(adapter, model.config)
     if config.allocation is None:
         config.allocation = allocation_from_model(model, config).bits
     dataset = config.dataset if dataset is None else dataset

@@ -23,6 +23,7 @@ from transformers.utils import is_accelerate_available
 
 from .allocate import allocate_from_files
 from .allocation import Allocation
+from .calibration import check_gptq_supported
 from .config import QUANT_METHOD, RouterNormConfig
 from .hub import push_to_hub
 from .models import get_adapter
@@ -59,11 +60,8 @@ class RouterNormHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs) -> None:
         config = self.quantization_config
         adapter = get_adapter(model.config)
-        if self._calibrating and (not adapter.gated or model.config.is_encoder_decoder):
-            raise ValueError(
-                f"method='gptq' supports decoder-only gated MoE models, not {model.config.model_type!r}; "
-                "use method='rtn' or 'hqq'."
-            )
+        if self._calibrating:
+            check_gptq_supported(adapter, model.config)  # before any weight is read
         shapes = {
             name: adapter.experts_shape(module, model.config)
             for name, module in model.named_modules()
@@ -72,11 +70,9 @@ class RouterNormHfQuantizer(HfQuantizer):
         for name, shape in shapes.items():  # before any weight is read
             check_group_size(config.group_size, shape.hidden_dim, f"{name} (input projection)")
             check_group_size(config.group_size, shape.intermediate_dim, f"{name}.down_proj")
-        if self.pre_quantized:
-            if config.allocation is None:
-                raise ValueError("the checkpoint's quantization_config has no allocation: it cannot be reloaded.")
-            self.allocation = Allocation(bits=config.allocation)
-        elif config.allocation is not None:  # the user's own allocation: used as given
+        if self.pre_quantized and config.allocation is None:
+            raise ValueError("the checkpoint's quantization_config has no allocation: it cannot be reloaded.")
+        if config.allocation is not None:  # saved with the checkpoint, or the user's own: used as given
             self.allocation = Allocation(bits=config.allocation)
         else:
             if not checkpoint_files:

@@ -111,10 +111,10 @@ def read_router_norms(files: Iterable[str], adapter: MoEAdapter, *, progress: bo
     files = [os.fspath(f) for f in files]
     norms = {}
     for path in tqdm(files, desc="Reading reference routers", disable=not progress):
+        routers = [match for kind, match in _matches_in(path, adapter) if kind == "router"]
         with safe_open(path, framework="pt") as f:
-            for kind, match in _matches_in(path, adapter):
-                if kind == "router":
-                    norms[adapter.experts_module_name(match)] = router_norm_change(f.get_tensor(match.string)).tolist()
+            for match in routers:
+                norms[adapter.experts_module_name(match)] = router_norm_change(f.get_tensor(match.string)).tolist()
     if not norms:
         raise ValueError(f"no router weights found in the reference checkpoint files {files}.")
     return norms
