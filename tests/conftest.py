@@ -54,3 +54,19 @@ def tiny_mixtral_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-mixtral")
     model.save_pretrained(path)
     return path
+
+
+def tiny_switch(**changes):
+    """A random Switch Transformers model, every encoder and decoder layer sparse."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    kwargs = dict(
+        vocab_size=64, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=2,
+        num_experts=4, encoder_sparse_step=1, decoder_sparse_step=1,
+    )  # fmt: skip
+    kwargs.update(changes)
+    return AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model("switch_transformers", **kwargs))
+
+
+def save_tiny_switch(path, **changes) -> None:
+    tiny_switch(**changes).save_pretrained(path)

@@ -5,8 +5,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import save_tiny_switch, tiny_switch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import optimum_moeq.allocation.checkpoint as checkpoint
 from optimum_moeq import RouterNormConfig, allocate
@@ -74,18 +75,6 @@ def test_sharded_and_fused_checkpoints_give_the_same_allocation(tiny_mixtral_pat
     assert allocate(tmp_path / "fused", CONFIG, progress=False).bits == expected
 
 
-SWITCH = dict(
-    vocab_size=64,
-    d_model=32,
-    d_ff=64,
-    d_kv=8,
-    num_layers=2,
-    num_decoder_layers=2,
-    num_heads=2,
-    num_experts=8,
-    encoder_sparse_step=1,
-    decoder_sparse_step=1,
-)
 REFERENCE_NORMS = [1.0, 2.0, 0.5, 1.5, 1.2, 0.8, 2.5, 1.1]
 CHANGES = [0.30, -0.20, 0.90, 0.05, 0.60, 0.40, -0.10, 0.70]  # smallest change: experts 1, 6, 3, 0
 
@@ -102,7 +91,7 @@ def _set_router_norms(model, norms):
 def switch_pair(tmp_path_factory):
     """A "pre-trained" Switch model and a "fine-tuned" one whose router rows moved by CHANGES."""
     torch.manual_seed(0)
-    model = AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model("switch_transformers", **SWITCH))
+    model = tiny_switch(num_experts=8)
     _set_router_norms(model, REFERENCE_NORMS)
     reference = tmp_path_factory.mktemp("switch-base")
     model.save_pretrained(reference)
@@ -131,8 +120,7 @@ def test_mismatched_or_routerless_reference_is_refused(switch_pair, tmp_path, ti
     _, finetuned = switch_pair
 
     def reference(name, **changes):
-        config = AutoConfig.for_model("switch_transformers", **dict(SWITCH, **changes))
-        AutoModelForSeq2SeqLM.from_config(config).save_pretrained(tmp_path / name)
+        save_tiny_switch(tmp_path / name, **{"num_experts": 8, **changes})
         return RouterNormConfig(reference_model=str(tmp_path / name))
 
     with pytest.raises(

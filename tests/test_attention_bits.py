@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import HIDDEN
+from conftest import HIDDEN, save_tiny_switch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from optimum_moeq import RouterNormConfig, experts_footprint, model_footprint
@@ -79,11 +79,7 @@ def test_shared_experts_are_dense_linears_but_their_gate_is_a_router(tmp_path):
 
 
 def test_switch_router_classifier_stays_full_precision(tmp_path):
-    config = AutoConfig.for_model(
-        "switch_transformers", vocab_size=64, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2,
-        num_heads=2, num_experts=4, encoder_sparse_step=1, decoder_sparse_step=1,
-    )  # fmt: skip
-    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(tmp_path)
+    save_tiny_switch(tmp_path)
     model = AutoModelForSeq2SeqLM.from_pretrained(
         tmp_path, quantization_config=RouterNormConfig(group_size=16, attention_bits=4)
     )

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import save_tiny_switch
 from transformers import AutoModelForCausalLM
 
 from optimum_moeq import MixedBitExperts, RouterNormConfig
@@ -115,13 +116,9 @@ def test_gptq_without_data_is_refused(tiny_mixtral_path):
 
 
 def test_gptq_on_an_encoder_decoder_is_refused_before_weights_load(tmp_path):
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    from transformers import AutoModelForSeq2SeqLM
 
-    config = AutoConfig.for_model(
-        "switch_transformers", vocab_size=64, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2,
-        num_heads=2, num_experts=4, encoder_sparse_step=1, decoder_sparse_step=1,
-    )  # fmt: skip
-    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(tmp_path)
+    save_tiny_switch(tmp_path)
     quantization = RouterNormConfig(group_size=16, method="gptq", dataset=_calibration_ids())
     with pytest.raises(ValueError, match="method='gptq' supports decoder-only gated MoE models, not 'switch"):
         AutoModelForSeq2SeqLM.from_pretrained(tmp_path, quantization_config=quantization)
