@@ -28,6 +28,7 @@ from .config import QUANT_METHOD, RouterNormConfig
 from .hub import push_to_hub
 from .models import get_adapter
 from .nn import DENSE_LINEARS, QUANTIZED_DENSE, REPLACEMENTS, MixedBitExperts
+from .offload import check_offload_folder, modules_needing_offload_folder, offload_folder_of_current_load
 from .quant import check_group_size
 
 logger = logging.getLogger(__name__)
@@ -56,9 +57,22 @@ class RouterNormHfQuantizer(HfQuantizer):
             )
         if device_map is not None and not is_accelerate_available():
             raise ImportError("Loading with a device_map needs accelerate: `pip install accelerate`.")
+        # transformers calls this again with the final device map, before any weight is loaded
+        if isinstance(device_map, dict) and not self.pre_quantized and self.quantization_config.allocation:
+            on_disk = modules_needing_offload_folder(device_map, self.quantization_config.allocation)
+            if on_disk and offload_folder_of_current_load() is None:
+                named = ", ".join(on_disk[:2]) + (f" and {len(on_disk) - 2} more" if len(on_disk) > 2 else "")
+                raise ValueError(
+                    f"device_map puts experts modules on disk ({named}); "
+                    "quantize-on-load writes their packed weights to an offload folder: pass "
+                    "offload_folder=... to from_pretrained, or a larger max_memory."
+                )
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs) -> None:
         config = self.quantization_config
+        offload_folder = offload_folder_of_current_load()
+        if offload_folder is not None:
+            check_offload_folder(offload_folder)  # before the allocation scan reads the checkpoint
         adapter = get_adapter(model.config)
         if self._calibrating:
             check_gptq_supported(adapter, model.config)  # before any weight is read

@@ -75,3 +75,44 @@ def test_a_smaller_budget_offloads_packed_experts_to_disk_with_the_same_logits(s
     # offloaded weights stay on the meta device until accelerate's hooks bring them in
     assert any(p.device.type == "meta" for p in model.parameters())
     assert torch.equal(_logits(model), logits)
+
+
+def _no_checkpoint_reads(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the offload folder was checked")
+
+    monkeypatch.setattr("optimum_moeq.quantizer.allocate_from_files", fail)
+
+
+def test_an_offload_folder_that_cannot_be_written_fails_before_any_weight_is_read(
+    saved_quantized, tiny_mixtral_path, tmp_path, monkeypatch
+):
+    (tmp_path / "a_file").write_text("")
+    unwritable = tmp_path / "a_file" / "offload"  # below a regular file: not writable, even for root
+    _no_checkpoint_reads(monkeypatch)
+    for path, extra in (
+        (tiny_mixtral_path, {"quantization_config": RouterNormConfig(avg_bits=2.5)}),
+        (saved_quantized[0], {}),
+    ):
+        with pytest.raises(
+            ValueError, match=r"offload_folder='.*a_file/offload' cannot be written \(NotADirectoryError"
+        ):
+            AutoModelForCausalLM.from_pretrained(
+                path, device_map="auto", max_memory={"cpu": 10_000}, offload_folder=unwritable, **extra
+            )
+
+
+def test_quantize_on_load_with_experts_on_disk_and_no_offload_folder_fails_before_loading(
+    saved_quantized, tiny_mixtral_path, monkeypatch
+):
+    packed_bytes = saved_quantized[1]
+    loaded = []
+    monkeypatch.setattr("optimum_moeq.quantizer.QuantizeExperts.convert", lambda *a, **k: loaded.append(1))
+    with pytest.raises(ValueError, match=r"device_map puts experts modules on disk \(model\.layers\.0\.mlp\.experts"):
+        AutoModelForCausalLM.from_pretrained(
+            tiny_mixtral_path,
+            quantization_config=RouterNormConfig(avg_bits=2.5, group_size=32),
+            device_map="auto",
+            max_memory={"cpu": packed_bytes // 2},
+        )
+    assert not loaded
