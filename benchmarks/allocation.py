@@ -7,7 +7,8 @@
 Writes a synthetic Mixtral-8x7B-shaped checkpoint (random bf16, one shard per layer), then, each
 in a fresh process: (1) reads the bytes of the expert input projections once with plain file
 reads, the floor for any method; (2) ``optimum_moeq.allocate``; (3) the paper's way: load the
-model with ``from_pretrained`` and compute the same signals from its weights. Reports time,
+model with ``from_pretrained`` and compute the same signals from its weights. (1) and (2)
+alternate ``--repeats`` times and report the median. Reports time,
 time scaled to 32 layers, peak resident memory (with and without memory-mapped file pages).
 """
 
@@ -140,6 +141,17 @@ def child(mode: str, path: str) -> dict:
     return {"seconds": elapsed, "peak_rss": peak_rss, "peak_anon": peak_anon[0], "bytes": nbytes}
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median time (peak memory taken as the largest over all runs)."""
+    middle = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+    return {**middle, "peak_rss": max(r["peak_rss"] for r in runs), "peak_anon": max(r["peak_anon"] for r in runs),
+            "all_seconds": [r["seconds"] for r in runs]}  # fmt: skip
+
+
+def _seconds(run: dict) -> str:
+    return ", ".join(f"{s:.2f}" for s in run["all_seconds"]) + " s"
+
+
 def _drop_page_cache() -> bool:
     try:
         os.sync()
@@ -153,6 +165,7 @@ def _drop_page_cache() -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating read/allocate runs (median)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 layers: checks the script")
     parser.add_argument("--workdir", default=None, help="where to write the synthetic checkpoint (deleted after)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "allocation.md"))
@@ -162,14 +175,18 @@ def main() -> None:
         print(json.dumps(child(*args.child)))
         return
     layers = 2 if args.smoke else args.layers
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     workdir = tempfile.mkdtemp(dir=args.workdir)
     try:
         path = os.path.join(workdir, "mixtral-synthetic")
         start = time.perf_counter()
         shapes = write_checkpoint(path, layers, args.smoke)
         print(f"wrote {layers} layers in {time.perf_counter() - start:.0f} s to {path}")
-        results, cold = {}, True
-        for mode in ("read", "allocate", "load model"):
+        # read and allocate alternate, repeated: a shared disk's speed drifts between runs, and the
+        # median of neighbouring runs keeps the ratio honest. Loading the model is run once.
+        runs, cold = {"read": [], "allocate": [], "load model": []}, True
+        for mode in ["read", "allocate"] * args.repeats + ["load model"]:
             cold = _drop_page_cache() and cold
             run = subprocess.run(
                 [sys.executable, __file__, "--child", mode.split()[0], path],
@@ -177,7 +194,8 @@ def main() -> None:
                 text=True,
                 check=True,
             )
-            results[mode] = json.loads(run.stdout.strip().splitlines()[-1])
+            runs[mode].append(json.loads(run.stdout.strip().splitlines()[-1]))
+        results = {mode: _median_run(r) for mode, r in runs.items()}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -195,6 +213,8 @@ def main() -> None:
         f"{largest / 2**20:.0f} MiB. Page cache {'dropped before each run' if cold else 'warm (could not drop it)'}. "
         f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, CUDA {torch.cuda.is_available()}. "
         f"Peak RSS counts memory-mapped file pages; peak anon does not. "
+        f"read and allocate: median of {args.repeats} alternating runs each "
+        f"(read {_seconds(results['read'])}; allocate {_seconds(results['allocate'])}). "
         f"Command: python benchmarks/allocation.py{' --smoke' if args.smoke else f' --layers {layers}'}"
     )
     header = ["method", "seconds", "scaled to 32 layers", "vs reading the bytes", "peak RSS GiB", "peak anon GiB"]

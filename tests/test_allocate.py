@@ -7,10 +7,11 @@ import pytest
 import torch
 from conftest import save_tiny_switch, tiny_switch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import optimum_moeq.allocation.checkpoint as checkpoint
 from optimum_moeq import RouterNormConfig, allocate
+from optimum_moeq.models import get_adapter
 
 CONFIG = RouterNormConfig(avg_bits=2.5, group_size=32)
 
@@ -73,6 +74,24 @@ def test_sharded_and_fused_checkpoints_give_the_same_allocation(tiny_mixtral_pat
     save_file(fused, tmp_path / "fused" / "model.safetensors")
     shutil.copy(tiny_mixtral_path / "config.json", tmp_path / "fused")
     assert allocate(tmp_path / "fused", CONFIG, progress=False).bits == expected
+    for folder in (tiny_mixtral_path, tmp_path / "fused"):
+        _check_read_ahead_ranges(folder)
+
+
+def _check_read_ahead_ranges(folder):
+    """The byte range the scan asks the kernel to read ahead is where that tensor's bytes are."""
+    files = checkpoint.safetensors_files(folder)
+    jobs = checkpoint._read_jobs(files, get_adapter(AutoConfig.from_pretrained(folder)))
+    tensors = load_file(files[0])
+    assert len(jobs) == 2 * (1 + 8)  # per layer: the router and 8 experts' gate rows
+    for job in jobs:
+        expected = tensors[job.match.string]
+        if job.expert is not None:
+            expected = expected[job.expert, : expected.shape[1] // 2]
+        with open(job.path, "rb") as f:
+            f.seek(job.byte_range[0])
+            on_disk = f.read(job.byte_range[1] - job.byte_range[0])
+        assert on_disk == expected.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 REFERENCE_NORMS = [1.0, 2.0, 0.5, 1.5, 1.2, 0.8, 2.5, 1.1]

@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -54,6 +55,54 @@ def _matches_in(path: str, adapter: MoEAdapter) -> list[tuple[str, re.Match]]:
     return [(kind, m) for key in keys for kind, pattern in patterns if pattern and (m := pattern.match(key))]
 
 
+def _data_ranges(path: str) -> dict[str, tuple[int, int]]:
+    """Byte range in the file of each tensor, from the safetensors header (8-byte length + JSON)."""
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+    return {
+        key: (8 + header_size + info["data_offsets"][0], 8 + header_size + info["data_offsets"][1])
+        for key, info in header.items()
+        if key != "__metadata__"
+    }
+
+
+def _advise_will_need(fd: int, byte_range: tuple[int, int]) -> None:
+    """Ask the kernel to start reading ``byte_range`` into the page cache now (asynchronously): the
+    memory-mapped reads that come later then hit cached pages instead of faulting each in from disk."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, byte_range[0], byte_range[1] - byte_range[0], os.POSIX_FADV_WILLNEED)
+
+
+class _Job(NamedTuple):
+    """One tensor the scan reads: a router, or one expert's input projection (gate rows only)."""
+
+    path: str
+    kind: str  # "router", "expert" (one tensor per expert) or "fused" (one expert of [E, rows, H])
+    match: re.Match
+    expert: int | None  # the expert within a fused tensor
+    byte_range: tuple[int, int]  # where its bytes are in the file
+
+
+def _read_jobs(files: list[str], adapter: MoEAdapter) -> list[_Job]:
+    jobs = []
+    for path in files:
+        ranges = _data_ranges(path)
+        for kind, match in _matches_in(path, adapter):
+            start, end = ranges[match.string]
+            if kind != "fused":
+                jobs.append(_Job(path, kind, match, None, (start, end)))
+                continue
+            with safe_open(path, framework="pt") as f:
+                num_experts, rows, _ = f.get_slice(match.string).get_shape()
+            row_bytes = (end - start) // (num_experts * rows)
+            wanted = rows // 2 if adapter.gated else rows  # gate rows come first
+            for e in range(num_experts):
+                first = start + e * rows * row_bytes
+                jobs.append(_Job(path, kind, match, e, (first, first + wanted * row_bytes)))
+    return jobs
+
+
 def read_layer_signals(
     files: Iterable[str], adapter: MoEAdapter, *, progress: bool = True, device: str | torch.device | None = None
 ) -> dict[str, LayerSignals]:
@@ -66,38 +115,43 @@ def read_layer_signals(
     if any(not f.endswith(".safetensors") for f in files):
         raise ValueError(f"allocation reads safetensors checkpoints only, got {files}.")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    jobs = []  # (path, kind, match, expert or None)
-    for path in files:
-        for kind, match in _matches_in(path, adapter):
-            if kind == "fused":
-                with safe_open(path, framework="pt") as f:
-                    num_experts = f.get_slice(match.string).get_shape()[0]
-                jobs += [(path, kind, match, e) for e in range(num_experts)]
-            else:
-                jobs.append((path, kind, match, None))
+    jobs = _read_jobs(files, adapter)
     routers: dict[str, list[float]] = {}
     maxvar: dict[str, dict[int, float]] = defaultdict(dict)
     with ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as reader:
         handles = {path: stack.enter_context(safe_open(path, framework="pt")) for path in files}
+        fds = {path: os.open(path, os.O_RDONLY) for path in files}
+        stack.callback(lambda: [os.close(fd) for fd in fds.values()])
 
-        def load(job) -> torch.Tensor:
-            path, kind, match, expert = job
+        # Two buffers, reused: the reader fills one while the caller reduces the other. Fresh
+        # memory for each tensor would page-fault on every 4 KiB of the copy.
+        largest = max((end - start for *_, (start, end) in jobs), default=0)
+        buffers = [torch.empty(largest, dtype=torch.uint8, device="cpu") for _ in range(2)]
+
+        def load(i: int) -> torch.Tensor:
+            # the kernel reads tensor i+1 into the page cache while this thread copies tensor i
+            if i + 1 < len(jobs):
+                _advise_will_need(fds[jobs[i + 1].path], jobs[i + 1].byte_range)
+            path, kind, match, expert, _ = jobs[i]
             if kind != "fused":
                 tensor = handles[path].get_tensor(match.string)
             else:
                 fused = handles[path].get_slice(match.string)
                 rows = fused.get_shape()[1]
-                tensor = fused[expert, : rows // 2 if adapter.gated else rows, :]  # gate rows come first
+                tensor = fused[expert, : rows // 2 if adapter.gated else rows, :]
             # get_tensor maps the file lazily; copying here makes this thread do the disk reads,
             # so they overlap the reduction of the previous tensor instead of stalling it.
-            return tensor.clone()
+            nbytes = tensor.numel() * tensor.element_size()
+            return buffers[i % 2][:nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
 
-        pending = reader.submit(load, jobs[0]) if jobs else None
+        if jobs:
+            _advise_will_need(fds[jobs[0].path], jobs[0].byte_range)
+            pending = reader.submit(load, 0)
         for i, job in enumerate(tqdm(jobs, desc="Reading routers and experts", disable=not progress)):
             tensor = pending.result().to(device)
             if i + 1 < len(jobs):
-                pending = reader.submit(load, jobs[i + 1])
-            _, kind, match, expert = job
+                pending = reader.submit(load, i + 1)
+            _, kind, match, expert, _ = job
             layer = adapter.experts_module_name(match)
             if kind == "router":
                 routers[layer] = router_norm_change(tensor).tolist()
