@@ -14,7 +14,12 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 @pytest.mark.parametrize(
     ("script", "columns"),
-    [("kernels.py", "packed GB/s"), ("decode.py", "limit tokens/s"), ("allocation.py", "vs reading the bytes")],
+    [
+        ("kernels.py", "packed GB/s"),
+        ("kernel_sweep.py", "best parameters"),
+        ("decode.py", "limit tokens/s"),
+        ("allocation.py", "vs reading the bytes"),
+    ],
 )
 def test_benchmark_smoke_run_writes_its_table(script, columns, tmp_path):
     out = tmp_path / "table.md"

@@ -6,8 +6,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from optimum_moeq.kernels.grouped import DECODE_MAX_PAIRS  # noqa: E402
 from optimum_moeq.kernels.routing import align_pairs_by_expert  # noqa: E402
+from optimum_moeq.kernels.tuning import KernelTuning, current_tuning, kernel_tuning  # noqa: E402
 from optimum_moeq.nn import MixedBitExperts  # noqa: E402
 from optimum_moeq.quant.synthetic import random_packed_projection  # noqa: E402
 
@@ -51,8 +51,47 @@ def test_mixed_bit_layer_matches_reference_on_cpu(dtype, tokens):
     module = _experts([2, 3, 4, 3, 1, 5, 8, 2], hidden=64, intermediate=96, group_size=32)
     index, weights = _routing(tokens, 8, 2, skip_expert=6, generator=generator)  # expert 6: no token
     x = torch.randn(tokens, 64, generator=generator).to(dtype)
-    assert (tokens * 2 <= DECODE_MAX_PAIRS) == (tokens < 37)
+    assert (tokens * 2 <= current_tuning().decode_max_pairs) == (tokens < 37)
     assert _relative_error(module, x, index, weights) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(gemv_block_n=32, target_programs=8, gemv_warps=2),  # narrower tiles, less split-K
+        dict(gemv_block_n=128, target_programs=1 << 20),  # wider than the output: masked columns, most split-K
+        dict(decode_max_pairs=1, gemm_block_m_small=32, gemm_block_n=32, gemm_stages=2),  # tl.dot from 3 tokens
+        dict(decode_max_pairs=1, gemm_block_m=16, gemm_block_m_small=16, gemm_block_n=128, gemm_warps=8),
+    ],
+)
+def test_other_launch_parameters_give_the_same_result(changes, monkeypatch):
+    """What `benchmarks/kernels.py --sweep` may pick on a GPU must be correct: same check, other tiles."""
+    import optimum_moeq.kernels.grouped as grouped
+
+    block_rows = []
+    align = grouped.align_pairs_by_expert
+    monkeypatch.setattr(grouped, "align_pairs_by_expert", lambda *a: block_rows.append(a[-1]) or align(*a))
+    generator = torch.Generator().manual_seed(1)
+    module = _experts([2, 3, 4, 3, 1, 5, 8, 2], hidden=64, intermediate=96, group_size=32)
+    for tokens in (3, 37):
+        index, weights = _routing(tokens, 8, 2, skip_expert=6, generator=generator)
+        x = torch.randn(tokens, 64, generator=generator).to(torch.float16)
+        with kernel_tuning(**changes):
+            assert _relative_error(module, x, index, weights) < TOLERANCE[torch.float16]
+    tuning = KernelTuning(**changes)
+    expected = [tuning.gemm_block_m_small] * (6 > tuning.decode_max_pairs) + [tuning.gemm_block_m]  # 6, 74 pairs
+    assert block_rows == expected  # the tiles asked for are the ones launched
+    assert current_tuning() == KernelTuning()  # restored on exit
+
+
+def test_bad_launch_parameters_name_the_value_and_what_is_allowed():
+    with pytest.raises(ValueError, match=r"gemm_block_n=48: must be a power of two from 16 to 256"):
+        with kernel_tuning(gemm_block_n=48):
+            pass
+    with pytest.raises(ValueError, match=r"unknown kernel parameters \['block_n'\]; known: \['decode_max_pairs'"):
+        with kernel_tuning(block_n=64):
+            pass
+    assert current_tuning() == KernelTuning()
 
 
 def test_expert_index_of_another_rank_is_ignored():

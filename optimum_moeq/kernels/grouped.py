@@ -16,12 +16,7 @@ from transformers.activations import ACT2FN
 
 from ..quant.packed import PackedProjection
 from .routing import align_pairs_by_expert
-
-# At or below this many (token, expert) pairs the GEMV kernel runs, above it the tl.dot kernel.
-DECODE_MAX_PAIRS = 32
-_GEMV_BLOCK_N = 64
-_GEMM_BLOCK_N = 64
-_TARGET_PROGRAMS = 1024  # split K until the decode launch has about this many programs
+from .tuning import current_tuning
 
 
 def triton_available() -> bool:
@@ -81,6 +76,7 @@ def launch_projection(
     (from ``align_pairs_by_expert``) selects the tl.dot kernel, otherwise the GEMV kernel runs.
     """
     kernels = _kernels()
+    tuning = current_tuning()
     num_pairs = top_k_index.numel()
     k = x.shape[1]
     block_k = block_k_for(group_size)
@@ -91,23 +87,24 @@ def launch_projection(
     common = dict(GROUP=group_size, N2=n2, HAS_Q1=has_q1, FUSE_SWIGLU=fuse_swiglu)
     common["HAS_ROUTING_WEIGHT"] = routing_weights is not None
     if blocks is None:
-        programs = num_pairs * triton_cdiv(n_out, _GEMV_BLOCK_N)
-        split_k = 1 if fuse_swiglu else _split_k(programs, k // block_k)
+        programs = num_pairs * triton_cdiv(n_out, tuning.gemv_block_n)
+        split_k = 1 if fuse_swiglu else _split_k(programs, k // block_k, tuning.target_programs)
         if split_k > 1 and out.dtype != torch.float32:
             raise ValueError("split-K accumulates atomically and needs a float32 output.")
-        grid = (num_pairs, triton_cdiv(n_out, _GEMV_BLOCK_N), split_k)
+        grid = (num_pairs, triton_cdiv(n_out, tuning.gemv_block_n), split_k)
         kernels._moe_gemv_kernel[grid](
             x, out, top_k_index, local_index, routing, *tensors, k, n_out, x_rows_per_pair_div, n_out,
             x.stride(0), out.stride(0), *strides, **common, SPLIT_K=split_k, BLOCK_K=block_k,
-            BLOCK_N=_GEMV_BLOCK_N, num_warps=4,
+            BLOCK_N=tuning.gemv_block_n, num_warps=tuning.gemv_warps,
         )  # fmt: skip
     else:
-        grid = (blocks.block_expert.numel(), triton_cdiv(n_out, _GEMM_BLOCK_N))
+        grid = (blocks.block_expert.numel(), triton_cdiv(n_out, tuning.gemm_block_n))
         dot_in_fp32 = interpreting() and x.dtype == torch.bfloat16
         kernels._moe_gemm_kernel[grid](
             x, out, blocks.sorted_pairs, blocks.block_expert, local_index, routing, *tensors, num_pairs, k, n_out,
             x_rows_per_pair_div, n_out, x.stride(0), out.stride(0), *strides, **common, DOT_IN_FP32=dot_in_fp32,
-            BLOCK_M=blocks.block_m, BLOCK_K=block_k, BLOCK_N=_GEMM_BLOCK_N, num_warps=4, num_stages=3,
+            BLOCK_M=blocks.block_m, BLOCK_K=block_k, BLOCK_N=tuning.gemm_block_n, num_warps=tuning.gemm_warps,
+            num_stages=tuning.gemm_stages,
         )  # fmt: skip
 
 
@@ -115,9 +112,9 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _split_k(programs: int, k_steps: int) -> int:
+def _split_k(programs: int, k_steps: int, target_programs: int) -> int:
     split = 1
-    while programs * split * 2 <= _TARGET_PROGRAMS and split * 2 <= k_steps:
+    while programs * split * 2 <= target_programs and split * 2 <= k_steps:
         split *= 2
     return split
 
@@ -135,7 +132,6 @@ def grouped_experts_forward(
     group_size: int,
     activation: str = "silu",
     gated: bool = True,
-    decode_max_pairs: int = DECODE_MAX_PAIRS,
 ) -> torch.Tensor:
     """Experts over packed mixed-bit weights; same contract as transformers' experts forward.
 
@@ -149,8 +145,9 @@ def grouped_experts_forward(
     weights = top_k_weights.reshape(-1).contiguous()
     x = hidden_states.contiguous()
     blocks = None
-    if num_pairs > decode_max_pairs:
-        block_m = 16 if num_pairs <= 8 * num_experts else 64
+    tuning = current_tuning()
+    if num_pairs > tuning.decode_max_pairs:
+        block_m = tuning.gemm_block_m_small if num_pairs <= 8 * num_experts else tuning.gemm_block_m
         blocks = align_pairs_by_expert(pair_expert, num_experts, block_m)
     fuse = gated and activation == "silu"
     width = intermediate_dim if fuse or not gated else 2 * intermediate_dim

@@ -1,0 +1,64 @@
+"""Launch parameters of the Triton MoE kernels, in one place so a GPU can be tuned without code edits.
+
+The defaults are heuristics chosen without a GPU to measure on; ``benchmarks/kernels.py --sweep``
+times alternatives on the device and prints the best per batch size, and
+``with kernel_tuning(gemm_block_n=128): ...`` applies one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTuning:
+    decode_max_pairs: int = 32  # at or below this many (token, expert) pairs the GEMV kernel runs
+    gemv_block_n: int = 64  # output columns per GEMV program
+    gemv_warps: int = 4
+    target_programs: int = 1024  # split K until a GEMV launch has about this many programs
+    gemm_block_m_small: int = 16  # rows per tl.dot block when experts get few tokens each
+    gemm_block_m: int = 64  # ... and when they get many (above 8 pairs per expert on average)
+    gemm_block_n: int = 64
+    gemm_warps: int = 4
+    gemm_stages: int = 3
+
+    def __post_init__(self):
+        powers_of_two = {
+            "gemv_block_n": (16, 256),
+            "gemm_block_m_small": (16, 128),
+            "gemm_block_m": (16, 256),
+            "gemm_block_n": (16, 256),
+            "gemv_warps": (1, 16),
+            "gemm_warps": (1, 16),
+        }
+        for name, (low, high) in powers_of_two.items():
+            value = getattr(self, name)
+            if not (isinstance(value, int) and low <= value <= high and value & (value - 1) == 0):
+                raise ValueError(f"{name}={value!r}: must be a power of two from {low} to {high}.")
+        for name in ("decode_max_pairs", "target_programs", "gemm_stages"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name}={value!r}: must be a positive integer.")
+
+
+_current = KernelTuning()
+
+
+def current_tuning() -> KernelTuning:
+    return _current
+
+
+@contextlib.contextmanager
+def kernel_tuning(**changes) -> Iterator[KernelTuning]:
+    """Run the block with some launch parameters changed, e.g. ``kernel_tuning(gemm_block_n=128)``."""
+    global _current
+    unknown = set(changes) - {f.name for f in dataclasses.fields(KernelTuning)}
+    if unknown:
+        raise ValueError(f"unknown kernel parameters {sorted(unknown)}; known: {list(KernelTuning.__annotations__)}.")
+    previous, _current = _current, dataclasses.replace(_current, **changes)
+    try:
+        yield _current
+    finally:
+        _current = previous
