@@ -12,7 +12,7 @@ from optimum_moeq.nn import MixedBitExperts  # noqa: E402
 from optimum_moeq.quant.synthetic import random_packed_projection  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-GPU_TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+GPU_TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def _experts(bits, hidden, intermediate, group_size, device="cpu", seed=0):
@@ -126,7 +126,7 @@ def test_triton_kernel_refuses_a_group_size_it_cannot_tile():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real-size kernel checks need a GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])  # float32: no TF32
 @pytest.mark.parametrize("tokens", [1, 16, 512])
 def test_mixtral_sized_layer_matches_reference_on_gpu(dtype, tokens):
     generator = torch.Generator().manual_seed(tokens)
@@ -171,3 +171,13 @@ def test_packed_linear_kernel_path_matches_reference(rows):
     reference = linear(x)  # CPU tensors: the torch reference
     out = linear._triton_forward(x) + linear.bias
     assert ((out - reference).norm() / reference.norm()) < 1e-5
+
+
+def test_float32_prefill_dot_is_exact_unless_torch_allows_tf32(monkeypatch):
+    from optimum_moeq.kernels.grouped import dot_input_precision
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert dot_input_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert dot_input_precision(torch.float32) == "tf32"
+    assert dot_input_precision(torch.bfloat16) == dot_input_precision(torch.float16) == "tf32"  # 16-bit: unused

@@ -103,9 +103,17 @@ def launch_projection(
         kernels._moe_gemm_kernel[grid](
             x, out, blocks.sorted_pairs, blocks.block_expert, local_index, routing, *tensors, num_pairs, k, n_out,
             x_rows_per_pair_div, n_out, x.stride(0), out.stride(0), *strides, **common, DOT_IN_FP32=dot_in_fp32,
-            BLOCK_M=blocks.block_m, BLOCK_K=block_k, BLOCK_N=tuning.gemm_block_n, num_warps=tuning.gemm_warps,
-            num_stages=tuning.gemm_stages,
+            DOT_PRECISION=dot_input_precision(x.dtype), BLOCK_M=blocks.block_m, BLOCK_K=block_k,
+            BLOCK_N=tuning.gemm_block_n, num_warps=tuning.gemm_warps, num_stages=tuning.gemm_stages,
         )  # fmt: skip
+
+
+def dot_input_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: float32 activations use TF32 tensor cores only where torch itself
+    allows TF32 for matmuls (off by default), else exact float32; it does not apply to 16-bit inputs."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -179,6 +179,7 @@ def _moe_gemm_kernel(
     FUSE_SWIGLU: tl.constexpr,
     HAS_ROUTING_WEIGHT: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -212,7 +213,7 @@ def _moe_gemm_kernel(
         if DOT_IN_FP32:  # the interpreter's bfloat16 dot is wrong; GPUs take the native path
             acc += tl.dot(x.to(tl.float32), w)
         else:
-            acc += tl.dot(x, w.to(x.dtype))
+            acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
         if FUSE_SWIGLU:
             codes, scale, zero = _dequant_tile(
                 q2_e, q1_e, scale_e, zero_e, k0, offs_n + UP_OFFSET, n_mask, stride_q2_plane, stride_q2_row,
@@ -222,7 +223,7 @@ def _moe_gemm_kernel(
             if DOT_IN_FP32:
                 acc_up += tl.dot(x.to(tl.float32), w)
             else:
-                acc_up += tl.dot(x, w.to(x.dtype))
+                acc_up += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
     if FUSE_SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
     if HAS_ROUTING_WEIGHT:
