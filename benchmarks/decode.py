@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py                      # on a GPU: table to benchmarks/results/decode.md
     python benchmarks/decode.py --layers 12 --compile
+    python benchmarks/decode.py --profile            # also: kernel time shares of a batch-1 decode
     python benchmarks/decode.py --smoke              # CPU, Triton interpreter, tiny model: checks the script
 
 Both models are built directly on the device with random weights (the quantized one directly
@@ -111,6 +112,41 @@ def decode_tokens_per_s(model, batch: int, new_tokens: int, cache: str, device) 
     return batch * (new_tokens - 1) / elapsed
 
 
+def profile_decode(model, new_tokens: int, cache: str, device, out: str) -> None:
+    """Where a batch-1 decode step's time goes: device time per kernel (or op, on CPU) over
+    ``new_tokens`` steps, and how much of the wall time the device is busy at all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = torch.zeros(1, 16, dtype=torch.long, device=device)
+    kwargs = dict(do_sample=False, pad_token_id=0, cache_implementation=cache if cache == "static" else None)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)  # warm-up
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - start) * 1e6
+    events = [e for e in prof.key_averages() if (e.device_time_total if cuda else e.self_cpu_time_total) > 0]
+    if cuda:  # kernels only: device time of CPU-side ops would count each kernel twice
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA] or events
+    time_of = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events.sort(key=time_of, reverse=True)
+    busy_us = sum(time_of(e) for e in events)
+    rows = [[e.key[:80], e.count, f"{time_of(e) / 1e3:.2f}", f"{time_of(e) / busy_us:.1%}"] for e in events[:15]]
+    notes = (
+        f"Device: {device_name(device)}. Packed model, batch 1, {new_tokens} new tokens (prefill included), "
+        f"cache {cache}. Wall {wall_us / 1e3:.1f} ms; {'device busy' if cuda else 'CPU ops'} {busy_us / 1e3:.1f} ms "
+        f"({busy_us / wall_us:.0%} of wall: the rest is launch overhead and host work). "
+        "Command: python benchmarks/decode.py --profile"
+    )
+    header = ["kernel" if cuda else "op", "calls", "ms", "share of busy time"]
+    write_table(out, "Where a decode step's time goes", header, rows, notes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU through the Triton interpreter")
@@ -120,6 +156,7 @@ def main() -> None:
     parser.add_argument("--cache", choices=["dynamic", "static"], default="static")
     parser.add_argument("--compile", action="store_true", help="torch.compile the forward (with the static cache)")
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--profile", action="store_true", help="also profile the packed model's batch-1 decode")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "decode.md"))
     args = parser.parse_args()
     smoke_environment(args.smoke)
@@ -138,6 +175,9 @@ def main() -> None:
         per_token = bytes_per_token(model)
         for batch in batches:
             results[label, batch] = (decode_tokens_per_s(model, batch, new_tokens, args.cache, device), per_token)
+        if args.profile and bits is not None:
+            profile_out = os.path.join(os.path.dirname(os.path.abspath(args.out)), "decode_profile.md")
+            profile_decode(model, new_tokens, args.cache, device, profile_out)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

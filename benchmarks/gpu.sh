@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu.sh [all|tests|kernels|sweep|decode]...     (default: all)
 #
-# Tables land in benchmarks/results/ (kernels.md, kernel_sweep.md, decode.md) and, when $OUT is
+# Tables land in benchmarks/results/ (kernels.md, kernel_sweep.md, decode.md, decode_profile.md) and, when $OUT is
 # set (the device tool), are copied there with a log. A machine without network gets the Python
 # packages its image lacks from wheels in .whl/ (fetch them first, where pip works, with
 # `bash benchmarks/gpu_wheels.sh`); otherwise the package is pip-installed as usual.
@@ -27,7 +27,7 @@ run_stage() {
     tests) python3 -m pytest -q tests/test_triton_kernels.py ;;
     kernels) python3 benchmarks/kernels.py ;;
     sweep) python3 benchmarks/kernel_sweep.py ;;
-    decode) python3 benchmarks/decode.py --layers "${DECODE_LAYERS:-12}" ;;
+    decode) python3 benchmarks/decode.py --layers "${DECODE_LAYERS:-12}" --profile ;;
     all) for s in tests kernels sweep decode; do run_stage "$s"; done ;;
     *) echo "unknown stage '$1': use all, tests, kernels, sweep or decode" >&2; exit 2 ;;
   esac
@@ -42,7 +42,7 @@ for stage in "${stages[@]}"; do
   fi
 done
 if [ -n "${OUT:-}" ]; then
-  for table in kernels kernel_sweep decode; do
+  for table in kernels kernel_sweep decode decode_profile; do
     [ -f "benchmarks/results/$table.md" ] && cp "benchmarks/results/$table.md" "$OUT/"
   done
 fi

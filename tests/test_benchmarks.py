@@ -23,11 +23,17 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 )
 def test_benchmark_smoke_run_writes_its_table(script, columns, tmp_path):
     out = tmp_path / "table.md"
+    extra = ["--profile"] if script == "decode.py" else []
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--smoke", "--out", str(out)], capture_output=True, text=True
+        [sys.executable, str(BENCHMARKS / script), "--smoke", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     table = out.read_text()
     assert columns in table
     assert "not speed" in table or "Tiny smoke shapes" in table
     assert table.count("\n| ") >= 3  # header and at least two rows
+    if extra:
+        profile = (tmp_path / "decode_profile.md").read_text()
+        assert "share of busy time" in profile and profile.count("\n| ") >= 3
