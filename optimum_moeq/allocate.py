@@ -20,6 +20,9 @@ _INDEX = "model.safetensors.index.json"
 def allocate(path_or_repo: str | os.PathLike, config: RouterNormConfig, *, progress: bool = True) -> Allocation:
     """Read routers and expert input projections from ``path_or_repo`` (a local folder or a Hub id)
     and allocate bits as ``config`` asks. Only those tensors are read, one at a time."""
+    check_location(path_or_repo)
+    if config.reference_model is not None:
+        check_location(config.reference_model, "reference_model")
     model_config = AutoConfig.from_pretrained(path_or_repo)
     adapter = get_adapter(model_config)
     return allocate_from_files(resolve_checkpoint(path_or_repo, adapter), adapter, config, progress=progress)
@@ -35,16 +38,35 @@ def allocate_from_files(
 ) -> Allocation:
     """The allocation for the experts modules found in ``files`` (restricted to ``experts_modules``
     when given, and to those ``config.modules_to_not_convert`` does not exclude)."""
+    reference_files = None
+    if config.reference_model is not None:  # resolved first: a bad reference fails before the scan
+        check_location(config.reference_model, "reference_model")
+        reference_files = resolve_checkpoint(config.reference_model, adapter, routers_only=True)
     signals = {
         name: layer
         for name, layer in read_layer_signals(files, adapter, progress=progress).items()
         if should_convert_module(name, config.modules_to_not_convert)
         and (experts_modules is None or name in experts_modules)
     }
-    if config.reference_model is not None:
-        reference_files = resolve_checkpoint(config.reference_model, adapter, routers_only=True)
+    if reference_files is not None:
         signals = subtract_reference(signals, read_router_norms(reference_files, adapter, progress=progress))
     return allocate_layers(signals, config.avg_bits, config.bit_levels, config.ranking, config.zeta)
+
+
+def check_location(path_or_repo: str | os.PathLike, what: str = "model") -> None:
+    """A local folder that exists, or something shaped like a Hub id: fail before anything is read."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    text = os.fspath(path_or_repo)
+    if os.path.isdir(text):
+        return
+    if os.path.exists(text):
+        raise NotADirectoryError(f"{what} {text!r} is a file: give the checkpoint's folder or a Hub id.")
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise FileNotFoundError(f"{what} {text!r}: no such local folder, and not a Hub id (org/name).") from None
 
 
 def subtract_reference(signals: dict[str, LayerSignals], reference: dict[str, list[float]]) -> dict[str, LayerSignals]:

@@ -44,9 +44,32 @@ class GptqReport:
         return "\n".join(lines)
 
 
+def check_calibration_data(dataset, vocab_size: int, seqlen: int) -> None:
+    """Before any weight is read: the file exists; token ids are enough and within the vocabulary."""
+    if isinstance(dataset, (str, os.PathLike)):
+        if not os.path.isfile(dataset):
+            raise ValueError(f"dataset={dataset!r} is not a local text file; give a path, strings or token ids.")
+        return
+    if isinstance(dataset, torch.Tensor) or (dataset and not isinstance(dataset[0], str)):
+        ids = dataset.reshape(-1) if isinstance(dataset, torch.Tensor) else _token_ids(dataset)
+        if ids.numel() < seqlen:
+            raise ValueError(f"the calibration data has {ids.numel()} tokens, fewer than seqlen={seqlen}.")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"calibration token ids span {low}..{high}; this model's vocabulary is 0..{vocab_size - 1}."
+            )
+
+
+def _token_ids(dataset: Sequence) -> torch.Tensor:
+    """One flat tensor from a list of ids or a list of lists of ids."""
+    flat = dataset if all(not isinstance(t, Sequence) for t in dataset) else [t for sample in dataset for t in sample]
+    return torch.tensor([int(t) for t in flat], device="cpu")  # cpu: from_pretrained runs this under meta
+
+
 def calibration_tokens(dataset, tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """``nsamples`` windows of ``seqlen`` token ids [nsamples, seqlen] from a local text file, a list
-    of strings, or token ids (a list of lists or a tensor) drawn at random positions."""
+    of strings, or token ids (a list, a list of lists or a tensor) drawn at random positions."""
     if isinstance(dataset, torch.Tensor):
         ids = dataset.reshape(-1)
     elif isinstance(dataset, (str, os.PathLike)):
@@ -57,7 +80,7 @@ def calibration_tokens(dataset, tokenizer, nsamples: int, seqlen: int, seed: int
     elif isinstance(dataset, Sequence) and dataset and all(isinstance(d, str) for d in dataset):
         ids = _tokenize("\n\n".join(dataset), tokenizer)
     elif isinstance(dataset, Sequence) and dataset:
-        ids = torch.tensor([t for sample in dataset for t in sample])
+        ids = _token_ids(dataset)
     else:
         raise ValueError("dataset must be a local text file, a list of strings, or token ids.")
     if ids.numel() < seqlen:

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 
 def _config(args: argparse.Namespace):
     from .config import RouterNormConfig
 
-    levels = tuple(int(b) for b in args.levels.split(","))
-    extra = {}
-    if getattr(args, "method", None):
-        extra["method"] = args.method
-    if getattr(args, "group_size", None):
-        extra["group_size"] = args.group_size
-    if getattr(args, "attention_bits", None):
-        extra["attention_bits"] = args.attention_bits
+    optional = ("method", "group_size", "attention_bits", "dataset", "nsamples", "seqlen")
+    extra = {name: getattr(args, name) for name in optional if getattr(args, name, None) is not None}
     return RouterNormConfig(
-        avg_bits=args.avg_bits, bit_levels=levels, ranking=args.ranking, zeta=args.zeta,
+        avg_bits=args.avg_bits, bit_levels=args.levels, ranking=args.ranking, zeta=args.zeta,
         reference_model=args.reference_model, **extra,
     )  # fmt: skip
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated bit-widths, e.g. 2,3 or 1,2,3") from None
 
 
 def _allocate(args) -> int:
@@ -63,7 +66,7 @@ def _demo(args) -> int:
 
 def _allocation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--avg-bits", type=float, required=True, help="average bits per expert weight, e.g. 2.5")
-    parser.add_argument("--levels", default="2,3", help="bit levels, 2 or 3 of them (default 2,3)")
+    parser.add_argument("--levels", type=_levels, default=(2, 3), help="bit levels, 2 or 3 of them (default 2,3)")
     parser.add_argument("--ranking", default="combined", help="combined (default), router or maxvar")
     parser.add_argument("--zeta", type=float, default=3.0, help="MaxVar ratio of the combined ranking (default 3)")
     parser.add_argument("--reference-model", help="checkpoint before fine-tuning: rank by router-norm change")
@@ -77,19 +80,30 @@ def build_parser(prog: str = "moeq") -> argparse.ArgumentParser:
     )
     parser.add_argument("--verbose", action="store_true", help="show the full traceback on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    verbose = argparse.ArgumentParser(add_help=False)  # also accepted after the command
+    verbose.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    allocate = commands.add_parser("allocate", help="print the allocation table without loading the model")
+    allocate = commands.add_parser(
+        "allocate", parents=[verbose], help="print the allocation table without loading the model"
+    )
     allocate.add_argument("model", metavar="MODEL")
     _allocation_options(allocate)
     allocate.add_argument("--json", help="also write the allocation (bits and signals) as JSON here")
     allocate.add_argument("--plot", help="also draw the allocation heatmap (PNG) here")
     allocate.set_defaults(run=_allocate)
 
-    quantize = commands.add_parser("quantize", help="write a quantized checkpoint and its model card")
+    quantize = commands.add_parser(
+        "quantize", parents=[verbose], help="write a quantized checkpoint and its model card"
+    )
     quantize.add_argument("model", metavar="MODEL")
     quantize.add_argument("out", metavar="OUT")
     _allocation_options(quantize)
-    quantize.add_argument("--method", default="rtn", help="rtn (default) or hqq")
+    quantize.add_argument("--method", default="rtn", help="rtn (default), gptq (needs --dataset) or hqq")
+    quantize.add_argument(
+        "--dataset", help="gptq calibration data: a local text file (the model's tokenizer reads it)"
+    )
+    quantize.add_argument("--nsamples", type=int, help="gptq: calibration windows (default 128)")
+    quantize.add_argument("--seqlen", type=int, help="gptq: tokens per window (default 512)")
     quantize.add_argument("--group-size", type=int, default=128, help="weights per scale/zero group (default 128)")
     quantize.add_argument("--attention-bits", type=int, help="also quantize attention and dense linears (4 or 8)")
     quantize.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -99,19 +113,23 @@ def build_parser(prog: str = "moeq") -> argparse.ArgumentParser:
         "eval", add_help=False, help="lm-eval's own command line (same arguments, same output), quantizer registered"
     )
 
-    push = commands.add_parser("push", help="upload a quantized folder to the Hub with its model card")
+    push = commands.add_parser(
+        "push", parents=[verbose], help="upload a quantized folder to the Hub with its model card"
+    )
     push.add_argument("folder", metavar="OUT")
     push.add_argument("repo_id", metavar="REPO_ID")
     push.add_argument("--private", action="store_true")
     push.add_argument("--token", help="Hub token (default: the one huggingface-cli login saved)")
     push.set_defaults(run=_push)
 
-    card = commands.add_parser("card", help="(re-)render OUT/README.md, e.g. after evaluation")
+    card = commands.add_parser("card", parents=[verbose], help="(re-)render OUT/README.md, e.g. after evaluation")
     card.add_argument("folder", metavar="OUT")
     card.add_argument("--base-model", help="Hub id of the model it was quantized from")
     card.set_defaults(run=_card)
 
-    demo = commands.add_parser("demo", help="quantize a small Mixtral built on the spot (no download) and report")
+    demo = commands.add_parser(
+        "demo", parents=[verbose], help="quantize a small Mixtral built on the spot (no download) and report"
+    )
     demo.add_argument("--avg-bits", type=float, default=2.5, help="average expert bits (default 2.5)")
     demo.add_argument("--group-size", type=int, default=64, help="weights per scale/zero group (default 64)")
     demo.add_argument("--method", default="rtn", help="per-expert quantizer: rtn (default) or hqq")
@@ -124,6 +142,8 @@ def main(argv: list[str] | None = None, prog: str = "moeq") -> int:
     """The ``moeq`` command; ``optimum-cli moeq`` calls it too (see optimum/commands/register)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "--verbose" in argv
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
         if command is not None and argv[command] == "eval":  # everything after it is lm-eval's
@@ -144,10 +164,16 @@ def main(argv: list[str] | None = None, prog: str = "moeq") -> int:
         return 2
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: a half-written OUT is removed on the way
+
+
 def _one_line(err: Exception) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (
-        text if isinstance(err, (ValueError, FileExistsError, FileNotFoundError)) else f"{type(err).__name__}: {text}"
+        text
+        if isinstance(err, (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError))
+        else f"{type(err).__name__}: {text}"
     )
 
 

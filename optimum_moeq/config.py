@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
+import numbers
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -74,23 +78,29 @@ class RouterNormConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
     ):
+        _refuse_unknown_arguments(kwargs)
         self.quant_method = QUANT_METHOD
-        self.avg_bits = avg_bits
-        self.bit_levels = list(bit_levels) if isinstance(bit_levels, (list, tuple)) else bit_levels
-        self.group_size = group_size
+        self.avg_bits = _as_number(avg_bits)
+        self.bit_levels = (
+            [_as_int(b) for b in bit_levels] if isinstance(bit_levels, (list, tuple)) else _as_int(bit_levels)
+        )
+        self.group_size = _as_int(group_size)
         self.ranking = ranking
-        self.zeta = zeta
+        self.zeta = _as_number(zeta)
         self.method = method
         self.modules_to_not_convert = modules_to_not_convert
         self.reference_model = None if reference_model is None else str(reference_model)
-        self.attention_bits = attention_bits
+        self.attention_bits = _as_int(attention_bits)
         self.attention_method = attention_method
         self.dataset = dataset
         self.tokenizer = tokenizer
-        self.nsamples, self.seqlen = nsamples, seqlen
-        self.damp_percent, self.min_expert_tokens = damp_percent, min_expert_tokens
+        self.nsamples, self.seqlen = _as_int(nsamples), _as_int(seqlen)
+        self.damp_percent = _as_number(damp_percent)
+        self.min_expert_tokens = _as_int(min_expert_tokens)
         self.allocation = (
-            {k: list(v) for k, v in allocation.items()} if isinstance(allocation, Mapping) else allocation
+            {k: [_as_int(b) for b in _as_list(v)] for k, v in allocation.items()}
+            if isinstance(allocation, Mapping)
+            else allocation
         )
         self.format_version = format_version
         self.post_init()
@@ -134,8 +144,18 @@ class RouterNormConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
-        if not 0 <= self.damp_percent < 1:
-            raise ValueError(f"damp_percent={self.damp_percent!r} must be in [0, 1), e.g. 0.01.")
+        if not (_is_real(self.damp_percent) and 0 <= self.damp_percent < 1):
+            raise ValueError(f"damp_percent={self.damp_percent!r} must be a number in [0, 1), e.g. 0.01.")
+        check_dataset_type(self.dataset)
+        if self.modules_to_not_convert is not None and (
+            isinstance(self.modules_to_not_convert, str)
+            or not isinstance(self.modules_to_not_convert, Sequence)
+            or not all(isinstance(m, str) for m in self.modules_to_not_convert)
+        ):
+            raise ValueError(
+                f"modules_to_not_convert={self.modules_to_not_convert!r} must be a list of module names, "
+                'e.g. ["model.layers.0.mlp.experts"].'
+            )
         if self.allocation is not None:
             validate_bits_mapping(self.allocation)
 
@@ -145,3 +165,66 @@ class RouterNormConfig(QuantizationConfigMixin):
         if not isinstance(data.get("dataset"), str):
             data["dataset"] = None
         return copy.deepcopy(data)
+
+
+def check_dataset_type(dataset) -> None:
+    """GPTQ calibration data of a usable kind (whether a file exists is checked when loading)."""
+    import torch
+
+    if dataset is None or isinstance(dataset, (str, os.PathLike, torch.Tensor)):
+        return
+    if isinstance(dataset, Sequence) and dataset:
+        if all(isinstance(d, str) for d in dataset):
+            return
+        if all(isinstance(_as_int(t), int) and not isinstance(t, bool) for t in dataset):
+            return  # one sequence of token ids
+        if all(isinstance(d, Sequence) and not isinstance(d, str) and d for d in dataset):
+            return  # several sequences of token ids
+    raise ValueError(
+        f"dataset={_short(dataset)} is not calibration data: give a local text file, a non-empty list of strings, "
+        "or token ids (a list of ints, a list of lists of ints, or a tensor)."
+    )
+
+
+def _refuse_unknown_arguments(kwargs: dict) -> None:
+    method = kwargs.pop("quant_method", QUANT_METHOD)
+    if str(method) != QUANT_METHOD:  # from_dict of another method's config
+        raise ValueError(f"quant_method={method!r}: RouterNormConfig reads quant_method {QUANT_METHOD!r} only.")
+    if kwargs:
+        known = [name for name in inspect.signature(RouterNormConfig).parameters if name != "kwargs"]
+        hints = [
+            f"{name!r}"
+            + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, 1)) else "")
+            for name in kwargs
+        ]
+        raise TypeError(f"RouterNormConfig got unknown arguments {', '.join(hints)}; it takes {', '.join(known)}.")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _as_number(value):
+    """numpy and torch scalars as a Python number (Python numbers as given, for the messages)."""
+    if isinstance(value, (int, float)) or not _is_real(value):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _as_int(value):
+    """numpy and torch integers as int; anything else unchanged for the checks to name."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if hasattr(value, "ndim") and getattr(value, "ndim", 1) == 0 and hasattr(value, "item"):  # 0-d tensor
+        item = value.item()
+        return int(item) if isinstance(item, int) and not isinstance(item, bool) else value
+    return value
+
+
+def _as_list(value):
+    return value.tolist() if hasattr(value, "tolist") and not isinstance(value, (list, tuple)) else value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -23,7 +23,7 @@ from transformers.utils import is_accelerate_available
 
 from .allocate import allocate_from_files
 from .allocation import Allocation
-from .calibration import check_gptq_supported
+from .calibration import check_calibration_data, check_gptq_supported
 from .config import QUANT_METHOD, RouterNormConfig
 from .hub import push_to_hub
 from .models import get_adapter
@@ -74,13 +74,19 @@ class RouterNormHfQuantizer(HfQuantizer):
         if offload_folder is not None:
             check_offload_folder(offload_folder)  # before the allocation scan reads the checkpoint
         adapter = get_adapter(model.config)
-        if self._calibrating:
-            check_gptq_supported(adapter, model.config)  # before any weight is read
+        if self._calibrating:  # before any weight is read
+            check_gptq_supported(adapter, model.config)
+            check_calibration_data(config.dataset, model.config.get_text_config().vocab_size, config.seqlen)
         shapes = {
             name: adapter.experts_shape(module, model.config)
             for name, module in model.named_modules()
             if adapter.experts_module_key.match(name) and should_convert_module(name, config.modules_to_not_convert)
         }
+        if not shapes:
+            raise ValueError(
+                f"modules_to_not_convert={config.modules_to_not_convert!r} excludes every experts module: "
+                "nothing is left to quantize."
+            )
         for name, shape in shapes.items():  # before any weight is read
             check_group_size(config.group_size, shape.hidden_dim, f"{name} (input projection)")
             check_group_size(config.group_size, shape.intermediate_dim, f"{name}.down_proj")

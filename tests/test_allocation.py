@@ -104,3 +104,16 @@ def test_maxvar_stays_exact_when_the_mean_dominates():
     expected = weight.var(dim=-1).max().item()
     assert max_neuron_variance(weight.float()) == pytest.approx(expected, rel=1e-4)
     assert max_neuron_variance(weight.to(torch.bfloat16)) > 0
+
+
+def test_an_average_the_expert_count_cannot_reach_is_warned_about(caplog):
+    signals = {"layer": LayerSignals([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0])}
+    with caplog.at_level("WARNING"):
+        allocation = allocate_layers(signals, 2.375, (2, 3))  # 1.5 experts at 3 bits: rounds to 2
+    assert allocation.bits["layer"].count(3) == 2
+    assert "avg_bits=2.375 is not reachable with 4 experts per layer at levels [2, 3]" in caplog.text
+    assert "layer: 2.5000 bits" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        allocate_layers(signals, 2.5, (2, 3))
+    assert caplog.text == ""

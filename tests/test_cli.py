@@ -1,5 +1,9 @@
+import os
+import signal
 import subprocess
 import sys
+
+import pytest
 
 from optimum_moeq.cli import main
 from optimum_moeq.demo import run_demo
@@ -30,3 +34,99 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(capsys):
 def test_help_lists_the_demo():
     result = subprocess.run([sys.executable, "-m", "optimum_moeq.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "demo" in result.stdout
+
+
+def _error(capsys) -> str:
+    return capsys.readouterr().err.strip()
+
+
+def test_overwriting_the_current_directory_is_refused_before_anything_is_touched(
+    tiny_mixtral_path, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "precious.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path)
+    assert (
+        main(["quantize", str(tiny_mixtral_path), ".", "--avg-bits", "2.5", "--group-size", "32", "--overwrite"]) == 2
+    )
+    assert (
+        _error(capsys)
+        == f"moeq: error: OUT={tmp_path} is the current directory or holds it: --overwrite would delete it."
+    )
+    assert sorted(os.listdir(tmp_path)) == ["precious.txt"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--group-size", "0"], "group_size=0 must be a positive integer"),  # 0 is a value, not "not given"
+        (["--attention-bits", "0"], "attention_bits: bits=0 is not supported"),
+        (["--method", "gptq", "--group-size", "32"], "method='gptq' needs calibration data: pass dataset="),
+        (
+            ["--method", "gptq", "--group-size", "32", "--dataset", "missing.txt"],
+            "dataset='missing.txt' is not a local",
+        ),
+    ],
+)
+def test_quantize_option_errors_name_the_value(tiny_mixtral_path, tmp_path, capsys, args, message):
+    assert main(["quantize", str(tiny_mixtral_path), str(tmp_path / "out"), "--avg-bits", "2.5", *args]) == 2
+    assert _error(capsys).startswith(f"moeq: error: {message}")
+    assert os.listdir(tmp_path) == []  # nothing half-written
+
+
+def test_outputs_that_cannot_be_written_fail_before_the_checkpoint_is_read(tiny_mixtral_path, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    model = str(tiny_mixtral_path)
+    assert main(["quantize", model, str(tmp_path / "a_file"), "--avg-bits", "2.5", "--overwrite"]) == 2
+    assert _error(capsys).endswith("a_file exists and is not a folder: choose another OUT.")
+    assert main(["quantize", model, str(tmp_path / "a_file" / "out"), "--avg-bits", "2.5"]) == 2
+    assert _error(capsys).endswith(f"a_file is a file: OUT={tmp_path / 'a_file' / 'out'} cannot be created below it.")
+    assert main(["allocate", model, "--avg-bits", "2.5", "--json", str(tmp_path / "no" / "a.json")]) == 2
+    assert (
+        _error(capsys)
+        == f"moeq: error: cannot write {tmp_path / 'no' / 'a.json'}: folder {tmp_path / 'no'} does not exist."
+    )
+
+
+def test_a_mistyped_folder_and_a_quantized_input_are_named(tiny_mixtral_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["allocate", "./tiny-mixtrall", "--avg-bits", "2.5"]) == 2
+    assert _error(capsys) == "moeq: error: model './tiny-mixtrall': no such local folder, and not a Hub id (org/name)."
+    assert main(["allocate", str(tiny_mixtral_path), "--avg-bits", "2.5", "--reference-model", "../nope"]) == 2
+    assert (
+        _error(capsys) == "moeq: error: reference_model '../nope': no such local folder, and not a Hub id (org/name)."
+    )
+    assert main(["quantize", str(tiny_mixtral_path), "q", "--avg-bits", "2.5", "--group-size", "32"]) == 0
+    assert oct((tmp_path / "q").stat().st_mode & 0o777) != oct(0o700)  # an ordinary folder, not mkdtemp's private one
+    capsys.readouterr()
+    assert main(["quantize", "q", "qq", "--avg-bits", "3", "--group-size", "32"]) == 2
+    assert (
+        _error(capsys)
+        == "moeq: error: q is already quantized (quant_method='moeq'): quantize the original checkpoint instead."
+    )
+
+
+def test_bad_levels_name_the_option_and_verbose_works_after_the_command(tiny_mixtral_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["allocate", str(tiny_mixtral_path), "--avg-bits", "2.5", "--levels", "2,x"])
+    assert "argument --levels: '2,x': give comma-separated bit-widths, e.g. 2,3 or 1,2,3" in _error(capsys)
+    with pytest.raises(ValueError, match="avg_bits=7.0 is outside"):  # --verbose: the exception itself
+        main(["allocate", str(tiny_mixtral_path), "--avg-bits", "7", "--verbose"])
+
+
+def test_sigterm_unwinds_so_no_partial_output_is_left(tiny_mixtral_path, tmp_path, monkeypatch):
+    import optimum_moeq.commands as commands
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(commands, "write_model_card", killed)  # the signal lands after the weights are written
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(
+                ["quantize", str(tiny_mixtral_path), str(tmp_path / "out"), "--avg-bits", "2.5", "--group-size", "32"]
+            )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert os.listdir(tmp_path) == []

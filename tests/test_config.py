@@ -21,6 +21,11 @@ from optimum_moeq import RouterNormConfig
         ({"method": "awq"}, r"method='awq' is not supported: allowed are \('rtn', 'hqq', 'gptq'\)"),
         ({"allocation": {"m": []}}, r"allocation\['m'\]=\[\] must be a non-empty list"),
         ({"format_version": 2}, r"format_version=2 is not readable"),
+        ({"damp_percent": "0.01"}, r"damp_percent='0.01' must be a number in \[0, 1\)"),
+        ({"dataset": 42}, r"dataset=42 is not calibration data: give a local text file, a non-empty list"),
+        ({"dataset": []}, r"dataset=\[\] is not calibration data"),
+        ({"modules_to_not_convert": "model.layers.0"}, r"modules_to_not_convert='model.layers.0' must be a list"),
+        ({"quant_method": "gptq"}, r"quant_method='gptq': RouterNormConfig reads quant_method 'moeq' only"),
     ],
 )
 def test_bad_values_are_refused_at_construction(kwargs, message):
@@ -39,3 +44,33 @@ def test_round_trips_through_transformers_config_dispatch():
     again = AutoQuantizationConfig.from_dict(config.to_dict())
     assert isinstance(again, RouterNormConfig)
     assert again.to_dict() == config.to_dict()
+
+
+def test_a_misspelt_argument_is_refused_with_the_likely_name():
+    with pytest.raises(
+        TypeError, match=r"unknown arguments 'avgbits' \(did you mean 'avg_bits'\?\); it takes avg_bits,"
+    ):
+        RouterNormConfig(avgbits=3)
+
+
+def test_numpy_and_torch_numbers_are_taken_as_python_numbers():
+    import numpy as np
+    import torch
+
+    allocation = {"model.layers.0.mlp.experts": np.array([2, 3]), "model.layers.1.mlp.experts": torch.tensor([3, 2])}
+    config = RouterNormConfig(
+        avg_bits=np.float32(2.5),
+        bit_levels=[np.int64(2), np.int64(3)],
+        group_size=torch.tensor(64),
+        allocation=allocation,
+    )
+    assert (config.avg_bits, config.bit_levels, config.group_size) == (2.5, [2, 3], 64)
+    assert type(config.avg_bits) is float and type(config.group_size) is int
+    assert config.allocation == {"model.layers.0.mlp.experts": [2, 3], "model.layers.1.mlp.experts": [3, 2]}
+    assert all(type(b) is int for bits in config.allocation.values() for b in bits)
+    config.to_json_string()  # serialisable
+
+
+@pytest.mark.parametrize("dataset", [[1, 2, 3], [[1, 2], [3]], ["some text"], "calibration.txt"])
+def test_calibration_data_of_each_kind_is_accepted(dataset):
+    assert RouterNormConfig(method="gptq", dataset=dataset).dataset == dataset

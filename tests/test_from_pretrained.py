@@ -194,3 +194,12 @@ def test_a_given_allocation_is_used_as_it_is(tiny_mixtral_path):
     model = _quantize(tiny_mixtral_path, avg_bits=2.5, allocation=bits)
     assert model.model.layers[1].mlp.experts.expert_bits == [4, 2, 2, 2, 3, 3, 2, 2]
     assert model.config.quantization_config.allocation == bits
+
+
+def test_excluding_every_experts_module_is_refused_before_the_checkpoint_is_read(tiny_mixtral_path, monkeypatch):
+    import optimum_moeq.quantizer as quantizer
+
+    monkeypatch.setattr(quantizer, "allocate_from_files", lambda *a, **k: pytest.fail("the checkpoint was read"))
+    config = RouterNormConfig(group_size=GROUP, modules_to_not_convert=["experts"])
+    with pytest.raises(ValueError, match=r"modules_to_not_convert=\['experts'\] excludes every experts module"):
+        AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)

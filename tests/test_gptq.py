@@ -59,6 +59,7 @@ def test_calibration_tokens_from_strings_file_and_ids(tmp_path):
     from_strings = calibration_tokens([text], CharTokenizer(), nsamples=4, seqlen=16)
     assert from_file.shape == (4, 16) and torch.equal(from_file, from_strings)
     assert calibration_tokens([[1, 2, 3, 4, 5]], None, nsamples=2, seqlen=5).tolist() == [[1, 2, 3, 4, 5]] * 2
+    assert calibration_tokens([1, 2, 3, 4, 5], None, nsamples=2, seqlen=5).tolist() == [[1, 2, 3, 4, 5]] * 2
     with pytest.raises(ValueError, match="fewer than seqlen=64"):
         calibration_tokens([[1, 2, 3]], None, nsamples=2, seqlen=64)
     with pytest.raises(ValueError, match="needs a tokenizer"):
@@ -112,6 +113,25 @@ def test_gptq_without_data_is_refused(tiny_mixtral_path):
     with pytest.raises(ValueError, match="method='gptq' needs calibration data"):
         AutoModelForCausalLM.from_pretrained(
             tiny_mixtral_path, quantization_config=RouterNormConfig(method="gptq", group_size=32)
+        )
+
+
+@pytest.mark.parametrize(
+    ("dataset", "message"),
+    [
+        ([500] * 600, r"calibration token ids span 500..500; this model's vocabulary is 0..127"),
+        ([[1, 2, 3]], r"the calibration data has 3 tokens, fewer than seqlen=512"),
+        ([[0] * 300, [200] * 300], r"calibration token ids span 0..200; this model's vocabulary is 0..127"),
+        ("missing.txt", r"dataset='missing.txt' is not a local text file"),
+    ],
+)
+def test_bad_calibration_data_is_refused_before_weights_load(tiny_mixtral_path, monkeypatch, dataset, message):
+    import optimum_moeq.quantizer as quantizer
+
+    monkeypatch.setattr(quantizer, "allocate_from_files", lambda *a, **k: pytest.fail("the checkpoint was read"))
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(
+            tiny_mixtral_path, quantization_config=RouterNormConfig(method="gptq", group_size=32, dataset=dataset)
         )
 
 

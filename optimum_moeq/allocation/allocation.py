@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -11,6 +12,8 @@ from .bits import assign_bits
 from .ranking import rank_experts
 
 _MAX_COLUMNS = 32  # wider layers print counts per level instead of one column per expert
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,4 +118,12 @@ def allocate_layers(
     """Rank each layer's experts and give them bits averaging ``avg_bits``."""
     orders = {name: rank_experts(ranking, layer.router_change, layer.maxvar, zeta) for name, layer in signals.items()}
     bits = {name: assign_bits(order, avg_bits, bit_levels) for name, order in orders.items()}
+    over = {name: sum(b) / len(b) for name, b in bits.items() if sum(b) / len(b) > avg_bits + 1e-9}
+    if over:  # whole experts per level: the count is rounded to the nearest (DESIGN.md section 1)
+        name, achieved = next(iter(over.items()))
+        logger.warning(
+            "avg_bits=%s is not reachable with %d experts per layer at levels %s: %d layers get more "
+            "(e.g. %s: %.4f bits). Lower avg_bits to stay within a memory budget.",
+            avg_bits, len(bits[name]), list(bit_levels), len(over), name, achieved,
+        )  # fmt: skip
     return Allocation(bits=bits, signals=dict(signals), orders=orders)
