@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import write_table  # noqa: E402
+from common import results_path, write_table  # noqa: E402
 
 MIXTRAL_LAYERS = 32
 
@@ -168,9 +168,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating read/allocate runs (median)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 layers: checks the script")
     parser.add_argument("--workdir", default=None, help="where to write the synthetic checkpoint (deleted after)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "allocation.md"))
+    parser.add_argument(
+        "--out", help="table path (default: benchmarks/results/allocation.md; --smoke: benchmarks/.smoke/)"
+    )
     parser.add_argument("--child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.out = args.out or results_path("allocation.md", args.smoke)
     if args.child:
         print(json.dumps(child(*args.child)))
         return

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import replication as R  # noqa: E402
-from common import write_table  # noqa: E402
+from common import results_path, write_table  # noqa: E402
 
 from optimum_moeq import RouterNormConfig, allocate, model_footprint  # noqa: E402
 
@@ -63,8 +63,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600, help="which trained replication model to use")
     parser.add_argument("--workdir", default=os.path.join(os.path.dirname(__file__), ".cache", "replication"))
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "baselines.md"))
+    parser.add_argument(
+        "--out", help="table path (default: benchmarks/results/baselines.md; --smoke: benchmarks/.smoke/)"
+    )
     args = parser.parse_args()
+    args.out = args.out or results_path("baselines.md", args.smoke)
     from transformers import AutoModelForCausalLM
 
     data = R.corpus()

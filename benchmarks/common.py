@@ -20,6 +20,12 @@ def smoke_environment(smoke: bool) -> None:
         sys.exit("This benchmark measures GPU speed and needs a CUDA device; run it with --smoke to check it on CPU.")
 
 
+def results_path(name: str, smoke: bool) -> str:
+    """Where a table goes: benchmarks/results/ for measurements; a --smoke run's tables go to the
+    git-ignored benchmarks/.smoke/ so that they never replace the recorded figures."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), ".smoke" if smoke else "results", name)
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, reps: int = 50) -> float:
     """Median milliseconds of ``fn``; on CUDA, triton's do_bench (L2 flushed between runs)."""
     if device.type == "cuda":

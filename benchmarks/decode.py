@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth, device_name, smoke_environment, write_table  # noqa: E402
+from common import copy_bandwidth, device_name, results_path, smoke_environment, write_table  # noqa: E402
 
 
 def mixtral_config(layers: int, smoke: bool):
@@ -157,8 +157,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the forward (with the static cache)")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--profile", action="store_true", help="also profile the packed model's batch-1 decode")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "decode.md"))
+    parser.add_argument(
+        "--out", help="table path (default: benchmarks/results/decode.md; --smoke: benchmarks/.smoke/)"
+    )
     args = parser.parse_args()
+    args.out = args.out or results_path("decode.md", args.smoke)
     smoke_environment(args.smoke)
     device = torch.device("cpu" if args.smoke else "cuda")
     layers, new_tokens = (2, 4) if args.smoke else (args.layers, args.new_tokens)

@@ -20,7 +20,7 @@ from functools import partial
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, median_ms, smoke_environment, write_table  # noqa: E402
+from common import device_name, median_ms, results_path, smoke_environment, write_table  # noqa: E402
 from kernels import CONFIGS, build_experts  # noqa: E402
 
 # Each candidate compiles once per bit-width and projection (a few seconds each): grids kept to
@@ -42,8 +42,11 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,64,512,2048")
     parser.add_argument("--config", default="2.5", choices=list(CONFIGS), help="bit configuration")
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kernel_sweep.md"))
+    parser.add_argument(
+        "--out", help="table path (default: benchmarks/results/kernel_sweep.md; --smoke: benchmarks/.smoke/)"
+    )
     args = parser.parse_args()
+    args.out = args.out or results_path("kernel_sweep.md", args.smoke)
     smoke_environment(args.smoke)  # before the kernels are imported: the interpreter is chosen then
     from optimum_moeq.kernels.tuning import current_tuning, kernel_tuning
 

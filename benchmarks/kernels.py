@@ -20,7 +20,7 @@ from functools import partial
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth, device_name, median_ms, smoke_environment, write_table  # noqa: E402
+from common import copy_bandwidth, device_name, median_ms, results_path, smoke_environment, write_table  # noqa: E402
 
 CONFIGS = {"2": [2] * 8, "3": [3] * 8, "4": [4] * 8, "2.5": [3, 2] * 4}
 
@@ -81,8 +81,11 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,64,512,2048")
     parser.add_argument("--configs", default="2,3,4,2.5", help=f"bit configurations among {list(CONFIGS)}")
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kernels.md"))
+    parser.add_argument(
+        "--out", help="table path (default: benchmarks/results/kernels.md; --smoke: benchmarks/.smoke/)"
+    )
     args = parser.parse_args()
+    args.out = args.out or results_path("kernels.md", args.smoke)
     smoke_environment(args.smoke)
     device = torch.device("cpu" if args.smoke else "cuda")
     hidden, intermediate, experts, top_k = (64, 128, 8, 2) if args.smoke else (4096, 14336, 8, 2)

@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, write_table  # noqa: E402
+from common import device_name, results_path, write_table  # noqa: E402
 
 from optimum_moeq.quant import dequantize, quantize_weight  # noqa: E402
 
@@ -59,8 +59,11 @@ def layer_seconds(device: torch.device, smoke: bool) -> tuple[float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quantizers.md"))
+    parser.add_argument(
+        "--out", help="table path (default: benchmarks/results/quantizers.md; --smoke: benchmarks/.smoke/)"
+    )
     args = parser.parse_args()
+    args.out = args.out or results_path("quantizers.md", args.smoke)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     generator = torch.Generator().manual_seed(0)
     shape = (8, 64, 512) if args.smoke else (8, 512, 4096)

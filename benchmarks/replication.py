@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import write_table  # noqa: E402
+from common import results_path, write_table  # noqa: E402
 
 import optimum_moeq  # noqa: E402,F401  (registers the quantizer)
 from optimum_moeq import RouterNormConfig, allocate  # noqa: E402
@@ -155,8 +155,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--workdir", default=os.path.join(os.path.dirname(__file__), ".cache", "replication"))
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "replication.md"))
+    parser.add_argument(
+        "--out", help="table path (default: benchmarks/results/replication.md; --smoke: benchmarks/.smoke/)"
+    )
     args = parser.parse_args()
+    args.out = args.out or results_path("replication.md", args.smoke)
     torch.set_num_threads(os.cpu_count() or 1)
     from transformers import AutoModelForCausalLM
 
