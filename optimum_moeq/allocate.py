@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Collection
 
@@ -15,6 +16,7 @@ from .config import RouterNormConfig
 from .models import MoEAdapter, get_adapter
 
 _INDEX = "model.safetensors.index.json"
+logger = logging.getLogger(__name__)
 
 
 def allocate(path_or_repo: str | os.PathLike, config: RouterNormConfig, *, progress: bool = True) -> Allocation:
@@ -82,6 +84,13 @@ def subtract_reference(signals: dict[str, LayerSignals], reference: dict[str, li
             )
         change = [final - ref for final, ref in zip(layer.router_change, reference[name])]
         changed[name] = LayerSignals(change, layer.maxvar)
+    unchanged = [name for name, layer in changed.items() if not any(layer.router_change)]
+    if unchanged:
+        logger.warning(
+            "reference_model has the same routers as the model in %d of %d layers (e.g. %s): there is no "
+            "router-norm change to rank by there. Is reference_model the model itself?",
+            len(unchanged), len(changed), unchanged[0],
+        )  # fmt: skip
     return changed
 
 

@@ -30,6 +30,7 @@ from .models import get_adapter
 from .nn import DENSE_LINEARS, QUANTIZED_DENSE, REPLACEMENTS, MixedBitExperts
 from .offload import check_offload_folder, modules_needing_offload_folder, offload_folder_of_current_load
 from .quant import check_group_size
+from .quant.packing import check_packable
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +89,12 @@ class RouterNormHfQuantizer(HfQuantizer):
                 "nothing is left to quantize."
             )
         for name, shape in shapes.items():  # before any weight is read
-            check_group_size(config.group_size, shape.hidden_dim, f"{name} (input projection)")
-            check_group_size(config.group_size, shape.intermediate_dim, f"{name}.down_proj")
+            for k, projection in (
+                (shape.hidden_dim, f"{name} (input projection)"),
+                (shape.intermediate_dim, f"{name}.down_proj"),
+            ):
+                check_packable(k, config.bit_levels, projection)
+                check_group_size(config.group_size, k, projection)
         if self.pre_quantized and config.allocation is None:
             raise ValueError("the checkpoint's quantization_config has no allocation: it cannot be reloaded.")
         if config.allocation is not None:  # saved with the checkpoint, or the user's own: used as given

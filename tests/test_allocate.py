@@ -135,6 +135,16 @@ def test_reference_router_ranks_by_norm_change(switch_pair):
     assert model.config.quantization_config.allocation == allocation.bits
 
 
+def test_a_reference_identical_to_the_model_is_warned_about(switch_pair, caplog):
+    reference, finetuned = switch_pair
+    with caplog.at_level("WARNING"):
+        allocate(finetuned, RouterNormConfig(avg_bits=2.5, reference_model=str(reference)), progress=False)
+    assert "same routers" not in caplog.text
+    with caplog.at_level("WARNING"):
+        allocate(reference, RouterNormConfig(avg_bits=2.5, reference_model=str(reference)), progress=False)
+    assert "reference_model has the same routers as the model in 4 of 4 layers" in caplog.text
+
+
 def test_mismatched_or_routerless_reference_is_refused(switch_pair, tmp_path, tiny_mixtral_path):
     _, finetuned = switch_pair
 

@@ -39,8 +39,23 @@ def test_three_bit_top_bit_goes_to_the_one_bit_plane():
 
 
 def test_input_dimension_must_pack_whole_words():
-    with pytest.raises(ValueError, match="input dimension of 48: it must be a multiple of 32"):
+    message = r"codes has input dimension 48, which bit-widths \[3\] cannot pack: it must be a multiple of 32 \(odd"
+    with pytest.raises(ValueError, match=message):
         pack_codes(torch.zeros(48, 4, dtype=torch.int32), 3)
+    assert pack_codes(torch.zeros(48, 4, dtype=torch.int32), 2)[1] is None  # even widths: multiples of 16
+
+
+def test_a_model_whose_width_odd_bits_cannot_pack_is_refused_before_any_read(tmp_path, monkeypatch):
+    from conftest import tiny_mixtral_config
+    from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+    import optimum_moeq.quantizer as quantizer
+    from optimum_moeq import RouterNormConfig
+
+    MixtralForCausalLM(tiny_mixtral_config(hidden_size=48)).save_pretrained(tmp_path)
+    monkeypatch.setattr(quantizer, "allocate_from_files", lambda *a, **k: pytest.fail("the checkpoint was read"))
+    with pytest.raises(ValueError, match=r"\(input projection\) has input dimension 48, which bit-widths \[2, 3\]"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=RouterNormConfig(group_size=16))
 
 
 @pytest.mark.parametrize("bits", [0, 9, 2.5])

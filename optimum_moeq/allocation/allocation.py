@@ -119,7 +119,7 @@ def allocate_layers(
     orders = {name: rank_experts(ranking, layer.router_change, layer.maxvar, zeta) for name, layer in signals.items()}
     bits = {name: assign_bits(order, avg_bits, bit_levels) for name, order in orders.items()}
     over = {name: sum(b) / len(b) for name, b in bits.items() if sum(b) / len(b) > avg_bits + 1e-9}
-    if over:  # whole experts per level: the count is rounded to the nearest (DESIGN.md section 1)
+    if over:  # whole experts per level: the count is rounded to the nearest, as the method specifies
         name, achieved = next(iter(over.items()))
         logger.warning(
             "avg_bits=%s is not reachable with %d experts per layer at levels %s: %d layers get more "

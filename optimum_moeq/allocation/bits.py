@@ -1,4 +1,4 @@
-"""How many experts get each bit level, and which (DESIGN.md section 1, step 5)."""
+"""How many experts get each bit level, and which."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Orders of experts, most precision first (DESIGN.md section 1, steps 2 and 4)."""
+"""Orders of experts, most precision first: router ranking and the MaxVar re-rank."""
 
 from __future__ import annotations
 

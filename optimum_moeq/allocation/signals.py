@@ -1,4 +1,4 @@
-"""Per-expert signals of the router-norm method (DESIGN.md section 1, steps 1 and 3)."""
+"""Per-expert signals of the router-norm method: router-norm change and MaxVar."""
 
 from __future__ import annotations
 

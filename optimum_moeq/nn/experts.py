@@ -19,7 +19,7 @@ from transformers.activations import ACT2FN
 from ..kernels.grouped import block_k_for, grouped_experts_forward, triton_available
 from ..kernels.reference import packed_linear
 from ..quant import PackedProjection, check_group_size, pack_projection, packed_tensor_shapes, quantize_weight
-from ..quant.packing import check_bits, required_k_multiple
+from ..quant.packing import check_bits, check_packable
 
 KERNELS = ("auto", "torch", "triton")
 
@@ -65,7 +65,8 @@ class MixedBitExperts(nn.Module):
             "down_proj": (hidden_dim, intermediate_dim),
         }
         for proj, (n, k) in self.projection_shapes.items():
-            _check_divides(f"{name}.{proj}", k, group_size, self.bit_widths)
+            check_group_size(group_size, k, f"{name}.{proj}")
+            check_packable(k, self.bit_widths, f"{name}.{proj}")
             for b in self.bit_widths:
                 specs = packed_tensor_shapes(b, n, k, group_size, lead=(len(self.members[b]),))
                 for field, (shape, dtype) in specs.items():
@@ -184,13 +185,3 @@ class MixedBitOneHotExperts(MixedBitExperts):
         # Dropped tokens get the "expert held elsewhere" index, which contributes nothing.
         top_k_index = torch.where(routed, mask.argmax(dim=-1, keepdim=True), self.num_experts)
         return super().forward(hidden_states, top_k_index, routing_weights.reshape(-1, 1))
-
-
-def _check_divides(name: str, k: int, group_size: int, bit_widths: Sequence[int]) -> None:
-    check_group_size(group_size, k, name)
-    multiple = max(required_k_multiple(b) for b in bit_widths)
-    if k % multiple:
-        raise ValueError(
-            f"{name} has input dimension {k}, which bit-widths {list(bit_widths)} cannot pack: "
-            f"it must be a multiple of {multiple}."
-        )

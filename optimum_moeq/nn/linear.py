@@ -9,7 +9,7 @@ from ..kernels.grouped import block_k_for, launch_projection, triton_available
 from ..kernels.reference import packed_linear
 from ..kernels.routing import align_pairs_by_expert
 from ..quant import PackedProjection, check_group_size, pack_projection, packed_tensor_shapes, quantize_weight
-from ..quant.packing import required_k_multiple
+from ..quant.packing import check_packable
 
 _FIELDS = ("q2", "q1", "scale", "zero")
 
@@ -31,11 +31,7 @@ class PackedLinear(nn.Module):
     ):
         super().__init__()
         check_group_size(group_size, in_features, name)
-        if in_features % required_k_multiple(bits):
-            raise ValueError(
-                f"{name} has input dimension {in_features}, which {bits} bits cannot pack: "
-                f"it must be a multiple of {required_k_multiple(bits)}."
-            )
+        check_packable(in_features, [bits], name)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.method = bits, group_size, method
         self.projection_shapes = {"weight": (out_features, in_features)}

@@ -11,7 +11,7 @@ result is never worse than round-to-nearest:
 3. the half-quadratic solver of HQQ (Badri & Shaji, 2023) for the zero under a robust lp
    error (``lp_norm``, p < 1; None skips it).
 
-DESIGN.md records that HQQ's lp solver alone lowered 2-bit error only 1-11% and raised a tiny
+Measured while building this: HQQ's lp solver alone lowered 2-bit error only 1-11% and raised a tiny
 Mixtral's logit error, while a range search lowered it 35-40%; so here the range search and the
 refit come first and the lp step only replaces a group's zero where that lowers its squared
 error (measured: a further ~1% at 2 bits on Gaussian and Student-t weights).

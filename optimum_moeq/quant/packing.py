@@ -15,6 +15,8 @@ One decode path serves every width, with power-of-two strides and no value cross
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 MIN_BITS, MAX_BITS = 1, 8
@@ -37,6 +39,17 @@ def has_one_bit_plane(bits: int) -> bool:
 def required_k_multiple(bits: int) -> int:
     """The input dimension must be a multiple of this for ``bits`` to pack without padding."""
     return 32 if has_one_bit_plane(bits) else 16
+
+
+def check_packable(k: int, bit_widths: Sequence[int], name: str = "weight") -> None:
+    """``k`` (an input dimension) packs at every width in ``bit_widths``, or an error saying what would."""
+    multiple = max(required_k_multiple(b) for b in bit_widths)
+    if k % multiple:
+        hint = " (odd widths pack a 1-bit plane, 32 codes per word; even widths need a multiple of 16)"
+        raise ValueError(
+            f"{name} has input dimension {k}, which bit-widths {sorted(set(bit_widths))} cannot pack: it must be "
+            f"a multiple of {multiple}{hint if multiple == 32 and k % 16 == 0 else ''}."
+        )
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
@@ -68,12 +81,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor | None, tor
     ``q2`` is None for 1 bit, ``q1`` is None for even widths.
     """
     check_bits(bits)
-    k = codes.shape[-2]
-    if k % required_k_multiple(bits):
-        raise ValueError(
-            f"cannot pack {bits}-bit codes along an input dimension of {k}: "
-            f"it must be a multiple of {required_k_multiple(bits)}."
-        )
+    check_packable(codes.shape[-2], [bits], "codes")
     codes = codes.to(torch.int32)
     n2 = num_two_bit_planes(bits)
     q2 = None
