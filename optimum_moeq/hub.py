@@ -41,8 +41,9 @@ def _eval_results(folder: Path) -> tuple[list[EvalResult], str]:
     entries, lines = [], ["## Evaluation (lm-eval)", "", "| task | metric | value |", "|---|---|---|"]
     for task, metrics in sorted(results.items()):
         for key, value in sorted(metrics.items()):
-            metric, _, filter_name = key.partition(",")
-            if not isinstance(value, (int, float)) or metric.endswith("_stderr") or metric == "alias":
+            metric, comma, filter_name = key.partition(",")
+            # lm-eval names metrics "metric,filter"; other keys (alias, sample_len) are bookkeeping
+            if not comma or not isinstance(value, (int, float)) or metric.endswith("_stderr"):
                 continue
             entries.append(
                 EvalResult(

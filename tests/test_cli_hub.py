@@ -122,13 +122,13 @@ def test_push_to_hub_uploads_a_loadable_checkpoint_and_a_valid_card(tiny_mixtral
 def test_card_carries_eval_results_as_model_index(tiny_mixtral_path, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["quantize", str(tiny_mixtral_path), str(out), "--avg-bits", "2.5", "--group-size", "32"]) == 0
-    results = {"results": {"piqa": {"alias": "piqa", "acc,none": 0.61, "acc_stderr,none": 0.01}}}
+    results = {"results": {"piqa": {"alias": "piqa", "acc,none": 0.61, "acc_stderr,none": 0.01, "sample_len": 1838}}}
     (out / "eval_results.json").write_text(json.dumps(results))
     assert main(["card", str(out), "--base-model", "mistralai/Mixtral-8x7B-v0.1"]) == 0
     data = ModelCard((out / "README.md").read_text()).data.to_dict()
     (index,) = data["model-index"]
     (result,) = index["results"]
-    assert result["dataset"]["type"] == "piqa" and result["metrics"][0] == {"type": "acc", "value": 0.61}
+    assert result["dataset"]["type"] == "piqa" and result["metrics"] == [{"type": "acc", "value": 0.61}]
 
 
 def test_push_command_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
