@@ -26,7 +26,14 @@ from kernels import CONFIGS, build_experts  # noqa: E402
 # Each candidate compiles once per bit-width and projection (a few seconds each): grids kept to
 # a few minutes in all.
 DECODE_GRID = {"gemv_block_n": [32, 64, 128], "gemv_warps": [2, 4], "target_programs": [1024, 4096]}
-PREFILL_GRID = {"gemm_block_m": [16, 32, 64], "gemm_block_n": [64, 128], "gemm_warps": [4, 8], "gemm_stages": [3, 4]}
+# Prefill re-dequantizes an expert's weights once per block of BLOCK_M rows: taller blocks spend
+# less of the time decoding codes, which is what should decide the 2048-token case.
+PREFILL_GRID = {
+    "gemm_block_m": [16, 32, 64, 128],
+    "gemm_block_n": [64, 128],
+    "gemm_warps": [4, 8],
+    "gemm_stages": [3, 4],
+}
 SMOKE_DECODE_GRID = {"gemv_block_n": [32, 64], "target_programs": [8, 1024]}
 SMOKE_PREFILL_GRID = {"gemm_block_m": [16, 32], "gemm_block_n": [32, 64]}
 
