@@ -11,7 +11,7 @@ import threading
 def _config(args: argparse.Namespace):
     from .config import RouterNormConfig
 
-    optional = ("method", "group_size", "attention_bits", "dataset", "nsamples", "seqlen")
+    optional = ("method", "group_size", "attention_bits", "attention_method", "dataset", "nsamples", "seqlen")
     extra = {name: getattr(args, name) for name in optional if getattr(args, name, None) is not None}
     return RouterNormConfig(
         avg_bits=args.avg_bits, bit_levels=args.levels, ranking=args.ranking, zeta=args.zeta,
@@ -106,6 +106,9 @@ def build_parser(prog: str = "moeq") -> argparse.ArgumentParser:
     quantize.add_argument("--seqlen", type=int, help="gptq: tokens per window (default 512)")
     quantize.add_argument("--group-size", type=int, default=128, help="weights per scale/zero group (default 128)")
     quantize.add_argument("--attention-bits", type=int, help="also quantize attention and dense linears (4 or 8)")
+    quantize.add_argument(
+        "--attention-method", help="moeq (default: --attention-bits), or bnb_nf4 / bnb_int8 for bitsandbytes' formats"
+    )
     quantize.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     quantize.set_defaults(run=_quantize)
 

@@ -65,3 +65,14 @@ def test_bad_attention_method_and_missing_bitsandbytes(tiny_mixtral_path, monkey
         AutoModelForCausalLM.from_pretrained(
             tiny_mixtral_path, quantization_config=RouterNormConfig(group_size=32, attention_method="bnb_nf4")
         )
+
+
+def test_the_command_line_puts_dense_linears_in_nf4(tiny_mixtral_path, tmp_path):
+    from optimum_moeq.cli import main
+
+    out = tmp_path / "out"
+    args = ["quantize", str(tiny_mixtral_path), str(out), "--avg-bits", "2.5", "--group-size", "32"]
+    assert main([*args, "--attention-method", "bnb_nf4"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.quantization_config.attention_method == "bnb_nf4"
+    assert isinstance(model.model.layers[0].self_attn.q_proj, BnbNF4Linear)
