@@ -78,6 +78,30 @@ def test_sharded_and_fused_checkpoints_give_the_same_allocation(tiny_mixtral_pat
         _check_read_ahead_ranges(folder)
 
 
+def test_the_scan_keeps_one_shard_mapped_at_a_time(tiny_mixtral_path, tmp_path, monkeypatch):
+    AutoModelForCausalLM.from_pretrained(tiny_mixtral_path).save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(checkpoint.safetensors_files(tmp_path)) > 2
+    open_now, most = set(), []
+    real_safe_open = checkpoint.safe_open
+
+    class CountingSafeOpen:
+        def __init__(self, path, framework):
+            self.handle = real_safe_open(path, framework=framework)
+
+        def __enter__(self):
+            open_now.add(id(self))
+            most.append(len(open_now))
+            return self.handle.__enter__()
+
+        def __exit__(self, *exc):
+            open_now.discard(id(self))
+            return self.handle.__exit__(*exc)
+
+    monkeypatch.setattr(checkpoint, "safe_open", CountingSafeOpen)
+    assert allocate(tmp_path, CONFIG, progress=False).bits == allocate(tiny_mixtral_path, CONFIG, progress=False).bits
+    assert max(most) == 1 and not open_now
+
+
 def _check_read_ahead_ranges(folder):
     """The byte range the scan asks the kernel to read ahead is where that tensor's bytes are."""
     files = checkpoint.safetensors_files(folder)

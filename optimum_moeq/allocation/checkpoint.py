@@ -84,6 +84,26 @@ class _Job(NamedTuple):
     byte_range: tuple[int, int]  # where its bytes are in the file
 
 
+class _OneShardOpen:
+    """``safe_open`` handles, one shard at a time: a shard is closed when the next is opened, so
+    the pages its memory map brought in leave the process's resident memory with it."""
+
+    def __init__(self):
+        self._path, self._file, self._stack = None, None, ExitStack()
+
+    def __call__(self, path: str):
+        if path != self._path:
+            self._stack.close()
+            self._path, self._file = path, self._stack.enter_context(safe_open(path, framework="pt"))
+        return self._file
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+
+
 def _read_jobs(files: list[str], adapter: MoEAdapter) -> list[_Job]:
     jobs = []
     for path in files:
@@ -119,7 +139,7 @@ def read_layer_signals(
     routers: dict[str, list[float]] = {}
     maxvar: dict[str, dict[int, float]] = defaultdict(dict)
     with ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as reader:
-        handles = {path: stack.enter_context(safe_open(path, framework="pt")) for path in files}
+        open_shard = stack.enter_context(_OneShardOpen())
         fds = {path: os.open(path, os.O_RDONLY) for path in files}
         stack.callback(lambda: [os.close(fd) for fd in fds.values()])
 
@@ -133,10 +153,11 @@ def read_layer_signals(
             if i + 1 < len(jobs):
                 _advise_will_need(fds[jobs[i + 1].path], jobs[i + 1].byte_range)
             path, kind, match, expert, _ = jobs[i]
+            shard = open_shard(path)
             if kind != "fused":
-                tensor = handles[path].get_tensor(match.string)
+                tensor = shard.get_tensor(match.string)
             else:
-                fused = handles[path].get_slice(match.string)
+                fused = shard.get_slice(match.string)
                 rows = fused.get_shape()[1]
                 tensor = fused[expert, : rows // 2 if adapter.gated else rows, :]
             # get_tensor maps the file lazily; copying here makes this thread do the disk reads,
