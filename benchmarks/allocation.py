@@ -148,6 +148,11 @@ def _median_run(runs: list[dict]) -> dict:
             "all_seconds": [r["seconds"] for r in runs]}  # fmt: skip
 
 
+def _pair_ratios(results: dict) -> str:
+    ratios = [a / r for r, a in zip(results["read"]["all_seconds"], results["allocate"]["all_seconds"])]
+    return ", ".join(f"{x:.2f}x" for x in ratios) + f", median {sorted(ratios)[len(ratios) // 2]:.2f}x"
+
+
 def _seconds(run: dict) -> str:
     return ", ".join(f"{s:.2f}" for s in run["all_seconds"]) + " s"
 
@@ -217,7 +222,8 @@ def main() -> None:
         f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, CUDA {torch.cuda.is_available()}. "
         f"Peak RSS counts memory-mapped file pages; peak anon does not. "
         f"read and allocate: median of {args.repeats} alternating runs each "
-        f"(read {_seconds(results['read'])}; allocate {_seconds(results['allocate'])}). "
+        f"(read {_seconds(results['read'])}; allocate {_seconds(results['allocate'])}; allocate / the read "
+        f"just before it: {_pair_ratios(results)}). "
         f"Command: python benchmarks/allocation.py{' --smoke' if args.smoke else f' --layers {layers}'}"
     )
     header = ["method", "seconds", "scaled to 32 layers", "vs reading the bytes", "peak RSS GiB", "peak anon GiB"]
