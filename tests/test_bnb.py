@@ -76,3 +76,25 @@ def test_the_command_line_puts_dense_linears_in_nf4(tiny_mixtral_path, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.quantization_config.attention_method == "bnb_nf4"
     assert isinstance(model.model.layers[0].self_attn.q_proj, BnbNF4Linear)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU side of bitsandbytes needs a GPU")
+@pytest.mark.parametrize("method", ["bnb_nf4", "bnb_int8"])
+def test_bnb_attention_on_gpu_matches_cpu_and_reloads_exactly(tiny_mixtral_path, tmp_path, method):
+    config = RouterNormConfig(avg_bits=2.5, group_size=32, attention_method=method)
+    on_cpu = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config, dtype=torch.float32)
+    config = RouterNormConfig(avg_bits=2.5, group_size=32, attention_method=method)
+    on_gpu = AutoModelForCausalLM.from_pretrained(
+        tiny_mixtral_path, quantization_config=config, dtype=torch.float32, device_map="cuda"
+    )
+    layer_cpu, layer_gpu = on_cpu.model.layers[0].self_attn.q_proj, on_gpu.model.layers[0].self_attn.q_proj
+    assert layer_gpu.weight_int8.is_cuda if method == "bnb_int8" else layer_gpu.weight_nf4.is_cuda
+    # bitsandbytes' CUDA and CPU kernels agree to rounding on the same weights
+    torch.testing.assert_close(layer_gpu.dequantized().cpu(), layer_cpu.dequantized(), rtol=1e-3, atol=1e-3)
+    with torch.no_grad():
+        logits = on_gpu(TOKENS.cuda()).logits
+    on_gpu.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cuda")
+    with torch.no_grad():
+        assert torch.equal(reloaded(TOKENS.cuda()).logits, logits)
+    torch.testing.assert_close(logits.cpu(), _logits(on_cpu), rtol=2e-2, atol=2e-2)
