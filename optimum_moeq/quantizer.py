@@ -88,12 +88,14 @@ class RouterNormHfQuantizer(HfQuantizer):
                 f"modules_to_not_convert={config.modules_to_not_convert!r} excludes every experts module: "
                 "nothing is left to quantize."
             )
+        # the widths that will be packed: a given allocation's own, else any of the levels
+        widths = {b for bits in config.allocation.values() for b in bits} if config.allocation else config.bit_levels
         for name, shape in shapes.items():  # before any weight is read
             for k, projection in (
                 (shape.hidden_dim, f"{name} (input projection)"),
                 (shape.intermediate_dim, f"{name}.down_proj"),
             ):
-                check_packable(k, config.bit_levels, projection)
+                check_packable(k, widths, projection)
                 check_group_size(config.group_size, k, projection)
         if self.pre_quantized and config.allocation is None:
             raise ValueError("the checkpoint's quantization_config has no allocation: it cannot be reloaded.")
