@@ -28,7 +28,12 @@ run_stage() {
     kernels) python3 benchmarks/kernels.py ;;
     sweep) python3 benchmarks/kernel_sweep.py ;;
     decode) python3 benchmarks/decode.py --layers "${DECODE_LAYERS:-12}" --profile ;;
-    all) for s in tests kernels sweep decode; do run_stage "$s"; done ;;
+    all)  # every stage runs; the first failure's status is kept (set -e is off under ||)
+      local rc=0 failed s
+      for s in tests kernels sweep decode; do
+        run_stage "$s" || { failed=$?; [ "$rc" -ne 0 ] || rc=$failed; }
+      done
+      return "$rc" ;;
     *) echo "unknown stage '$1': use all, tests, kernels, sweep or decode" >&2; exit 2 ;;
   esac
 }

@@ -13,6 +13,7 @@ the report lists them.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,7 +64,8 @@ def check_calibration_data(dataset, vocab_size: int, seqlen: int) -> None:
 
 def _token_ids(dataset: Sequence) -> torch.Tensor:
     """One flat tensor from a list of ids or a list of lists of ids."""
-    flat = dataset if all(not isinstance(t, Sequence) for t in dataset) else [t for sample in dataset for t in sample]
+    scalars = all(isinstance(t, numbers.Integral) or getattr(t, "ndim", None) == 0 for t in dataset)
+    flat = dataset if scalars else [t for sample in dataset for t in sample]
     return torch.tensor([int(t) for t in flat], device="cpu")  # cpu: from_pretrained runs this under meta
 
 

@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None, prog: str = "moeq") -> int:
     """The ``moeq`` command; ``optimum-cli moeq`` calls it too (see optimum/commands/register)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "--verbose" in argv
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
     try:
         command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
         if command is not None and argv[command] == "eval":  # everything after it is lm-eval's
@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None, prog: str = "moeq") -> int:
             raise
         print(f"moeq: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
 
 
 def _exit_on_sigterm(signum, frame):

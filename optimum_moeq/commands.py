@@ -91,9 +91,13 @@ def _refuse_quantized_input(model_id: str) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    try:  # read without changing it: os.umask would, for a moment, for every thread
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def _save_tokenizer(model_id: str, folder: Path) -> None:

@@ -178,12 +178,18 @@ def check_dataset_type(dataset) -> None:
             return
         if all(isinstance(_as_int(t), int) and not isinstance(t, bool) for t in dataset):
             return  # one sequence of token ids
-        if all(isinstance(d, Sequence) and not isinstance(d, str) and d for d in dataset):
-            return  # several sequences of token ids
+        if all(_is_id_sequence(d) for d in dataset):
+            return  # several sequences of token ids (lists, 1-d tensors or arrays)
     raise ValueError(
         f"dataset={_short(dataset)} is not calibration data: give a local text file, a non-empty list of strings, "
         "or token ids (a list of ints, a list of lists of ints, or a tensor)."
     )
+
+
+def _is_id_sequence(value) -> bool:
+    if hasattr(value, "ndim") and hasattr(value, "tolist"):  # tensor or array
+        return value.ndim == 1 and len(value) > 0
+    return isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0
 
 
 def _refuse_unknown_arguments(kwargs: dict) -> None:
@@ -206,6 +212,8 @@ def _is_real(value) -> bool:
 
 def _as_number(value):
     """numpy and torch scalars as a Python number (Python numbers as given, for the messages)."""
+    if hasattr(value, "ndim") and getattr(value, "ndim", 1) == 0 and hasattr(value, "item"):  # 0-d tensor
+        value = value.item()
     if isinstance(value, (int, float)) or not _is_real(value):
         return value
     return int(value) if isinstance(value, numbers.Integral) else float(value)

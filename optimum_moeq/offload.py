@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 
 
 def offload_folder_of_current_load() -> str | None:
@@ -28,17 +27,31 @@ def offload_folder_of_current_load() -> str | None:
         del frame  # a frame held in a local keeps the whole call stack alive
 
 
+def may_offload_to_disk(device_map) -> bool:
+    """Whether ``device_map`` can place weights on disk: "auto"-style strategies may, a dict only if
+    it says "disk", a single device never."""
+    if isinstance(device_map, dict):
+        return "disk" in device_map.values()
+    return device_map in ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def check_offload_folder(folder: str) -> None:
-    """Raise if ``folder`` cannot be created or written to (a probe file is created and removed)."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
+    """Raise if ``folder`` could not be created and written to. Nothing is created: transformers
+    makes the folder itself, and only if something goes to disk."""
+    path = os.path.abspath(folder)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    problem = None
+    if not os.path.isdir(existing):
+        problem = f"{existing} is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem:
         raise ValueError(
-            f"offload_folder={folder!r} cannot be written ({type(error).__name__}: {error.strerror or error}); "
+            f"offload_folder={folder!r} cannot be written ({problem}); "
             "pass a folder you can write to, with room for the offloaded packed weights."
-        ) from None
+        )
 
 
 def modules_needing_offload_folder(device_map: dict, experts_modules) -> list[str]:

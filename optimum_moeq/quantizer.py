@@ -28,7 +28,12 @@ from .config import QUANT_METHOD, RouterNormConfig
 from .hub import push_to_hub
 from .models import get_adapter
 from .nn import DENSE_LINEARS, QUANTIZED_DENSE, REPLACEMENTS, MixedBitExperts
-from .offload import check_offload_folder, modules_needing_offload_folder, offload_folder_of_current_load
+from .offload import (
+    check_offload_folder,
+    may_offload_to_disk,
+    modules_needing_offload_folder,
+    offload_folder_of_current_load,
+)
 from .quant import check_group_size
 from .quant.packing import check_packable
 
@@ -58,22 +63,29 @@ class RouterNormHfQuantizer(HfQuantizer):
             )
         if device_map is not None and not is_accelerate_available():
             raise ImportError("Loading with a device_map needs accelerate: `pip install accelerate`.")
-        # transformers calls this again with the final device map, before any weight is loaded
-        if isinstance(device_map, dict) and not self.pre_quantized and self.quantization_config.allocation:
-            on_disk = modules_needing_offload_folder(device_map, self.quantization_config.allocation)
-            if on_disk and offload_folder_of_current_load() is None:
-                named = ", ".join(on_disk[:2]) + (f" and {len(on_disk) - 2} more" if len(on_disk) > 2 else "")
-                raise ValueError(
-                    f"device_map puts experts modules on disk ({named}); "
-                    "quantize-on-load writes their packed weights to an offload folder: pass "
-                    "offload_folder=... to from_pretrained, or a larger max_memory."
-                )
+        # transformers calls this again with the device map "auto" resolved to, before weights load
+        if isinstance(device_map, dict) and self.quantization_config.allocation:
+            self._check_experts_on_disk(device_map, self.quantization_config.allocation)
 
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs) -> None:
+    def _check_experts_on_disk(self, device_map: dict, experts_modules) -> None:
+        """Quantize-on-load writes packed experts placed on disk to the offload folder: without one,
+        transformers would fail only when it reaches the first of them."""
+        if self.pre_quantized:  # packed weights are read from the checkpoint's own files
+            return
+        on_disk = modules_needing_offload_folder(device_map, experts_modules)
+        if on_disk and offload_folder_of_current_load() is None:
+            named = ", ".join(on_disk[:2]) + (f" and {len(on_disk) - 2} more" if len(on_disk) > 2 else "")
+            raise ValueError(
+                f"device_map puts experts modules on disk ({named}); quantize-on-load writes their packed "
+                "weights to an offload folder: pass offload_folder=... to from_pretrained, or a larger max_memory."
+            )
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, device_map=None, **kwargs) -> None:
         config = self.quantization_config
-        offload_folder = offload_folder_of_current_load()
-        if offload_folder is not None:
-            check_offload_folder(offload_folder)  # before the allocation scan reads the checkpoint
+        if may_offload_to_disk(device_map):  # before the allocation scan reads the checkpoint
+            offload_folder = offload_folder_of_current_load()
+            if offload_folder is not None:
+                check_offload_folder(offload_folder)
         adapter = get_adapter(model.config)
         if self._calibrating:  # before any weight is read
             check_gptq_supported(adapter, model.config)
@@ -83,6 +95,8 @@ class RouterNormHfQuantizer(HfQuantizer):
             for name, module in model.named_modules()
             if adapter.experts_module_key.match(name) and should_convert_module(name, config.modules_to_not_convert)
         }
+        if isinstance(device_map, dict):  # a map given as is: checked before the scan
+            self._check_experts_on_disk(device_map, shapes)
         if not shapes:
             raise ValueError(
                 f"modules_to_not_convert={config.modules_to_not_convert!r} excludes every experts module: "

@@ -121,12 +121,9 @@ def test_sigterm_unwinds_so_no_partial_output_is_left(tiny_mixtral_path, tmp_pat
 
     monkeypatch.setattr(commands, "write_model_card", killed)  # the signal lands after the weights are written
     previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main(
-                ["quantize", str(tiny_mixtral_path), str(tmp_path / "out"), "--avg-bits", "2.5", "--group-size", "32"]
-            )
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    args = ["quantize", str(tiny_mixtral_path), str(tmp_path / "out"), "--avg-bits", "2.5", "--group-size", "32"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert signal.getsignal(signal.SIGTERM) is previous  # the caller's handler is back
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert os.listdir(tmp_path) == []

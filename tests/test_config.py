@@ -1,4 +1,5 @@
 import pytest
+import torch
 from transformers.quantizers.auto import AutoQuantizationConfig
 
 from optimum_moeq import RouterNormConfig
@@ -68,9 +69,12 @@ def test_numpy_and_torch_numbers_are_taken_as_python_numbers():
     assert type(config.avg_bits) is float and type(config.group_size) is int
     assert config.allocation == {"model.layers.0.mlp.experts": [2, 3], "model.layers.1.mlp.experts": [3, 2]}
     assert all(type(b) is int for bits in config.allocation.values() for b in bits)
+    assert RouterNormConfig(avg_bits=torch.tensor(2.5), zeta=torch.tensor(3.0)).avg_bits == 2.5
     config.to_json_string()  # serialisable
 
 
-@pytest.mark.parametrize("dataset", [[1, 2, 3], [[1, 2], [3]], ["some text"], "calibration.txt"])
+@pytest.mark.parametrize(
+    "dataset", [[1, 2, 3], [[1, 2], [3]], ["some text"], "calibration.txt", [torch.tensor([1, 2]), torch.tensor([3])]]
+)
 def test_calibration_data_of_each_kind_is_accepted(dataset):
     assert RouterNormConfig(method="gptq", dataset=dataset).dataset == dataset

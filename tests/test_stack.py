@@ -95,7 +95,7 @@ def test_an_offload_folder_that_cannot_be_written_fails_before_any_weight_is_rea
         (saved_quantized[0], {}),
     ):
         with pytest.raises(
-            ValueError, match=r"offload_folder='.*a_file/offload' cannot be written \(NotADirectoryError"
+            ValueError, match=r"offload_folder='.*a_file/offload' cannot be written \(.*a_file is a file\)"
         ):
             AutoModelForCausalLM.from_pretrained(
                 path, device_map="auto", max_memory={"cpu": 10_000}, offload_folder=unwritable, **extra
@@ -108,7 +108,8 @@ def test_quantize_on_load_with_experts_on_disk_and_no_offload_folder_fails_befor
     packed_bytes = saved_quantized[1]
     loaded = []
     monkeypatch.setattr("optimum_moeq.quantizer.QuantizeExperts.convert", lambda *a, **k: loaded.append(1))
-    with pytest.raises(ValueError, match=r"device_map puts experts modules on disk \(model\.layers\.0\.mlp\.experts"):
+    message = r"device_map puts experts modules on disk \(model\.layers\.0\.mlp\.experts"
+    with pytest.raises(ValueError, match=message):  # "auto": known once the allocation sizes the layers
         AutoModelForCausalLM.from_pretrained(
             tiny_mixtral_path,
             quantization_config=RouterNormConfig(avg_bits=2.5, group_size=32),
@@ -116,3 +117,19 @@ def test_quantize_on_load_with_experts_on_disk_and_no_offload_folder_fails_befor
             max_memory={"cpu": packed_bytes // 2},
         )
     assert not loaded
+    _no_checkpoint_reads(monkeypatch)  # a map given as a dict: before the allocation scan
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(
+            tiny_mixtral_path, quantization_config=RouterNormConfig(avg_bits=2.5, group_size=32), device_map=device_map
+        )
+
+
+def test_an_offload_folder_is_neither_probed_nor_created_when_nothing_can_go_to_disk(saved_quantized, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    folder, _, logits = saved_quantized
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", offload_folder=tmp_path / "a_file" / "x")
+    assert torch.equal(_logits(model), logits)
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="auto", offload_folder=tmp_path / "unused")
+    assert not (tmp_path / "unused").exists()  # transformers makes it only if something goes to disk

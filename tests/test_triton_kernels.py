@@ -173,11 +173,32 @@ def test_packed_linear_kernel_path_matches_reference(rows):
     assert ((out - reference).norm() / reference.norm()) < 1e-5
 
 
-def test_float32_prefill_dot_is_exact_unless_torch_allows_tf32(monkeypatch):
+def test_float32_prefill_dot_is_exact_unless_torch_allows_tf32():
     from optimum_moeq.kernels.grouped import dot_input_precision
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert dot_input_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert dot_input_precision(torch.float32) == "tf32"
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert dot_input_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert dot_input_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(previous)
     assert dot_input_precision(torch.bfloat16) == dot_input_precision(torch.float16) == "tf32"  # 16-bit: unused
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_ungated_experts_decode_in_16_bit_without_split_k_errors(dtype):
+    """Switch-style experts (up, relu, down: no fused SiLU) at decode: the activation buffer has
+    the input's dtype, so the up projection must not split K into it."""
+    generator = torch.Generator().manual_seed(0)
+    module = MixedBitExperts([2, 3, 3, 2], 64, 512, 32, hidden_act="relu", gated=False)
+    with torch.no_grad():
+        for proj, (n, k) in module.projection_shapes.items():
+            for b in module.bit_widths:
+                packed = random_packed_projection(len(module.members[b]), n, k, b, 32, generator=generator)
+                for field, tensor in packed.tensors().items():
+                    getattr(module, f"{proj}_b{b}_{field}").copy_(tensor)
+    index, weights = _routing(1, 4, 1, skip_expert=-1, generator=generator)
+    x = torch.randn(1, 64, generator=generator).to(dtype)
+    assert _relative_error(module, x, index, weights) < TOLERANCE[dtype]

@@ -140,8 +140,10 @@ def read_layer_signals(
     maxvar: dict[str, dict[int, float]] = defaultdict(dict)
     with ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as reader:
         open_shard = stack.enter_context(_OneShardOpen())
-        fds = {path: os.open(path, os.O_RDONLY) for path in files}
-        stack.callback(lambda: [os.close(fd) for fd in fds.values()])
+        fds = {}
+        for path in files:  # each closed by the stack as soon as it is open, whatever fails next
+            fds[path] = os.open(path, os.O_RDONLY)
+            stack.callback(os.close, fds[path])
 
         # Two buffers, reused: the reader fills one while the caller reduces the other. Fresh
         # memory for each tensor would page-fault on every 4 KiB of the copy.

@@ -88,9 +88,10 @@ def launch_projection(
     common["HAS_ROUTING_WEIGHT"] = routing_weights is not None
     if blocks is None:
         programs = num_pairs * triton_cdiv(n_out, tuning.gemv_block_n)
-        split_k = 1 if fuse_swiglu else _split_k(programs, k // block_k, tuning.target_programs)
-        if split_k > 1 and out.dtype != torch.float32:
-            raise ValueError("split-K accumulates atomically and needs a float32 output.")
+        # split-K adds partial sums atomically: only into float32 outputs, never with the fused
+        # SiLU (it needs the whole sum)
+        atomic_ok = not fuse_swiglu and out.dtype == torch.float32
+        split_k = _split_k(programs, k // block_k, tuning.target_programs) if atomic_ok else 1
         grid = (num_pairs, triton_cdiv(n_out, tuning.gemv_block_n), split_k)
         kernels._moe_gemv_kernel[grid](
             x, out, top_k_index, local_index, routing, *tensors, k, n_out, x_rows_per_pair_div, n_out,
@@ -110,8 +111,10 @@ def launch_projection(
 
 def dot_input_precision(dtype: torch.dtype) -> str:
     """tl.dot's input precision: float32 activations use TF32 tensor cores only where torch itself
-    allows TF32 for matmuls (off by default), else exact float32; it does not apply to 16-bit inputs."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    allows lower precision for float32 matmuls ("highest", the default, does not), else exact
+    float32; it does not apply to 16-bit inputs. (The legacy allow_tf32 flag raises when the new
+    fp32_precision API has been used, so the precision is read through this function.)"""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
 
