@@ -171,6 +171,12 @@ def test_packed_linear_kernel_path_matches_reference(rows):
     reference = linear(x)  # CPU tensors: the torch reference
     out = linear._triton_forward(x) + linear.bias
     assert ((out - reference).norm() / reference.norm()) < 1e-5
+    index = linear._local_index[x.device]
+    linear._triton_forward(x)
+    assert linear._local_index[x.device] is index  # made once per device, not in every forward
+    with kernel_tuning(decode_max_pairs=1, gemm_block_m=16):  # the shared launch parameters apply here too
+        out = linear._triton_forward(x) + linear.bias
+    assert ((out - reference).norm() / reference.norm()) < 1e-5
 
 
 def test_float32_prefill_dot_is_exact_unless_torch_allows_tf32():
