@@ -45,13 +45,20 @@ class GptqReport:
         return "\n".join(lines)
 
 
+def is_token_ids(dataset) -> bool:
+    """Token ids (a tensor, or a list whose items are not strings), as opposed to text."""
+    return isinstance(dataset, torch.Tensor) or (
+        isinstance(dataset, (list, tuple)) and bool(dataset) and not isinstance(dataset[0], str)
+    )
+
+
 def check_calibration_data(dataset, vocab_size: int, seqlen: int) -> None:
     """Before any weight is read: the file exists; token ids are enough and within the vocabulary."""
     if isinstance(dataset, (str, os.PathLike)):
         if not os.path.isfile(dataset):
             raise ValueError(f"dataset={dataset!r} is not a local text file; give a path, strings or token ids.")
         return
-    if isinstance(dataset, torch.Tensor) or (dataset and not isinstance(dataset[0], str)):
+    if is_token_ids(dataset):
         ids = dataset.reshape(-1) if isinstance(dataset, torch.Tensor) else _token_ids(dataset)
         if ids.numel() < seqlen:
             raise ValueError(f"the calibration data has {ids.numel()} tokens, fewer than seqlen={seqlen}.")

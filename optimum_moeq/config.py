@@ -221,12 +221,8 @@ def _as_number(value):
 
 def _as_int(value):
     """numpy and torch integers as int; anything else unchanged for the checks to name."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    if hasattr(value, "ndim") and getattr(value, "ndim", 1) == 0 and hasattr(value, "item"):  # 0-d tensor
-        item = value.item()
-        return int(item) if isinstance(item, int) and not isinstance(item, bool) else value
-    return value
+    number = _as_number(value)
+    return number if isinstance(number, int) and not isinstance(number, bool) else value
 
 
 def _as_list(value):

@@ -23,7 +23,7 @@ from transformers.utils import is_accelerate_available
 
 from .allocate import allocate_from_files
 from .allocation import Allocation
-from .calibration import check_calibration_data, check_gptq_supported
+from .calibration import check_calibration_data, check_gptq_supported, is_token_ids
 from .config import QUANT_METHOD, RouterNormConfig
 from .hub import push_to_hub
 from .models import get_adapter
@@ -208,7 +208,7 @@ class RouterNormHfQuantizer(HfQuantizer):
 
             config = self.quantization_config
             tokenizer = config.tokenizer
-            if tokenizer is None and not _is_token_ids(config.dataset):
+            if tokenizer is None and not is_token_ids(config.dataset):
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
@@ -245,12 +245,6 @@ class QuantizeExperts(ConversionOps):
             missing_keys.discard(full_layer_name)
         prefix = full_layer_name.rsplit(".", 1)[0]
         return {f"{prefix}.{name}": tensor for name, tensor in packed.items()}
-
-
-def _is_token_ids(dataset) -> bool:
-    return isinstance(dataset, torch.Tensor) or (
-        isinstance(dataset, (list, tuple)) and bool(dataset) and not isinstance(dataset[0], str)
-    )
 
 
 def _check_allocation_matches_model(allocation: dict[str, list[int]], shapes: dict) -> None:
