@@ -55,13 +55,10 @@ def is_token_ids(dataset) -> bool:
 def check_calibration_data(dataset, vocab_size: int, seqlen: int) -> None:
     """Before any weight is read: the file exists; token ids are enough and within the vocabulary."""
     if isinstance(dataset, (str, os.PathLike)):
-        if not os.path.isfile(dataset):
-            raise ValueError(f"dataset={dataset!r} is not a local text file; give a path, strings or token ids.")
-        return
-    if is_token_ids(dataset):
-        ids = dataset.reshape(-1) if isinstance(dataset, torch.Tensor) else _token_ids(dataset)
-        if ids.numel() < seqlen:
-            raise ValueError(f"the calibration data has {ids.numel()} tokens, fewer than seqlen={seqlen}.")
+        _check_text_file(dataset)
+    elif is_token_ids(dataset):
+        ids = _flat_token_ids(dataset)
+        _check_length(ids, seqlen)
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab_size:
             raise ValueError(
@@ -69,34 +66,42 @@ def check_calibration_data(dataset, vocab_size: int, seqlen: int) -> None:
             )
 
 
-def _token_ids(dataset: Sequence) -> torch.Tensor:
-    """One flat tensor from a list of ids or a list of lists of ids."""
-    scalars = all(isinstance(t, numbers.Integral) or getattr(t, "ndim", None) == 0 for t in dataset)
-    flat = dataset if scalars else [t for sample in dataset for t in sample]
-    return torch.tensor([int(t) for t in flat], device="cpu")  # cpu: from_pretrained runs this under meta
-
-
 def calibration_tokens(dataset, tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """``nsamples`` windows of ``seqlen`` token ids [nsamples, seqlen] from a local text file, a list
     of strings, or token ids (a list, a list of lists or a tensor) drawn at random positions."""
-    if isinstance(dataset, torch.Tensor):
-        ids = dataset.reshape(-1)
-    elif isinstance(dataset, (str, os.PathLike)):
-        if not os.path.isfile(dataset):
-            raise ValueError(f"dataset={dataset!r} is not a local text file; give a path, strings or token ids.")
+    if isinstance(dataset, (str, os.PathLike)):
+        _check_text_file(dataset)
         with open(dataset, encoding="utf-8") as f:
             ids = _tokenize(f.read(), tokenizer)
-    elif isinstance(dataset, Sequence) and dataset and all(isinstance(d, str) for d in dataset):
+    elif is_token_ids(dataset):
+        ids = _flat_token_ids(dataset)
+    elif isinstance(dataset, Sequence) and dataset:  # strings
         ids = _tokenize("\n\n".join(dataset), tokenizer)
-    elif isinstance(dataset, Sequence) and dataset:
-        ids = _token_ids(dataset)
     else:
         raise ValueError("dataset must be a local text file, a list of strings, or token ids.")
-    if ids.numel() < seqlen:
-        raise ValueError(f"the calibration data has {ids.numel()} tokens, fewer than seqlen={seqlen}.")
+    _check_length(ids, seqlen)
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=generator)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def _check_text_file(path) -> None:
+    if not os.path.isfile(path):
+        raise ValueError(f"dataset={path!r} is not a local text file; give a path, strings or token ids.")
+
+
+def _check_length(ids: torch.Tensor, seqlen: int) -> None:
+    if ids.numel() < seqlen:
+        raise ValueError(f"the calibration data has {ids.numel()} tokens, fewer than seqlen={seqlen}.")
+
+
+def _flat_token_ids(dataset) -> torch.Tensor:
+    """One flat tensor from a tensor, a list of ids or a list of lists (or 1-d tensors) of ids."""
+    if isinstance(dataset, torch.Tensor):
+        return dataset.reshape(-1)
+    scalars = all(isinstance(t, numbers.Integral) or getattr(t, "ndim", None) == 0 for t in dataset)
+    flat = dataset if scalars else [t for sample in dataset for t in sample]
+    return torch.tensor([int(t) for t in flat], device="cpu")  # cpu: from_pretrained runs this under meta
 
 
 def _tokenize(text: str, tokenizer) -> torch.Tensor:
