@@ -1,7 +1,7 @@
 """Greedy decode tokens/s: a Mixtral-8x7B-shaped model with packed 2.5-bit experts vs bfloat16.
 
     python benchmarks/decode.py                      # on a GPU: table to benchmarks/results/decode.md
-    python benchmarks/decode.py --layers 12 --compile
+    python benchmarks/decode.py --layers 12 --eager   # without the compiled static-cache decode
     python benchmarks/decode.py --profile            # also: kernel time shares of a batch-1 decode
     python benchmarks/decode.py --smoke              # CPU, Triton interpreter, tiny model: checks the script
 
@@ -9,7 +9,9 @@ Both models are built directly on the device with random weights (the quantized 
 in packed form: no download, no full-precision copy of its experts), with the same number of
 layers (as many as the bf16 model fits; default 12 of 32). The bytes-per-token limit is the bytes
 a batch-1 step must read (non-expert weights, lm_head, top-k experts' packed bytes per layer)
-over the measured copy bandwidth.
+over the measured copy bandwidth. With the static cache (default) on a GPU, generate() compiles the
+decode step (torch.compile, mode "reduce-overhead": CUDA graphs) for both models; ``--eager`` turns
+that off.
 """
 
 from __future__ import annotations
@@ -93,10 +95,16 @@ def bytes_per_token(model) -> int:
     return total
 
 
-def decode_tokens_per_s(model, batch: int, new_tokens: int, cache: str, device) -> float:
+def generate_kwargs(cache: str, eager: bool) -> dict:
+    return dict(
+        do_sample=False, pad_token_id=0, cache_implementation=cache if cache == "static" else None,
+        disable_compile=eager,
+    )  # fmt: skip
+
+
+def decode_tokens_per_s(model, batch: int, new_tokens: int, kwargs: dict, device) -> float:
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (batch, 16), generator=torch.Generator().manual_seed(batch)).to(device)
-    kwargs = dict(do_sample=False, pad_token_id=0, cache_implementation=cache if cache == "static" else None)
 
     def run(n: int) -> float:
         if device.type == "cuda":
@@ -112,13 +120,12 @@ def decode_tokens_per_s(model, batch: int, new_tokens: int, cache: str, device) 
     return batch * (new_tokens - 1) / elapsed
 
 
-def profile_decode(model, new_tokens: int, cache: str, device, out: str) -> None:
+def profile_decode(model, new_tokens: int, kwargs: dict, compiled: bool, device, out: str) -> None:
     """Where a batch-1 decode step's time goes: device time per kernel (or op, on CPU) over
     ``new_tokens`` steps, and how much of the wall time the device is busy at all."""
     from torch.profiler import ProfilerActivity, profile
 
     prompt = torch.zeros(1, 16, dtype=torch.long, device=device)
-    kwargs = dict(do_sample=False, pad_token_id=0, cache_implementation=cache if cache == "static" else None)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)  # warm-up
@@ -139,7 +146,8 @@ def profile_decode(model, new_tokens: int, cache: str, device, out: str) -> None
     rows = [[e.key[:80], e.count, f"{time_of(e) / 1e3:.2f}", f"{time_of(e) / busy_us:.1%}"] for e in events[:15]]
     notes = (
         f"Device: {device_name(device)}. Packed model, batch 1, {new_tokens} new tokens (prefill included), "
-        f"cache {cache}. Wall {wall_us / 1e3:.1f} ms; {'device busy' if cuda else 'CPU ops'} {busy_us / 1e3:.1f} ms "
+        f"cache {kwargs['cache_implementation'] or 'dynamic'}, compiled {compiled}. Wall {wall_us / 1e3:.1f} ms; "
+        f"{'device busy' if cuda else 'CPU ops'} {busy_us / 1e3:.1f} ms "
         f"({busy_us / wall_us:.0%} of wall: the rest is launch overhead and host work). "
         "Command: python benchmarks/decode.py --profile"
     )
@@ -154,7 +162,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--cache", choices=["dynamic", "static"], default="static")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the forward (with the static cache)")
+    parser.add_argument("--eager", action="store_true", help="do not let generate() compile the static-cache decode")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--profile", action="store_true", help="also profile the packed model's batch-1 decode")
     parser.add_argument(
@@ -170,17 +178,17 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
     batches = [1] if args.smoke else [int(b) for b in args.batches.split(",")]
 
+    kwargs = generate_kwargs(args.cache, args.eager)
+    compiled = args.cache == "static" and not args.eager and device.type == "cuda"  # generate()'s own rule
     results = {}
     for label, bits in (("2.5-bit experts", [3, 2] * 4), ("bf16", None)):
         model = build_model(config, bits, group_size, device)
-        if args.compile:
-            model.forward = torch.compile(model.forward, mode="reduce-overhead")
         per_token = bytes_per_token(model)
         for batch in batches:
-            results[label, batch] = (decode_tokens_per_s(model, batch, new_tokens, args.cache, device), per_token)
+            results[label, batch] = (decode_tokens_per_s(model, batch, new_tokens, kwargs, device), per_token)
         if args.profile and bits is not None:
             profile_out = os.path.join(os.path.dirname(os.path.abspath(args.out)), "decode_profile.md")
-            profile_decode(model, new_tokens, args.cache, device, profile_out)
+            profile_decode(model, new_tokens, kwargs, compiled, device, profile_out)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -195,9 +203,9 @@ def main() -> None:
         f"Device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write; the limit uses "
         f"half, the read side). {layers} layers of {'tiny smoke' if args.smoke else 'Mixtral-8x7B'} shapes, "
         f"group {group_size}, cache {args.cache}, "
-        f"compile {args.compile}, {new_tokens} new tokens after a 16-token prompt, prefill excluded. "
+        f"compiled {compiled}, {new_tokens} new tokens after a 16-token prompt, prefill excluded. "
         f"Command: python benchmarks/decode.py{' --smoke' if args.smoke else f' --layers {layers}'}"
-        f"{' --compile' if args.compile else ''}"
+        f"{' --eager' if args.eager else ''}{'' if args.cache == 'static' else ' --cache ' + args.cache}"
     )
     header = ["experts", "batch", "tokens/s", "vs bf16", "GB read / token (batch 1)", "limit tokens/s", "of limit"]
     write_table(args.out, "Greedy decode, Mixtral-8x7B shapes", header, rows, notes)

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # On a CUDA machine: check the kernels at real sizes against the torch reference, then measure.
 #
-#   bash benchmarks/gpu.sh [all|tests|kernels|sweep|decode]...     (default: all)
+#   bash benchmarks/gpu.sh [all|tests|kernels|sweep|decode|decode-eager]...     (default: all)
 #
-# Tables land in benchmarks/results/ (kernels.md, kernel_sweep.md, decode.md, decode_profile.md) and, when $OUT is
-# set (the device tool), are copied there with a log. A machine without network gets the Python
+# Tables land in benchmarks/results/ (kernels.md, kernel_sweep.md, decode.md, decode_profile.md,
+# decode_eager.md) and, when $OUT is set (the device tool), are copied there with a log. A machine without network gets the Python
 # packages its image lacks from wheels in .whl/ (fetch them first, where pip works, with
 # `bash benchmarks/gpu_wheels.sh`); otherwise the package is pip-installed as usual.
 set -euo pipefail
@@ -28,13 +28,15 @@ run_stage() {
     kernels) python3 benchmarks/kernels.py ;;
     sweep) python3 benchmarks/kernel_sweep.py ;;
     decode) python3 benchmarks/decode.py --layers "${DECODE_LAYERS:-12}" --profile ;;
+    decode-eager) python3 benchmarks/decode.py --layers "${DECODE_LAYERS:-12}" --eager \
+                    --out benchmarks/results/decode_eager.md ;;
     all)  # every stage runs; the first failure's status is kept (set -e is off under ||)
       local rc=0 failed s
-      for s in tests kernels sweep decode; do
+      for s in tests kernels sweep decode decode-eager; do
         run_stage "$s" || { failed=$?; [ "$rc" -ne 0 ] || rc=$failed; }
       done
       return "$rc" ;;
-    *) echo "unknown stage '$1': use all, tests, kernels, sweep or decode" >&2; exit 2 ;;
+    *) echo "unknown stage '$1': use all, tests, kernels, sweep, decode or decode-eager" >&2; exit 2 ;;
   esac
 }
 
@@ -47,7 +49,7 @@ for stage in "${stages[@]}"; do
   fi
 done
 if [ -n "${OUT:-}" ]; then
-  for table in kernels kernel_sweep decode decode_profile; do
+  for table in kernels kernel_sweep decode decode_profile decode_eager; do
     [ -f "benchmarks/results/$table.md" ] && cp "benchmarks/results/$table.md" "$OUT/"
   done
 fi

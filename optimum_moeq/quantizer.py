@@ -227,6 +227,12 @@ class RouterNormHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        # The kernels reach torch.compile as one custom op per projection, so generate() with a
+        # static cache may compile the forward (with CUDA graphs) as it does for bf16 models.
+        return True
+
 
 class QuantizeExperts(ConversionOps):
     """Turns one full-precision weight (an experts projection [E, N, K] or a linear's [N, K])

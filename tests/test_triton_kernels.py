@@ -6,6 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from optimum_moeq.kernels.grouped import local_expert_index  # noqa: E402
 from optimum_moeq.kernels.routing import align_pairs_by_expert  # noqa: E402
 from optimum_moeq.kernels.tuning import KernelTuning, current_tuning, kernel_tuning  # noqa: E402
 from optimum_moeq.nn import MixedBitExperts  # noqa: E402
@@ -15,9 +16,9 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 GPU_TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def _experts(bits, hidden, intermediate, group_size, device="cpu", seed=0):
+def _experts(bits, hidden, intermediate, group_size, device="cpu", seed=0, **module_kwargs):
     generator = torch.Generator().manual_seed(seed)
-    module = MixedBitExperts(bits, hidden, intermediate, group_size)
+    module = MixedBitExperts(bits, hidden, intermediate, group_size, **module_kwargs)
     with torch.no_grad():
         for proj, (n, k) in module.projection_shapes.items():
             for b in module.bit_widths:
@@ -171,9 +172,10 @@ def test_packed_linear_kernel_path_matches_reference(rows):
     reference = linear(x)  # CPU tensors: the torch reference
     out = linear._triton_forward(x) + linear.bias
     assert ((out - reference).norm() / reference.norm()) < 1e-5
-    index = linear._local_index[x.device]
+    index = local_expert_index((4,), 4, x.device)
+    assert index.tolist() == [0, -1]
     linear._triton_forward(x)
-    assert linear._local_index[x.device] is index  # made once per device, not in every forward
+    assert local_expert_index((4,), 4, x.device) is index  # made once per device, not in every forward
     with kernel_tuning(decode_max_pairs=1, gemm_block_m=16):  # the shared launch parameters apply here too
         out = linear._triton_forward(x) + linear.bias
     assert ((out - reference).norm() / reference.norm()) < 1e-5
@@ -198,13 +200,138 @@ def test_ungated_experts_decode_in_16_bit_without_split_k_errors(dtype):
     """Switch-style experts (up, relu, down: no fused SiLU) at decode: the activation buffer has
     the input's dtype, so the up projection must not split K into it."""
     generator = torch.Generator().manual_seed(0)
-    module = MixedBitExperts([2, 3, 3, 2], 64, 512, 32, hidden_act="relu", gated=False)
-    with torch.no_grad():
-        for proj, (n, k) in module.projection_shapes.items():
-            for b in module.bit_widths:
-                packed = random_packed_projection(len(module.members[b]), n, k, b, 32, generator=generator)
-                for field, tensor in packed.tensors().items():
-                    getattr(module, f"{proj}_b{b}_{field}").copy_(tensor)
+    module = _experts([2, 3, 3, 2], 64, 512, 32, hidden_act="relu", gated=False)
     index, weights = _routing(1, 4, 1, skip_expert=-1, generator=generator)
     x = torch.randn(1, 64, generator=generator).to(dtype)
     assert _relative_error(module, x, index, weights) < TOLERANCE[dtype]
+
+
+def test_experts_held_elsewhere_are_skipped_at_prefill_too():
+    """Index num_experts (an expert on another rank) gets unused blocks, never a row of an expert."""
+    generator = torch.Generator().manual_seed(2)
+    module = _experts([2, 3, 3, 2], hidden=32, intermediate=64, group_size=16)
+    index = torch.randint(0, 5, (40, 2), generator=generator)  # about a fifth held elsewhere
+    weights = torch.rand(40, 2, generator=generator)
+    assert 40 * 2 > current_tuning().decode_max_pairs and (index == 4).any()
+    assert _relative_error(module, torch.randn(40, 32, generator=generator), index, weights) < 1e-5
+    blocks = align_pairs_by_expert(index, num_experts=4, block_m=16)
+    flat = index.reshape(-1)
+    rows = blocks.sorted_pairs.view(-1, 16)[blocks.block_expert >= 0]
+    placed = rows[rows < blocks.num_pairs]
+    assert sorted(placed.tolist()) == sorted(torch.nonzero(flat < 4).flatten().tolist())
+
+
+def _graph_ops(compiled_graphs):
+    return [str(node.target) for gm in compiled_graphs for node in gm.graph.nodes if node.op == "call_function"]
+
+
+@pytest.mark.parametrize("tokens", [1, 37])  # GEMV and tl.dot paths
+@pytest.mark.parametrize("gated", [True, False])
+def test_triton_path_compiles_into_one_graph_with_one_op_per_projection(tokens, gated):
+    """torch.compile(fullgraph=True) traces the experts with no graph break: the launches of a
+    projection reach it as the custom op moeq::mixed_bit_projection, the routing as plain torch."""
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(tokens)
+    kind = dict(hidden_act="silu") if gated else dict(hidden_act="relu", gated=False)  # fused SiLU, or not
+    module = _experts([2, 3, 4, 3, 1, 5, 8, 2], hidden=64, intermediate=96, group_size=32, **kind)
+    module.kernel = "triton"
+    index, weights = _routing(tokens, module.num_experts, 2, skip_expert=1, generator=generator)
+    x = torch.randn(tokens, 64, generator=generator)
+    expected = module(x, index, weights)
+    graphs = []
+    compiled = torch.compile(module, fullgraph=True, backend=lambda gm, _: graphs.append(gm) or gm.forward)
+    assert torch.equal(compiled(x, index, weights), expected)
+    assert sum("mixed_bit_projection" in op for op in _graph_ops(graphs)) == 2  # gate_up (or up), down
+
+
+def test_mixed_bit_projection_op_passes_torch_library_checks(monkeypatch):
+    """Schema, fake (meta) implementation and AOT dispatch of the custom op, with the arguments the
+    experts module gives it when compiling (decode and prefill)."""
+    import optimum_moeq.kernels.grouped as grouped
+
+    op = torch.ops.moeq.mixed_bit_projection.default
+    calls = []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(grouped, "_mixed_bit_projection_op", lambda *args: calls.append(args) or op(*args))
+    module = _experts([2, 3, 3, 2], hidden=32, intermediate=64, group_size=16)
+    module.kernel = "triton"
+    generator = torch.Generator().manual_seed(0)
+    for tokens in (3, 20):
+        index, weights = _routing(tokens, 4, 2, skip_expert=1, generator=generator)
+        module(torch.randn(tokens, 32, generator=generator), index, weights)
+    assert len(calls) == 4 and calls[-1][3] is not None  # the prefill calls carry sorted pairs
+    for args in calls:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_quantized_model_compiles_whole(tiny_mixtral_path):
+    """A loaded model (Triton experts, packed attention) compiles with fullgraph=True and gives the
+    eager logits, and tells generate() that it may be compiled."""
+    from transformers import AutoModelForCausalLM
+
+    from optimum_moeq import RouterNormConfig
+
+    torch._dynamo.reset()
+    config = RouterNormConfig(group_size=32, attention_bits=4)
+    model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
+    assert model.hf_quantizer.is_compileable
+    for module in model.modules():
+        if isinstance(module, MixedBitExperts):
+            module.kernel = "triton"
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(tokens).logits
+        logits = torch.compile(model, backend="aot_eager", fullgraph=True)(tokens).logits
+    assert torch.equal(logits, expected)
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph and sync checks need a GPU")
+
+
+@needs_gpu
+@pytest.mark.parametrize("tokens", [1, 16, 200])
+def test_gpu_forward_never_syncs_with_the_host_and_replays_in_a_cuda_graph(tokens):
+    """A step that reads a device value back on the host cannot be captured, and stalls decode."""
+    generator = torch.Generator().manual_seed(tokens)
+    module = _experts([3, 2, 3, 2, 3, 2, 3, 2], hidden=1024, intermediate=2048, group_size=128, device="cuda")
+    module.kernel = "triton"
+    inputs = [t.cuda() for t in (torch.randn(tokens, 1024, generator=generator).to(torch.bfloat16),
+                                 *_routing(tokens, 8, 2, skip_expert=-1, generator=generator))]  # fmt: skip
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up (Triton compiles) off the capture stream, as torch advises
+        module(*inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        module(*inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = module(*inputs)
+    fresh = [torch.randn(tokens, 1024, generator=generator).to(torch.bfloat16),
+             *_routing(tokens, 8, 2, skip_expert=-1, generator=generator)]  # fmt: skip
+    for static, new in zip(inputs, fresh):
+        static.copy_(new)
+    graph.replay()
+    assert torch.equal(captured, module(*inputs))
+
+
+@needs_gpu
+def test_gpu_generate_with_static_cache_compiles_and_matches_eager(tiny_mixtral_path):
+    """generate() compiles a static-cache decode (CUDA graphs included) for this quantizer; the
+    tokens equal those of the uncompiled dynamic-cache decode."""
+    from transformers import AutoModelForCausalLM
+
+    from optimum_moeq import RouterNormConfig
+
+    torch._dynamo.reset()
+    config = RouterNormConfig(group_size=32, attention_bits=4)
+    model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config, device_map="cuda")
+    prompt = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0)).cuda()
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    eager = model.generate(prompt, **kwargs)
+    compiled = model.generate(prompt, cache_implementation="static", **kwargs)
+    assert hasattr(model, "_compiled_call")  # where transformers keeps the forward it compiled
+    assert torch.equal(compiled, eager)

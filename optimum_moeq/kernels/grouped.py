@@ -9,13 +9,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from transformers.activations import ACT2FN
 
 from ..quant.packed import PackedProjection
-from .routing import align_pairs_by_expert
+from .routing import ExpertBlocks, align_pairs_by_expert
 from .tuning import current_tuning
 
 
@@ -130,15 +130,103 @@ def _split_k(programs: int, k_steps: int, target_programs: int) -> int:
     return split
 
 
+def local_expert_index(expert_bits: tuple[int, ...], bits: int, device: torch.device) -> torch.Tensor:
+    """int32 [E + 1]: each expert's index within the ``bits``-bit tensors, or -1 (the extra slot is
+    the index transformers gives experts held elsewhere). Made once per layout and device: a
+    host-to-device copy in every forward would stall the stream and break CUDA-graph capture."""
+    key = (expert_bits, bits, device)
+    if key not in _local_indices:
+        members = [e for e, b in enumerate(expert_bits) if b == bits]
+        index = torch.full((len(expert_bits) + 1,), -1, dtype=torch.int32)
+        index[members] = torch.arange(len(members), dtype=torch.int32)
+        _local_indices[key] = index.to(device)
+    return _local_indices[key]
+
+
+_local_indices: dict[tuple, torch.Tensor] = {}
+
+
+def _mixed_bit_projection(
+    x: torch.Tensor,
+    pair_expert: torch.Tensor,
+    routing_weights: torch.Tensor | None,
+    sorted_pairs: torch.Tensor | None,
+    block_expert: torch.Tensor | None,
+    planes: list[torch.Tensor | None],
+    expert_bits: list[int],
+    group_size: int,
+    n_out: int,
+    out_dtype: torch.dtype,
+    x_rows_per_pair_div: int,
+    fuse_swiglu: bool,
+    block_m: int,
+) -> torch.Tensor:
+    out = torch.zeros(pair_expert.numel(), n_out, dtype=out_dtype, device=x.device)
+    blocks = None if sorted_pairs is None else ExpertBlocks(sorted_pairs, block_expert, pair_expert.numel(), block_m)
+    layout = tuple(expert_bits)
+    for i, bits in enumerate(sorted(set(expert_bits))):
+        q2, q1, scale, zero = planes[4 * i : 4 * i + 4]
+        launch_projection(
+            x, out, PackedProjection(bits, scale, zero, q2, q1), local_expert_index(layout, bits, x.device),
+            pair_expert, group_size=group_size, n_out=n_out, x_rows_per_pair_div=x_rows_per_pair_div,
+            fuse_swiglu=fuse_swiglu, routing_weights=routing_weights, blocks=blocks,
+        )  # fmt: skip
+    return out
+
+
+# torch.compile sees the launches as one opaque op (tracing into Triton's launcher is not needed,
+# and the interpreter cannot be traced at all); eager calls skip the dispatcher's ~20 us per call.
+_mixed_bit_projection_op = torch.library.custom_op(
+    "moeq::mixed_bit_projection", _mixed_bit_projection, mutates_args=()
+)
+
+
+@_mixed_bit_projection_op.register_fake
+def _(x, pair_expert, routing_weights, sorted_pairs, block_expert, planes, expert_bits, group_size, n_out, out_dtype,
+      x_rows_per_pair_div, fuse_swiglu, block_m):  # fmt: skip
+    return x.new_empty((pair_expert.numel(), n_out), dtype=out_dtype)
+
+
+def mixed_bit_projection(
+    x: torch.Tensor,
+    pair_expert: torch.Tensor,
+    packed: Mapping[int, PackedProjection],
+    expert_bits: Sequence[int],
+    *,
+    group_size: int,
+    n_out: int,
+    out_dtype: torch.dtype,
+    x_rows_per_pair_div: int,
+    fuse_swiglu: bool = False,
+    routing_weights: torch.Tensor | None = None,
+    blocks: ExpertBlocks | None = None,
+) -> torch.Tensor:
+    """Rows [pairs, ``n_out``] of ``out_dtype``: pair p's expert (``pair_expert[p]``, whose width is
+    ``expert_bits[e]``) applied to ``x`` row p // ``x_rows_per_pair_div``; one launch per width in
+    ``packed``. ``blocks`` (from ``align_pairs_by_expert``) selects the tl.dot kernel, else GEMV."""
+    planes = [t for bits in sorted(packed) for t in (packed[bits].q2, packed[bits].q1, packed[bits].scale,
+                                                     packed[bits].zero)]  # fmt: skip
+    if sorted(packed) != sorted(set(expert_bits)):
+        raise ValueError(
+            f"packed widths {sorted(packed)} do not match the experts' widths {sorted(set(expert_bits))}."
+        )
+    sorted_pairs, block_expert, block_m = (None, None, 0) if blocks is None else (
+        blocks.sorted_pairs, blocks.block_expert, blocks.block_m)  # fmt: skip
+    project = _mixed_bit_projection_op if torch.compiler.is_compiling() else _mixed_bit_projection
+    return project(
+        x, pair_expert, routing_weights, sorted_pairs, block_expert, planes, list(expert_bits), group_size, n_out,
+        out_dtype, x_rows_per_pair_div, fuse_swiglu, block_m,
+    )  # fmt: skip
+
+
 def grouped_experts_forward(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     gate_up: Mapping[int, PackedProjection],
     down: Mapping[int, PackedProjection],
-    local_index: Mapping[int, torch.Tensor],
+    expert_bits: Sequence[int],
     *,
-    num_experts: int,
     intermediate_dim: int,
     group_size: int,
     activation: str = "silu",
@@ -152,8 +240,8 @@ def grouped_experts_forward(
     tokens, hidden = hidden_states.shape
     top_k = top_k_index.shape[1]
     num_pairs = tokens * top_k
+    num_experts = len(expert_bits)
     pair_expert = top_k_index.reshape(-1).to(torch.int32).contiguous()
-    weights = top_k_weights.reshape(-1).contiguous()
     x = hidden_states.contiguous()
     blocks = None
     tuning = current_tuning()
@@ -162,19 +250,16 @@ def grouped_experts_forward(
         blocks = align_pairs_by_expert(pair_expert, num_experts, block_m)
     fuse = gated and activation == "silu"
     width = intermediate_dim if fuse or not gated else 2 * intermediate_dim
-    act = torch.zeros(num_pairs, width, dtype=x.dtype, device=x.device)
-    for bits, packed in gate_up.items():
-        launch_projection(
-            x, act, packed, local_index[bits], pair_expert, group_size=group_size, n_out=width,
-            x_rows_per_pair_div=top_k, fuse_swiglu=fuse, blocks=blocks,
-        )  # fmt: skip
+    common = dict(group_size=group_size, blocks=blocks)
+    act = mixed_bit_projection(
+        x, pair_expert, gate_up, expert_bits, n_out=width, out_dtype=x.dtype, x_rows_per_pair_div=top_k,
+        fuse_swiglu=fuse, **common,
+    )  # fmt: skip
     if not fuse:
         act_fn = ACT2FN[activation]
         act = act_fn(act[:, :intermediate_dim]) * act[:, intermediate_dim:] if gated else act_fn(act)
-    out = torch.zeros(num_pairs, hidden, dtype=torch.float32, device=x.device)
-    for bits, packed in down.items():
-        launch_projection(
-            act, out, packed, local_index[bits], pair_expert, group_size=group_size, n_out=hidden,
-            x_rows_per_pair_div=1, routing_weights=weights, blocks=blocks,
-        )  # fmt: skip
+    out = mixed_bit_projection(
+        act, pair_expert, down, expert_bits, n_out=hidden, out_dtype=torch.float32, x_rows_per_pair_div=1,
+        routing_weights=top_k_weights.reshape(-1).contiguous(), **common,
+    )  # fmt: skip
     return out.view(tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)

@@ -22,10 +22,14 @@ class ExpertBlocks:
 
 
 def align_pairs_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
+    """Pairs sorted by expert in blocks of ``block_m``; index ``num_experts`` (an expert held on
+    another rank) gets a bucket of its own whose blocks are marked unused."""
     experts = top_k_index.reshape(-1).long()
     num_pairs = experts.numel()
     device = experts.device
-    counts = torch.bincount(experts, minlength=num_experts)[:num_experts]
+    buckets = num_experts + 1
+    # not bincount: on CUDA it reads the largest index back to the host to size its output
+    counts = torch.zeros(buckets, dtype=torch.long, device=device).scatter_add_(0, experts, torch.ones_like(experts))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
     padded_start = padded_end - padded
@@ -33,10 +37,10 @@ def align_pairs_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: 
     sorted_experts = experts[order]
     first_of_expert = torch.cumsum(counts, 0) - counts
     rank = torch.arange(num_pairs, device=device) - first_of_expert[sorted_experts]
-    max_blocks = (num_pairs + num_experts * (block_m - 1)) // block_m + 1
+    max_blocks = (num_pairs + buckets * (block_m - 1)) // block_m + 1
     sorted_pairs = torch.full((max_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
     sorted_pairs[padded_start[sorted_experts] + rank] = order.to(torch.int32)
     block_starts = torch.arange(max_blocks, device=device) * block_m
-    block_expert = torch.searchsorted(padded_end, block_starts, right=True).to(torch.int32)
-    block_expert[block_starts >= padded_end[-1]] = -1
+    block_expert = torch.searchsorted(padded_end, block_starts, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
     return ExpertBlocks(sorted_pairs, block_expert, num_pairs, block_m)

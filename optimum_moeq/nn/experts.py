@@ -57,7 +57,6 @@ class MixedBitExperts(nn.Module):
         self.bit_widths = sorted(set(self.expert_bits))
         self.members = {b: [e for e, eb in enumerate(self.expert_bits) if eb == b] for b in self.bit_widths}
         self._slot = {e: (b, self.members[b].index(e)) for e, b in enumerate(self.expert_bits)}
-        self._local_index: dict[torch.device, dict[int, torch.Tensor]] = {}
         # (out features N, in features K) of each projection
         self.input_projection = "gate_up_proj" if gated else "up_proj"
         self.projection_shapes = {
@@ -111,8 +110,7 @@ class MixedBitExperts(nn.Module):
                 top_k_weights,
                 {b: self.packed(self.input_projection, b) for b in self.bit_widths},
                 {b: self.packed("down_proj", b) for b in self.bit_widths},
-                self.local_index(hidden_states.device),
-                num_experts=self.num_experts,
+                self.expert_bits,
                 intermediate_dim=self.intermediate_dim,
                 group_size=self.group_size,
                 activation=self.hidden_act,
@@ -132,18 +130,6 @@ class MixedBitExperts(nn.Module):
                 f"got group_size={self.group_size}; install optimum-moeq[gpu] or use kernel='torch'."
             )
         return self.kernel == "triton" or (usable and hidden_states.is_cuda)
-
-    def local_index(self, device: torch.device) -> dict[int, torch.Tensor]:
-        """Per bit-width, each expert's index within that width's tensors, or -1 (one more slot, -1,
-        for the expert index transformers uses for experts held elsewhere)."""
-        if device not in self._local_index:
-            maps = {}
-            for b in self.bit_widths:
-                index = torch.full((self.num_experts + 1,), -1, dtype=torch.int32)
-                index[self.members[b]] = torch.arange(len(self.members[b]), dtype=torch.int32)
-                maps[b] = index.to(device)
-            self._local_index[device] = maps
-        return self._local_index[device]
 
     def _reference_forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.grouped import block_k_for, launch_projection, triton_available
+from ..kernels.grouped import block_k_for, mixed_bit_projection, triton_available
 from ..kernels.reference import packed_linear
 from ..kernels.routing import align_pairs_by_expert
 from ..kernels.tuning import current_tuning
@@ -35,7 +35,6 @@ class PackedLinear(nn.Module):
         check_packable(in_features, [bits], name)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.method = bits, group_size, method
-        self._local_index: dict[torch.device, torch.Tensor] = {}
         self.projection_shapes = {"weight": (out_features, in_features)}
         for field, (shape, dtype) in packed_tensor_shapes(bits, out_features, in_features, group_size).items():
             self.register_parameter(
@@ -67,16 +66,11 @@ class PackedLinear(nn.Module):
         rows = x.shape[0]
         tuning = current_tuning()
         pair_expert = torch.zeros(rows, dtype=torch.int32, device=x.device)
-        # expert 0 is local; made once per device, since a host-to-device copy in every forward
-        # would stall the stream and could not be captured in a CUDA graph
-        local_index = self._local_index.setdefault(x.device, torch.tensor([0, -1], dtype=torch.int32, device=x.device))
-        packed = self.packed()
-        packed = PackedProjection(packed.bits, **{f: t.unsqueeze(0) for f, t in packed.tensors().items()})
+        packed = PackedProjection(self.bits, **{f: t.unsqueeze(0) for f, t in self.packed().tensors().items()})
         blocks = align_pairs_by_expert(pair_expert, 1, tuning.gemm_block_m) if rows > tuning.decode_max_pairs else None
-        out = torch.zeros(rows, self.out_features, dtype=torch.float32, device=x.device)
-        launch_projection(
-            x.contiguous(), out, packed, local_index, pair_expert, group_size=self.group_size,
-            n_out=self.out_features, x_rows_per_pair_div=1, blocks=blocks,
+        out = mixed_bit_projection(
+            x.contiguous(), pair_expert, {self.bits: packed}, [self.bits], group_size=self.group_size,
+            n_out=self.out_features, out_dtype=torch.float32, x_rows_per_pair_div=1, blocks=blocks,
         )  # fmt: skip
         return out.to(x.dtype)
 
