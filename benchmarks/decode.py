@@ -195,15 +195,15 @@ def main() -> None:
 
     rows = []
     for (label, batch), (tok_s, per_token) in results.items():
-        limit = bandwidth / 2 / per_token  # copy bandwidth counts read + write; a step only reads
+        limit = bandwidth / per_token  # DRAM bytes/s a copy moves (read + write); a read-only step can move as many
         ratio = tok_s / results["bf16", batch][0]
         rows.append([label, batch, f"{tok_s:.1f}", f"{ratio:.2f}x", f"{per_token / 1e9:.3f}", f"{limit:.0f}",
                      f"{tok_s / limit:.0%}" if batch == 1 else "-"])  # fmt: skip
     notes = (
-        f"Device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write; the limit uses "
-        f"half, the read side). {layers} layers of {'tiny smoke' if args.smoke else 'Mixtral-8x7B'} shapes, "
-        f"group {group_size}, cache {args.cache}, "
-        f"compiled {compiled}, {new_tokens} new tokens after a 16-token prompt, prefill excluded. "
+        f"Device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.0f} GB/s (bytes read + written by a "
+        "device copy: the rate a read-only step can reach). "
+        f"{layers} layers of {'tiny smoke' if args.smoke else 'Mixtral-8x7B'} shapes, group {group_size}, "
+        f"cache {args.cache}, compiled {compiled}, {new_tokens} new tokens after a 16-token prompt, prefill excluded. "
         f"Command: python benchmarks/decode.py{' --smoke' if args.smoke else f' --layers {layers}'}"
         f"{' --eager' if args.eager else ''}{'' if args.cache == 'static' else ' --cache ' + args.cache}"
     )

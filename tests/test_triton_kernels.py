@@ -315,7 +315,8 @@ def test_gpu_forward_never_syncs_with_the_host_and_replays_in_a_cuda_graph(token
     for static, new in zip(inputs, fresh):
         static.copy_(new)
     graph.replay()
-    assert torch.equal(captured, module(*inputs))
+    eager = module(*inputs)  # split-K adds partial sums atomically, in any order: equal up to rounding
+    assert ((captured.float() - eager.float()).norm() / eager.float().norm()) < 1e-3
 
 
 @needs_gpu
@@ -330,8 +331,13 @@ def test_gpu_generate_with_static_cache_compiles_and_matches_eager(tiny_mixtral_
     config = RouterNormConfig(group_size=32, attention_bits=4)
     model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config, device_map="cuda")
     prompt = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0)).cuda()
-    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
     eager = model.generate(prompt, **kwargs)
     compiled = model.generate(prompt, cache_implementation="static", **kwargs)
     assert hasattr(model, "_compiled_call")  # where transformers keeps the forward it compiled
-    assert torch.equal(compiled, eager)
+    for step, (ours, theirs) in enumerate(zip(compiled.logits, eager.logits)):
+        assert ((ours - theirs).norm() / theirs.norm()) < 1e-3, step
+        top2 = theirs.float().topk(2).values
+        if not torch.equal(ours.argmax(-1), theirs.argmax(-1)):  # only a near-tie may pick another token
+            assert (top2[:, 0] - top2[:, 1]).min() < 1e-3, step
+            break
