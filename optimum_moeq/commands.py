@@ -39,7 +39,7 @@ def quantize_to_folder(
 ) -> Path:
     """Quantize ``model_id`` into ``out`` with its tokenizer and model card, atomically: everything is
     written to a hidden sibling folder that replaces ``out`` only once complete."""
-    out = check_output_folder(out, overwrite)
+    out = check_output_folder(out, overwrite, model_id)
     check_location(model_id)
     _refuse_quantized_input(model_id)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -60,10 +60,12 @@ def quantize_to_folder(
     return out
 
 
-def check_output_folder(out: str | os.PathLike, overwrite: bool) -> Path:
+def check_output_folder(out: str | os.PathLike, overwrite: bool, model_id: str | None = None) -> Path:
     """``out`` as an absolute path, or an error, before any work: a folder --overwrite may replace must
-    not hold the current directory, and nothing on its way may be a file."""
+    hold neither the current directory nor the input model, and nothing on its way may be a file."""
     out = Path(out).resolve()
+    if model_id is not None and os.path.isdir(model_id) and Path(model_id).resolve().is_relative_to(out):
+        raise ValueError(f"OUT={out} is the input MODEL={model_id} or holds it: choose another OUT.")
     if out.exists():
         if not out.is_dir():
             raise FileExistsError(f"{out} exists and is not a folder: choose another OUT.")

@@ -58,12 +58,16 @@ def _eval_results(folder: Path) -> tuple[list[EvalResult], str]:
     return entries, "\n".join(lines)
 
 
+_BNB_ATTENTION = {"bnb_nf4": "4-bit NF4 (bitsandbytes)", "bnb_int8": "8-bit LLM.int8 (bitsandbytes)"}
+
+
 def render_model_card(
     folder: str | os.PathLike,
     repo_id: str | None = None,
     base_model: str | None = None,
     name: str | None = None,
     allocation: Allocation | None = None,
+    tags: list[str] | None = None,
 ) -> ModelCard:
     """The card of a saved quantized checkpoint, from its config (allocation) and eval results.
 
@@ -82,21 +86,26 @@ def render_model_card(
     base_model = base_model or quantization.get("base_model") or _local_free(config.get("_name_or_path"))
     eval_results, evaluation = _eval_results(folder)
     name = repo_id or name or folder.name
+    seq2seq = bool(config.get("is_encoder_decoder"))
     card_data = ModelCardData(
         base_model=base_model,
         base_model_relation="quantized" if base_model else None,
         library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=["optimum-moeq", "mixture-of-experts", "quantized", f"{allocation.average_bits:g}-bit"],
+        pipeline_tag="text2text-generation" if seq2seq else "text-generation",
+        tags=["optimum-moeq", "mixture-of-experts", "quantized", f"{allocation.average_bits:g}-bit", *(tags or [])],
         model_name=name,
         eval_results=eval_results or None,
     )
     attention_bits = quantization.get("attention_bits")
+    attention = _BNB_ATTENTION.get(quantization.get("attention_method"), "kept in the model's dtype")
+    if attention_bits is not None:
+        attention = f"{attention_bits}-bit, same quantizer"
     return ModelCard.from_template(
         card_data,
         template_path=template_path(),
         model_name=name,
         repo_id=repo_id or "path/to/" + name,
+        model_class="AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM",
         base_model_line=f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "A MoE model",
         average_bits=f"{allocation.average_bits:.3f}",
         bit_levels=tuple(quantization.get("bit_levels", ())),
@@ -104,7 +113,7 @@ def render_model_card(
         zeta=quantization.get("zeta"),
         method=quantization.get("method"),
         group_size=quantization.get("group_size"),
-        attention="kept in the model's dtype" if attention_bits is None else f"{attention_bits}-bit, same quantizer",
+        attention=attention,
         true_size=f"{_human_bytes(_true_bytes(folder))} of safetensors",
         allocation_table="```\n" + format_table(allocation.bits) + "\n```",
         evaluation=evaluation,
@@ -145,29 +154,68 @@ def push_folder(
     *,
     private: bool | None = None,
     token: str | None = None,
-    commit_message: str = "Upload optimum-moeq quantized model",
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
     base_model: str | None = None,
     allocation: Allocation | None = None,
+    tags: list[str] | None = None,
 ):
-    """Render the card, then upload every file of ``folder`` to ``repo_id`` in one commit."""
+    """Upload ``folder`` to ``repo_id`` in one commit, with the card rendered for it as README.md.
+
+    Hidden files and folders (``.git``, ``.cache``, ``.env``, ...) stay out, and the folder's own
+    README.md is neither uploaded nor overwritten: the card goes straight into the commit.
+    """
     folder = Path(folder)
-    write_model_card(folder, repo_id=repo_id, base_model=base_model, allocation=allocation)
+    card = render_model_card(folder, repo_id=repo_id, base_model=base_model, allocation=allocation, tags=tags)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    operations = [
-        CommitOperationAdd(path_in_repo=str(path.relative_to(folder)), path_or_fileobj=str(path))
+    files = [
+        path
         for path in sorted(folder.rglob("*"))
         if path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and path.relative_to(folder) != Path("README.md")
     ]
-    return api.create_commit(repo_id, operations=operations, commit_message=commit_message)
+    operations = [CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+                  for path in files]  # fmt: skip
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
+    return api.create_commit(
+        repo_id,
+        operations=operations,
+        commit_message=commit_message or "Upload optimum-moeq quantized model",
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
+    )
 
 
-def push_to_hub(model, repo_id: str, *, tokenizer=None, base_model: str | None = None, **kwargs):
-    """Save ``model`` (and ``tokenizer``) to a temporary folder and push it with its card."""
+def push_to_hub(
+    model,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str | None = "50GB",
+    tags: list[str] | None = None,
+    tokenizer=None,
+    base_model: str | None = None,
+):
+    """``model.push_to_hub``: transformers' arguments, plus ``tokenizer`` and ``base_model`` for the
+    card. Saves to a temporary folder and pushes it with the optimum-moeq card."""
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         base_model = base_model or _local_free(getattr(model.config, "_name_or_path", None))
         allocation = getattr(getattr(model, "hf_quantizer", None), "allocation", None)
-        return push_folder(tmp, repo_id, base_model=base_model, allocation=allocation, **kwargs)
+        return push_folder(
+            tmp, repo_id, private=private, token=token, commit_message=commit_message,
+            commit_description=commit_description, revision=revision, create_pr=create_pr, base_model=base_model,
+            allocation=allocation, tags=tags,
+        )  # fmt: skip

@@ -151,12 +151,14 @@ class RouterNormHfQuantizer(HfQuantizer):
             self._replace_dense_linears(model, adapter)
 
     def _replace_dense_linears(self, model, adapter) -> None:
-        """``attention_bits`` / ``attention_method``: every nn.Linear outside the experts, routers and
-        output embeddings."""
+        """``attention_bits`` / ``attention_method``: every nn.Linear outside the experts, routers,
+        output embeddings and the family's ``dense_linears_kept``."""
         config = self.quantization_config
         keep = self.get_modules_to_not_convert(model, config.modules_to_not_convert, add_default_skips=True)
         for name, module in list(model.named_modules()):
             if type(module) is not nn.Linear or _ROUTING_MODULE.search(name) or not should_convert_module(name, keep):
+                continue
+            if name.rpartition(".")[2] in adapter.dense_linears_kept:
                 continue
             parents = [name[:i] for i in range(len(name)) if name[i] == "."]
             if any(adapter.experts_module_key.match(parent) for parent in parents):

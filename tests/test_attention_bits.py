@@ -88,6 +88,25 @@ def test_switch_router_classifier_stays_full_precision(tmp_path):
     assert isinstance(block.layer[0].SelfAttention.q, PackedLinear)
 
 
+@pytest.mark.parametrize("attention", [dict(attention_bits=8), dict(attention_method="bnb_int8")])
+def test_switch_with_dense_ffn_layers_runs_with_quantized_attention(tmp_path, attention):
+    """Switch's dense FFN casts its input to `wo.weight.dtype`, so `wo` stays an nn.Linear there;
+    its `wi` and the attention are quantized."""
+    if "attention_method" in attention:
+        pytest.importorskip("bitsandbytes")
+    save_tiny_switch(tmp_path, encoder_sparse_step=2, decoder_sparse_step=2)
+    model = AutoModelForSeq2SeqLM.from_pretrained(
+        tmp_path, quantization_config=RouterNormConfig(group_size=16, **attention)
+    )
+    dense = model.encoder.block[0].layer[1].mlp
+    assert type(dense.wo) is torch.nn.Linear and type(dense.wi) is not torch.nn.Linear
+    assert type(model.encoder.block[0].layer[0].SelfAttention.q) is not torch.nn.Linear
+    tokens = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=tokens, decoder_input_ids=tokens).logits
+    assert logits.shape == (2, 5, 64) and torch.isfinite(logits).all()
+
+
 def test_attention_bits_outside_1_to_8_is_refused():
     with pytest.raises(ValueError, match=r"attention_bits: bits=16 is not supported: allowed are integers 1 to 8"):
         RouterNormConfig(attention_bits=16)

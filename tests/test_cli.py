@@ -55,6 +55,24 @@ def test_overwriting_the_current_directory_is_refused_before_anything_is_touched
     assert sorted(os.listdir(tmp_path)) == ["precious.txt"]
 
 
+@pytest.mark.parametrize("inside", [False, True])
+def test_an_out_that_is_or_holds_the_input_model_is_refused(tiny_mixtral_path, tmp_path, capsys, inside):
+    """--overwrite would otherwise delete the model being quantized."""
+    import shutil
+
+    workspace = tmp_path / "ws"
+    model = workspace / "base" if inside else workspace
+    shutil.copytree(tiny_mixtral_path, model)
+    before = sorted(os.listdir(model))
+    assert (
+        main(["quantize", str(model), str(workspace), "--avg-bits", "2.5", "--group-size", "32", "--overwrite"]) == 2
+    )
+    assert (
+        _error(capsys) == f"moeq: error: OUT={workspace} is the input MODEL={model} or holds it: choose another OUT."
+    )
+    assert sorted(os.listdir(model)) == before
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -88,7 +88,7 @@ def captured_commits(monkeypatch):
         for op in operations:
             source = op.path_or_fileobj
             files[op.path_in_repo] = Path(source).read_bytes() if isinstance(source, str) else source
-        commits.append({"repo_id": repo_id, "message": commit_message, "files": files})
+        commits.append({"repo_id": repo_id, "message": commit_message, "files": files, **kwargs})
         return None
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -117,6 +117,53 @@ def test_push_to_hub_uploads_a_loadable_checkpoint_and_a_valid_card(tiny_mixtral
     assert "pip install optimum-moeq" in card.text and "import optimum_moeq" in card.text
     assert "model.layers.1.mlp.experts" in card.text and "Chowdhury" in card.text
     _png_is_a_picture(uploaded / "allocation.png")
+
+
+def test_push_to_hub_takes_transformers_arguments(tiny_mixtral_path, captured_commits):
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_mixtral_path, quantization_config=RouterNormConfig(avg_bits=2.5, group_size=32)
+    )
+    model.push_to_hub("me/tiny-moeq", commit_message="v2", commit_description="why", revision="dev", create_pr=True,
+                      max_shard_size="100KB", tags=["mine"])  # fmt: skip
+    (commit,) = captured_commits
+    assert (commit["message"], commit["commit_description"], commit["revision"], commit["create_pr"]) == (
+        "v2", "why", "dev", True,
+    )  # fmt: skip
+    assert "model.safetensors.index.json" in commit["files"]  # sharded as asked
+    assert "mine" in ModelCard(commit["files"]["README.md"].decode()).data.tags
+
+
+def test_push_leaves_hidden_files_and_the_folders_readme_alone(tiny_mixtral_path, tmp_path, captured_commits):
+    out = tmp_path / "out"
+    assert main(["quantize", str(tiny_mixtral_path), str(out), "--avg-bits", "2.5", "--group-size", "32"]) == 0
+    (out / "README.md").write_text("my own notes")
+    (out / ".env").write_text("HF_TOKEN=secret")
+    (out / ".git").mkdir()
+    (out / ".git" / "config").write_text("[core]")
+    assert main(["push", str(out), "me/tiny-moeq"]) == 0
+    (commit,) = captured_commits
+    assert not any(name.startswith(".") or "/." in name for name in commit["files"])
+    assert {"config.json", "model.safetensors", "allocation.png", "README.md"} <= set(commit["files"])
+    assert "optimum-moeq" in ModelCard(commit["files"]["README.md"].decode()).data.tags
+    assert (out / "README.md").read_text() == "my own notes"
+
+
+def test_card_names_the_right_class_and_attention(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from optimum_moeq.hub import render_model_card
+
+    from conftest import save_tiny_switch
+
+    save_tiny_switch(tmp_path / "switch")
+    model = AutoModelForSeq2SeqLM.from_pretrained(
+        tmp_path / "switch", quantization_config=RouterNormConfig(group_size=16, attention_method="bnb_int8")
+    )
+    model.save_pretrained(tmp_path / "q")
+    card = render_model_card(tmp_path / "q")
+    assert "AutoModelForSeq2SeqLM.from_pretrained(" in card.text and "AutoModelForCausalLM" not in card.text
+    assert card.data.pipeline_tag == "text2text-generation"
+    assert "| attention and dense linears | 8-bit LLM.int8 (bitsandbytes) |" in card.text
 
 
 def test_card_carries_eval_results_as_model_index(tiny_mixtral_path, tmp_path, capsys):

@@ -31,6 +31,24 @@ def test_rtn_is_exact_on_weights_already_on_the_grid():
     assert torch.equal(dequantize(q.codes, q.scale, q.zero), weight)
 
 
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+def test_near_constant_groups_far_from_zero_stay_finite_and_close(method):
+    """A group of (nearly) equal values: min-max alone would give a zero point of about
+    value / 2**-24, past float16's range (inf), and NaN outputs."""
+    from optimum_moeq.quant import quantize_weight
+
+    weight = torch.randn(3, 64, dtype=torch.float64) * 0.02
+    weight[0, :32] = 0.01  # constant, positive
+    weight[1, 32:] = -0.5 + 1e-7 * torch.arange(32)  # nearly constant, negative
+    weight[2, :32] = 0.0
+    q = quantize_weight(weight.float(), 2, 32, method)
+    assert torch.isfinite(q.scale.float()).all() and torch.isfinite(q.zero.float()).all()
+    restored = dequantize(q.codes, q.scale, q.zero).double()
+    assert ((restored - weight).abs()[0, :32] < 1e-4).all()
+    assert ((restored - weight).abs()[1, 32:] < 1e-3).all()
+    assert (restored[2, :32] == 0).all()
+
+
 def test_group_size_must_divide_the_input_dimension():
     with pytest.raises(ValueError, match="group_size=48 does not divide the input dimension 64"):
         quantize_rtn(torch.randn(4, 64), 2, group_size=48)

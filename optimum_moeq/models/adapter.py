@@ -38,6 +38,9 @@ class MoEAdapter:
     gated: bool = True  # act(gate) * up, with gate_up fused; else act(up)
     extra_weight_conversions: Callable[[], list] | None = None  # fuse per-expert tensors while loading
     replacement: str = "top_k"  # which MixedBitExperts subclass keeps the replaced module's forward contract
+    # dense linears that attention_bits / attention_method leave alone, by last name: their parent's
+    # forward reads their `.weight` (Switch's dense FFN casts its input to `wo.weight.dtype`)
+    dense_linears_kept: tuple[str, ...] = ()
 
     def experts_module_name(self, match: re.Match) -> str:
         return self.experts_module.format(prefix=match["prefix"])

@@ -39,4 +39,5 @@ SWITCH_TRANSFORMERS = MoEAdapter(
     extra_weight_conversions=_merge_experts,
     replacement="one_hot",
     router_module="router.classifier",
+    dense_linears_kept=("wo",),
 )

@@ -61,7 +61,7 @@ def quantize_hqq(
     check_bits(bits)
     qmax = 2**bits - 1
     w = _grouped(weight.float(), group_size)
-    wmin, wmax = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+    wmin, wmax = w.amin(dim=-1, keepdim=True).clamp(max=0), w.amax(dim=-1, keepdim=True).clamp(min=0)  # as rtn
     best: list[torch.Tensor] = [torch.full_like(wmin, float("inf")), wmin, wmin]
 
     for shrink in torch.linspace(1.0, min_shrink, shrink_steps).tolist():

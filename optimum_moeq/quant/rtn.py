@@ -9,7 +9,7 @@ import torch
 from .packing import check_bits
 
 # Scales and zeros are stored in float16: more mantissa than bfloat16, and enough range for
-# weights. A group of identical values would have a zero scale; the floor keeps 1/s finite.
+# weights. An all-zero group would have a zero scale; the floor keeps 1/s finite.
 METADATA_DTYPE = torch.float16
 _MIN_SCALE = 2.0**-24
 
@@ -56,7 +56,9 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int) -> GroupQuant
     """Min-max asymmetric quantization of ``weight`` ``[..., N, K]`` per group of ``group_size``."""
     check_bits(bits)
     w = _grouped(weight.float(), group_size)
-    wmin, wmax = w.amin(dim=-1), w.amax(dim=-1)
+    # The grid spans 0 as well, so the zero point is a code (0 .. 2**bits - 1): a group of near-equal
+    # values far from 0 would otherwise need a zero past float16's range (inf, then NaN outputs).
+    wmin, wmax = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
     scale = ((wmax - wmin) / (2**bits - 1)).clamp_(min=_MIN_SCALE).to(METADATA_DTYPE)
     zero = (-wmin / scale.float()).to(METADATA_DTYPE)
     # Codes are chosen against the rounded metadata actually stored, not the exact values.
