@@ -149,11 +149,10 @@ def test_push_leaves_hidden_files_and_the_folders_readme_alone(tiny_mixtral_path
 
 
 def test_card_names_the_right_class_and_attention(tmp_path):
+    from conftest import save_tiny_switch
     from transformers import AutoModelForSeq2SeqLM
 
     from optimum_moeq.hub import render_model_card
-
-    from conftest import save_tiny_switch
 
     save_tiny_switch(tmp_path / "switch")
     model = AutoModelForSeq2SeqLM.from_pretrained(

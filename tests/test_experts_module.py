@@ -60,3 +60,38 @@ def test_parameters_hold_each_width_in_one_tensor(module_and_weights):
 def test_input_dimension_that_cannot_pack_is_named():
     with pytest.raises(ValueError, match=r"layer\.down_proj has input dimension 48.*multiple of 32"):
         MixedBitExperts([3, 2], hidden_dim=64, intermediate_dim=48, group_size=16, name="layer")
+
+
+@pytest.mark.parametrize("attention", [dict(attention_bits=4), dict(attention_method="bnb_nf4")])
+def test_dtype_casts_move_but_never_recast_the_stored_tensors(tiny_mixtral_path, tmp_path, attention):
+    """model.to(bfloat16) casts the rest of the model; codes, scales, zeros and absmax keep their
+    values and dtypes (a cast would change the weights the codes were chosen for, and be saved)."""
+    from transformers import AutoModelForCausalLM
+
+    from optimum_moeq import RouterNormConfig
+    from optimum_moeq.nn import QUANTIZED_DENSE
+
+    if "attention_method" in attention:
+        pytest.importorskip("bitsandbytes")
+    config = RouterNormConfig(group_size=32, **attention)
+    model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
+    quantized = [m for m in model.modules() if isinstance(m, (MixedBitExperts, *QUANTIZED_DENSE))]
+    stored = {(id(m), n): p.detach().clone() for m in quantized for n, p in m.named_parameters() if n != "bias"}
+    assert any(t.dtype == torch.float16 for t in stored.values()) and any(
+        t.is_floating_point() for t in stored.values()
+    )
+    for dtype in (torch.bfloat16, torch.float32):
+        model.to(dtype)
+        assert model.model.embed_tokens.weight.dtype == dtype  # the rest follows the cast
+        for (module_id, name), before in stored.items():
+            module = next(m for m in quantized if id(m) == module_id)
+            after = getattr(module, name)
+            assert after.dtype == before.dtype and torch.equal(after, before), name
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    reloaded_params = dict(reloaded.named_parameters())
+    for name, param in model.named_parameters():
+        if name.endswith(("_scale", "_zero", "_absmax")):
+            assert reloaded_params[name].dtype == param.dtype != torch.bfloat16 and torch.equal(
+                reloaded_params[name], param
+            )

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .stored import QuantizedModule
+
 NF4_BLOCK = 64
 
 
@@ -23,7 +25,7 @@ def _bnb_functional():
     return functional
 
 
-class _BnbLinear(nn.Module):
+class _BnbLinear(QuantizedModule):
     def __init__(self, in_features: int, out_features: int, bias: bool, with_full_precision_placeholders: bool):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features

@@ -20,11 +20,12 @@ from ..kernels.grouped import block_k_for, grouped_experts_forward, triton_avail
 from ..kernels.reference import packed_linear
 from ..quant import PackedProjection, check_group_size, pack_projection, packed_tensor_shapes, quantize_weight
 from ..quant.packing import check_bits, check_packable
+from .stored import QuantizedModule
 
 KERNELS = ("auto", "torch", "triton")
 
 
-class MixedBitExperts(nn.Module):
+class MixedBitExperts(QuantizedModule):
     """Experts each at its own bit-width: gated (``gate_up_proj`` [E, 2I, H] holding gate then up,
     act(gate) * up) or not (``up_proj`` [E, I, H], act(up)), then ``down_proj`` [E, H, I]."""
 

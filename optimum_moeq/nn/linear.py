@@ -11,11 +11,12 @@ from ..kernels.routing import align_pairs_by_expert
 from ..kernels.tuning import current_tuning
 from ..quant import PackedProjection, check_group_size, pack_projection, packed_tensor_shapes, quantize_weight
 from ..quant.packing import check_packable
+from .stored import QuantizedModule
 
 _FIELDS = ("q2", "q1", "scale", "zero")
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(QuantizedModule):
     """``nn.Linear`` with its weight as ``weight_q2``/``weight_q1`` bit planes and float16
     ``weight_scale``/``weight_zero`` (the layout of ``quant/packed.py`` with one expert)."""
 
