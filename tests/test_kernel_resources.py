@@ -1,0 +1,56 @@
+"""The kernels compiled for an H100 (sm_90) on this machine, no GPU needed: every launch the
+experts make at decode and prefill fits the GPU's shared memory, and the default tiles do not
+spill. (A prefill tile that needed 329 KB of the H100's 227 KB was found this way.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton.backends.nvidia.compiler")
+
+PROBE = """
+import json, torch
+from optimum_moeq.kernels.resources import SHARED_MEMORY_LIMIT, compile_for, record_launches, resources_of
+from optimum_moeq.nn import MixedBitExperts
+
+generator = torch.Generator().manual_seed(0)
+# bf16 at decode (GEMV) and prefill (tl.dot), gated (fused SiLU) or not; fp32 at prefill (exact dot)
+cases = [(torch.bfloat16, gated, tokens) for gated in (True, False) for tokens in (1, 100)]
+for dtype, gated, tokens in cases + [(torch.float32, True, 100)]:
+    module = MixedBitExperts([3, 8, 2, 3], 256, 512, 128, hidden_act="silu" if gated else "relu", gated=gated)
+    module.kernel = "triton"  # the weights stay uninitialised: nothing runs
+    index = torch.randint(0, 4, (tokens, 2), generator=generator)
+    x = torch.randn(tokens, 256, generator=generator).to(dtype)
+    for launch in record_launches(lambda: module(x, index, torch.rand(tokens, 2))):
+        found = resources_of(compile_for(launch, 90), 90)
+        bits = launch.kwargs["N2"] * 2 + launch.kwargs["HAS_Q1"]
+        print(json.dumps(dict(kernel=launch.name, dtype=str(dtype), gated=gated, bits=bits, shared=found.shared_bytes,
+                              limit=SHARED_MEMORY_LIMIT[90], registers=found.registers, spills=found.spill_bytes)))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled_launches():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_every_launch_is_compiled(compiled_launches):
+    kinds = {(r["kernel"], r["dtype"], r["gated"], r["bits"]) for r in compiled_launches}
+    assert len(kinds) == (2 * 2 + 1) * 3  # bf16: GEMV and tl.dot, gated or not; fp32 tl.dot; 2/3/8 bits
+    assert len(compiled_launches) == 2 * len(kinds)  # two projections each
+
+
+def test_every_launch_fits_an_h100s_shared_memory(compiled_launches):
+    too_big = [r for r in compiled_launches if r["shared"] > r["limit"]]
+    assert not too_big
+
+
+def test_16_bit_launches_do_not_spill(compiled_launches):
+    spilling = [r for r in compiled_launches if r["spills"] and r["dtype"] == "torch.bfloat16"]
+    assert not spilling
