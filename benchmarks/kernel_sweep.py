@@ -5,8 +5,9 @@
 
 For each batch, the whole experts layer (Mixtral-8x7B shapes, 2.5-bit mix by default) is timed
 under the default ``KernelTuning`` and under every candidate of the regime that batch runs in
-(GEMV for decode, tl.dot for prefill). The table gives the best candidate and its gain; apply it
-with ``optimum_moeq.kernels.tuning.kernel_tuning(**best)`` or make it the default.
+(GEMV for decode, plus tl.dot with 16-row blocks as an alternative; tl.dot for prefill). The
+table gives the best candidate and its gain; apply it with
+``optimum_moeq.kernels.tuning.kernel_tuning(**best)`` or make it the default.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ PREFILL_GRID = {
     "gemm_warps": [4, 8],
     "gemm_stages": [3, 4],
 }
+# A few tokens can also take the tl.dot kernel with 16-row blocks: each expert's weights are then
+# decoded once per block instead of once per (token, expert) pair, which may win from ~8 tokens.
+DECODE_VIA_DOT = [{"decode_max_pairs": 1, "gemm_block_m_small": 16, "gemm_block_n": n} for n in (64, 128)]
 SMOKE_DECODE_GRID = {"gemv_block_n": [32, 64], "target_programs": [8, 1024]}
 SMOKE_PREFILL_GRID = {"gemm_block_m": [16, 32], "gemm_block_n": [32, 64]}
 
@@ -75,7 +79,8 @@ def main() -> None:
         grid = decode_grid if decode else prefill_grid
         default_ms = median_ms(layer, device)
         timed = []
-        for changes in candidates(grid):
+        tried = candidates(grid) + (DECODE_VIA_DOT if decode else [])
+        for changes in tried:
             if not decode:  # one block height whatever the tokens per expert
                 changes = {**changes, "gemm_block_m_small": changes["gemm_block_m"]}
             try:  # a tile too big for the device (shared memory, registers) fails only that candidate
@@ -88,7 +93,7 @@ def main() -> None:
         best_ms, best = min(timed, key=lambda t: t[0])
         shown = ", ".join(f"{k}={v}" for k, v in best.items() if k != "gemm_block_m_small")
         rows.append([args.config, batch, "decode (GEMV)" if decode else "prefill (tl.dot)", f"{default_ms:.3f}",
-                     f"{best_ms:.3f}", f"{default_ms / best_ms:.2f}x", f"{len(timed)} of {len(candidates(grid))}",
+                     f"{best_ms:.3f}", f"{default_ms / best_ms:.2f}x", f"{len(timed)} of {len(tried)}",
                      shown])  # fmt: skip
     notes = (
         f"Device: {device_name(device)}. Shapes: hidden {hidden}, intermediate {intermediate}, {experts} experts, "

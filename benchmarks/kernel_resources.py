@@ -1,0 +1,78 @@
+"""What each kernel launch asks of an H100, measured on any machine (no GPU needed).
+
+    python benchmarks/kernel_resources.py    # table to benchmarks/results/kernel_resources.md
+
+The experts layer of Mixtral-8x7B shape (2, 3, 4 and 8 bits, bf16 activations) at decode (1 token)
+and prefill (2048 tokens), under the default ``KernelTuning`` and every prefill candidate of
+``kernel_sweep.py``: each launch is compiled for sm_90 with its real argument types and launch
+options, and the table gives its shared memory (a launch over the limit cannot run), registers
+and spill bytes (from ptxas). Decode candidates change no resource that matters (2 KB of shared
+memory, no spills), so only their defaults are listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled kernels, not interpreted
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import results_path, write_table  # noqa: E402
+from kernel_sweep import PREFILL_GRID, candidates  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100, 80: A100)")
+    parser.add_argument("--out", help="table path (default: benchmarks/results/kernel_resources.md)")
+    args = parser.parse_args()
+    args.out = args.out or results_path("kernel_resources.md", False)
+    from optimum_moeq.kernels.resources import SHARED_MEMORY_LIMIT, compile_for, record_launches, resources_of
+    from optimum_moeq.kernels.tuning import KernelTuning, kernel_tuning
+    from optimum_moeq.nn import MixedBitExperts
+
+    hidden, intermediate, experts, top_k = 4096, 14336, 8, 2
+    limit = SHARED_MEMORY_LIMIT[args.arch]
+    with torch.device("meta"):  # shapes and dtypes are all a compile needs
+        module = MixedBitExperts([2, 3, 4, 8] * 2, hidden, intermediate, 128)
+    module.kernel = "triton"
+    generator = torch.Generator().manual_seed(0)
+    settings = [("decode", 1, {})] + [("prefill", 2048, {})]
+    settings += [("prefill", 2048, {**c, "gemm_block_m_small": c["gemm_block_m"]}) for c in candidates(PREFILL_GRID)]
+    rows, seen = [], set()
+    for regime, tokens, changes in settings:
+        x = torch.randn(tokens, hidden, generator=generator).to(torch.bfloat16)
+        index = torch.randint(0, experts, (tokens, top_k), generator=generator)
+        with kernel_tuning(**changes):
+            launches = record_launches(lambda x=x, index=index: module(x, index, torch.rand(index.shape)))
+        for launch in launches:
+            c = launch.kwargs
+            key = (launch.name, c["N2"], c["HAS_Q1"], c["FUSE_SWIGLU"], c.get("BLOCK_M"), c["BLOCK_N"],
+                   c["num_warps"], c.get("num_stages"))  # fmt: skip
+            if key in seen:
+                continue
+            seen.add(key)
+            found = resources_of(compile_for(launch, args.arch), args.arch)
+            tiles = f"{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}x{c['BLOCK_K']}, {c['num_warps']} warps"
+            tiles += f", {c['num_stages']} stages" if "num_stages" in c else f", split-K {c['SPLIT_K']}"
+            rows.append([
+                regime, "gate_up (SiLU fused)" if c["FUSE_SWIGLU"] else "down", c["N2"] * 2 + c["HAS_Q1"], tiles,
+                "default" if not changes else "candidate", f"{found.shared_bytes / 1024:.0f}", found.registers,
+                found.spill_bytes, "yes" if found.shared_bytes <= limit else "**no**",
+            ])  # fmt: skip
+    notes = (
+        f"Compiled for sm_{args.arch} (shared memory limit {limit / 1024:.0f} KiB per block) by Triton's compiler and "
+        f"ptxas on a machine without a GPU; no kernel ran. Mixtral-8x7B shapes, group 128, bf16 activations. "
+        f"Defaults: {KernelTuning()}. Command: python benchmarks/kernel_resources.py"
+        f"{'' if args.arch == 90 else f' --arch {args.arch}'}"
+    )
+    header = ["regime", "projection", "bits", "tile (MxNxK), warps", "tuning", "shared KiB", "registers", "spill B",
+              "fits"]  # fmt: skip
+    write_table(args.out, f"Kernel resources on sm_{args.arch}", header, rows, notes)
+
+
+if __name__ == "__main__":
+    main()
