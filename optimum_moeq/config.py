@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import math
 import numbers
 import os
 from collections.abc import Mapping, Sequence
@@ -117,8 +118,8 @@ class RouterNormConfig(QuantizationConfigMixin):
             raise ValueError(f"group_size={self.group_size!r} must be a positive integer, e.g. 64 or 128.")
         if self.ranking not in RANKINGS:
             raise ValueError(f"ranking={self.ranking!r} is not supported: allowed are {RANKINGS}.")
-        if isinstance(self.zeta, bool) or not isinstance(self.zeta, (int, float)) or not self.zeta > 0:
-            raise ValueError(f"zeta={self.zeta!r} must be a number greater than 0 (the paper uses 3.0).")
+        if isinstance(self.zeta, bool) or not isinstance(self.zeta, (int, float)) or not 0 < self.zeta < math.inf:
+            raise ValueError(f"zeta={self.zeta!r} must be a finite number greater than 0 (the paper uses 3.0).")
         if self.method not in QUANTIZATION_METHODS:
             raise ValueError(f"method={self.method!r} is not supported: allowed are {QUANTIZATION_METHODS}.")
         if self.attention_bits is not None:

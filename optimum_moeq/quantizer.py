@@ -36,6 +36,7 @@ from .offload import (
 )
 from .quant import check_group_size
 from .quant.packing import check_packable
+from .saved_checkpoint import allocation_metadata, check_all_loaded, check_saved_allocation
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,11 @@ class RouterNormHfQuantizer(HfQuantizer):
         if isinstance(device_map, dict):  # a map given as is: checked before the scan
             self._check_experts_on_disk(device_map, shapes)
         if not shapes:
+            if not any(adapter.experts_module_key.match(name) for name, _ in model.named_modules()):
+                raise ValueError(
+                    f"this {model.config.model_type} model has no MoE layer (its config makes every layer dense): "
+                    "nothing to quantize."
+                )
             raise ValueError(
                 f"modules_to_not_convert={config.modules_to_not_convert!r} excludes every experts module: "
                 "nothing is left to quantize."
@@ -149,6 +155,8 @@ class RouterNormHfQuantizer(HfQuantizer):
             model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
         if config.attention_bits is not None or config.attention_method != "moeq":
             self._replace_dense_linears(model, adapter)
+        if self.pre_quantized and checkpoint_files:
+            check_saved_allocation(checkpoint_files, config.allocation)
 
     def _replace_dense_linears(self, model, adapter) -> None:
         """``attention_bits`` / ``attention_method``: every nn.Linear outside the experts, routers,
@@ -205,6 +213,8 @@ class RouterNormHfQuantizer(HfQuantizer):
         return self.quantization_config.method == "gptq" and not self.pre_quantized
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            check_all_loaded(model, (MixedBitExperts, *QUANTIZED_DENSE))
         if self._calibrating:
             from .calibration import quantize_model_gptq
 
@@ -224,6 +234,10 @@ class RouterNormHfQuantizer(HfQuantizer):
 
     def is_serializable(self) -> bool:
         return True
+
+    def get_state_dict_and_metadata(self, model):
+        # each shard records the allocation it holds, checked against config.json on reload
+        return None, allocation_metadata(self.quantization_config.allocation)
 
     @property
     def is_trainable(self) -> bool:

@@ -110,6 +110,8 @@ def test_save_and_reload_give_identical_logits(quantized, tmp_path):
             lambda bits: bits.__setitem__(2, 9),
             r"allocation\['model.layers.0.mlp.experts'\]\[2\]: bits=9 is not supported",
         ),
+        # same widths, other experts: the packed shapes cannot tell, the shards' recorded allocation can
+        (lambda bits: bits.reverse(), "config.json's allocation does not match the one the packed weights were saved"),
     ],
 )
 def test_tampered_allocation_is_refused_on_reload(quantized, tmp_path, edit, message):
@@ -118,6 +120,18 @@ def test_tampered_allocation_is_refused_on_reload(quantized, tmp_path, edit, mes
     edit(config["quantization_config"]["allocation"]["model.layers.0.mlp.experts"])
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_checkpoint_missing_packed_weights_is_refused_not_loaded_with_garbage(quantized, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    quantized.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    dropped = next(name for name in tensors if name.endswith("down_proj_b3_scale"))
+    del tensors[dropped]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"the checkpoint lacks packed weights .*down_proj_b3_scale"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
@@ -175,6 +189,23 @@ def test_dense_and_unsupported_models_are_refused(tmp_path):
         ValueError, match=r"model_type='granitemoe' is a MoE architecture .* supported are \('mixtral', "
     ):
         AutoModelForCausalLM.from_pretrained(tmp_path / "moe", quantization_config=RouterNormConfig())
+    from optimum_moeq.models import get_adapter
+
+    with pytest.raises(ValueError, match="model_type='dbrx' is a MoE architecture"):  # experts in ffn_config
+        get_adapter(AutoConfig.for_model("dbrx"))
+
+
+def test_a_supported_family_configured_without_moe_layers_says_so(tmp_path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "qwen3_moe", vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        mlp_only_layers=[0, 1],
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="this qwen3_moe model has no MoE layer"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=RouterNormConfig(group_size=32))
 
 
 def test_quantize_on_load_with_device_map_auto_in_bfloat16(tiny_mixtral_path):

@@ -20,7 +20,8 @@ def get_adapter(config) -> MoEAdapter:
         if model_type in adapter.model_types:
             return adapter
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if not any(getattr(text_config, a, None) for a in _EXPERT_COUNT_ATTRIBUTES):
+    configs = (text_config, getattr(text_config, "ffn_config", None))  # DBRX keeps its experts in ffn_config
+    if not any(getattr(c, a, None) for c in configs for a in (*_EXPERT_COUNT_ATTRIBUTES, "moe_num_experts")):
         raise ValueError(
             f"model_type={model_type!r} is not a Mixture-of-Experts model: there are no experts to allocate bits to."
         )
