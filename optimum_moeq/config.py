@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import logging
 import math
 import numbers
 import os
@@ -23,6 +24,8 @@ from .quant.packing import check_bits
 
 QUANT_METHOD = "moeq"
 ATTENTION_METHODS = ("moeq", "bnb_nf4", "bnb_int8")
+
+logger = logging.getLogger(__name__)
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -148,6 +151,8 @@ class RouterNormConfig(QuantizationConfigMixin):
         if not (_is_real(self.damp_percent) and 0 <= self.damp_percent < 1):
             raise ValueError(f"damp_percent={self.damp_percent!r} must be a number in [0, 1), e.g. 0.01.")
         check_dataset_type(self.dataset)
+        if self.dataset is not None and self.method != "gptq":
+            logger.warning("dataset is calibration data for method='gptq'; method=%r does not use it.", self.method)
         if self.modules_to_not_convert is not None and (
             isinstance(self.modules_to_not_convert, str)
             or not isinstance(self.modules_to_not_convert, Sequence)
@@ -163,7 +168,7 @@ class RouterNormConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         """What config.json keeps: no tokenizer object, and calibration data only as a file name."""
         data = {k: v for k, v in self.__dict__.items() if k != "tokenizer"}
-        if not isinstance(data.get("dataset"), str):
+        if not isinstance(data.get("dataset"), str) or data.get("method") != "gptq":
             data["dataset"] = None
         return copy.deepcopy(data)
 

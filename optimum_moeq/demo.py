@@ -50,6 +50,8 @@ def run_demo(
 ) -> dict[str, float]:
     """Build, quantize, report, save, reload, draw, evaluate, write the card; return the figures printed."""
     config = RouterNormConfig(avg_bits=avg_bits, group_size=group_size, method=method)  # bad values fail first
+    if out is not None and os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"{out} exists and is not an empty folder: choose a new folder for --out.")
     with tempfile.TemporaryDirectory() as tmp:
         source = build_small_mixtral(os.path.join(tmp, "mixtral-small"))
         full = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)

@@ -99,7 +99,13 @@ class RouterNormHfQuantizer(HfQuantizer):
         if isinstance(device_map, dict):  # a map given as is: checked before the scan
             self._check_experts_on_disk(device_map, shapes)
         if not shapes:
-            if not any(adapter.experts_module_key.match(name) for name, _ in model.named_modules()):
+            names = [name for name, _ in model.named_modules()]
+            if any(adapter.experts_module_key.match(f"{model.base_model_prefix}.{name}") for name in names):
+                raise ValueError(
+                    f"{type(model).__name__} is the base model without its head, whose module names differ from "
+                    "the checkpoint's: load the full model (AutoModelForCausalLM) and use its .model."
+                )
+            if not any(adapter.experts_module_key.match(name) for name in names):
                 raise ValueError(
                     f"this {model.config.model_type} model has no MoE layer (its config makes every layer dense): "
                     "nothing to quantize."

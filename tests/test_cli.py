@@ -21,6 +21,9 @@ def test_demo_quantizes_saves_and_reloads_exactly(tmp_path, capsys):
         assert (tmp_path / "out" / name).is_file(), name
     assert 0.0 <= figures["bundled_task_accuracy"] <= 1.0
     assert "moeq_tiny_mc" in (tmp_path / "out" / "README.md").read_text()  # the card carries the result
+    # a second run into the same folder is refused, not merged into it
+    with pytest.raises(FileExistsError, match="exists and is not an empty folder: choose a new folder for --out"):
+        run_demo(out=str(tmp_path / "out"))
 
 
 def test_bad_input_is_one_line_and_a_nonzero_exit(capsys):

@@ -79,3 +79,11 @@ def test_numpy_and_torch_numbers_are_taken_as_python_numbers():
 )
 def test_calibration_data_of_each_kind_is_accepted(dataset):
     assert RouterNormConfig(method="gptq", dataset=dataset).dataset == dataset
+
+
+def test_a_dataset_without_gptq_is_warned_about_and_not_saved(caplog):
+    with caplog.at_level("WARNING", logger="optimum_moeq.config"):
+        config = RouterNormConfig(dataset="calibration.txt", method="hqq")
+    assert "method='hqq' does not use it" in caplog.text
+    assert config.to_dict()["dataset"] is None
+    assert RouterNormConfig(dataset="calibration.txt", method="gptq").to_dict()["dataset"] == "calibration.txt"

@@ -195,6 +195,17 @@ def test_dense_and_unsupported_models_are_refused(tmp_path):
         get_adapter(AutoConfig.for_model("dbrx"))
 
 
+def test_the_base_model_class_is_refused_with_the_class_to_use(tiny_mixtral_path, quantized, tmp_path):
+    from transformers import AutoModel
+
+    message = r"MixtralModel is the base model without its head.*load the full model \(AutoModelForCausalLM\)"
+    with pytest.raises(ValueError, match=message):
+        AutoModel.from_pretrained(tiny_mixtral_path, quantization_config=RouterNormConfig(group_size=GROUP))
+    quantized.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        AutoModel.from_pretrained(tmp_path)
+
+
 def test_a_supported_family_configured_without_moe_layers_says_so(tmp_path):
     from transformers import AutoConfig
 
