@@ -39,7 +39,7 @@ class RouterNormConfig(QuantizationConfigMixin):
         group_size: weights per (scale, zero) group along each projection's input dimension.
         ranking: "combined" (router-norm order re-ranked by MaxVar), "router" or "maxvar".
         zeta: MaxVar ratio above which the combined ranking moves an expert forward.
-        method: per-expert weight quantizer: "rtn" (min-max round-to-nearest, the default),
+        method: per-expert weight quantizer: "rtn" (round-to-nearest on the group range extended to 0, the default),
             "gptq" (calibrated on ``dataset``; the best measured) or "hqq" (scales and zeros
             optimised for weight error without data: lower weight MSE, but a trained model's
             perplexity measured worse than rtn, see benchmarks/results/replication.md).

@@ -170,7 +170,9 @@ def push_folder(
     folder = Path(folder)
     card = render_model_card(folder, repo_id=repo_id, base_model=base_model, allocation=allocation, tags=tags)
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # "name" becomes "user/name"
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)  # as transformers' push does
     files = [
         path
         for path in sorted(folder.rglob("*"))

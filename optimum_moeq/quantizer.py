@@ -26,6 +26,7 @@ from .allocation import Allocation
 from .calibration import check_calibration_data, check_gptq_supported, is_token_ids
 from .config import QUANT_METHOD, RouterNormConfig
 from .hub import push_to_hub
+from .kernels.grouped import triton_available
 from .models import get_adapter
 from .nn import DENSE_LINEARS, QUANTIZED_DENSE, REPLACEMENTS, MixedBitExperts
 from .offload import (
@@ -220,7 +221,11 @@ class RouterNormHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
-            check_all_loaded(model, (MixedBitExperts, *QUANTIZED_DENSE))
+            # the family's kept dense linears too: a save by an older optimum-moeq packed them
+            kept = get_adapter(model.config).dense_linears_kept
+            check_all_loaded(
+                model, (MixedBitExperts, *QUANTIZED_DENSE), also=lambda name: name.rpartition(".")[2] in kept
+            )
         if self._calibrating:
             from .calibration import quantize_model_gptq
 
@@ -252,8 +257,9 @@ class RouterNormHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         # The kernels reach torch.compile as one custom op per projection, so generate() with a
-        # static cache may compile the forward (with CUDA graphs) as it does for bf16 models.
-        return True
+        # static cache may compile the forward (with CUDA graphs) as it does for bf16 models. The
+        # torch reference (no Triton) loops over the experts present: a graph break per layer.
+        return triton_available()
 
 
 class QuantizeExperts(ConversionOps):

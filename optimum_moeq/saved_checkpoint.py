@@ -10,7 +10,7 @@ left by a failed re-save) is refused before any weight loads.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from safetensors import safe_open
 from torch import nn
@@ -39,21 +39,24 @@ def check_saved_allocation(checkpoint_files: Iterable[str], allocation: dict[str
             )
 
 
-def check_all_loaded(model: nn.Module, quantized_types: tuple[type, ...]) -> None:
-    """After loading: every stored tensor of the quantized modules came from the checkpoint
-    (transformers flags what it loads; a missing or mis-shaped tensor stays uninitialised).
-    Tensors offloaded to disk or CPU by a device map sit on the meta device and are not checked."""
+def check_all_loaded(
+    model: nn.Module, quantized_types: tuple[type, ...], also: Callable[[str], bool] = lambda name: False
+) -> None:
+    """After loading: every stored tensor of the quantized modules (and of the modules ``also``
+    names) came from the checkpoint (transformers flags what it loads; a missing or mis-shaped
+    tensor stays uninitialised). Tensors a device map offloaded to disk or CPU sit on the meta
+    device and are not checked."""
     missing = [
         f"{module_name}.{param_name}"
         for module_name, module in model.named_modules()
-        if isinstance(module, quantized_types)
+        if isinstance(module, quantized_types) or also(module_name)
         for param_name, param in module.named_parameters(recurse=False)
         if param_name != "bias" and not param.is_meta and not getattr(param, "_is_hf_initialized", False)
     ]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise ValueError(
-            f"the checkpoint lacks packed weights its config.json describes, or holds them with other shapes "
+            f"the checkpoint lacks weights its config.json describes, or holds them with other shapes "
             f"({shown}): it is incomplete or was saved with another allocation or group size; re-quantize the "
             "original model."
         )

@@ -107,6 +107,23 @@ def test_switch_with_dense_ffn_layers_runs_with_quantized_attention(tmp_path, at
     assert logits.shape == (2, 5, 64) and torch.isfinite(logits).all()
 
 
+def test_switch_checkpoint_without_the_kept_wo_is_refused(tmp_path):
+    """Saves by an older optimum-moeq packed the dense FFN's wo; it now stays an nn.Linear, so a
+    checkpoint without `wo.weight` would leave it uninitialised: refused instead."""
+    from safetensors.torch import load_file, save_file
+
+    save_tiny_switch(tmp_path / "base", encoder_sparse_step=2, decoder_sparse_step=2)
+    model = AutoModelForSeq2SeqLM.from_pretrained(
+        tmp_path / "base", quantization_config=RouterNormConfig(group_size=16, attention_bits=8)
+    )
+    model.save_pretrained(tmp_path / "q")
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    del tensors["encoder.block.0.layer.1.mlp.wo.weight"]
+    save_file(tensors, tmp_path / "q" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks weights .*encoder.block.0.layer.1.mlp.wo.weight.*re-quantize"):
+        AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "q")
+
+
 def test_attention_bits_outside_1_to_8_is_refused():
     with pytest.raises(ValueError, match=r"attention_bits: bits=16 is not supported: allowed are integers 1 to 8"):
         RouterNormConfig(attention_bits=16)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -81,7 +82,10 @@ def captured_commits(monkeypatch):
     commits = []
 
     def create_repo(self, repo_id, **kwargs):
-        return repo_id
+        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"me/{repo_id}")
+
+    def create_branch(self, repo_id, branch, exist_ok=False, **kwargs):
+        commits.append({"branch": branch, "repo_id": repo_id, "exist_ok": exist_ok})
 
     def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
         files = {}
@@ -92,6 +96,7 @@ def captured_commits(monkeypatch):
         return None
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_branch", create_branch)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
     return commits
 
@@ -123,9 +128,11 @@ def test_push_to_hub_takes_transformers_arguments(tiny_mixtral_path, captured_co
     model = AutoModelForCausalLM.from_pretrained(
         tiny_mixtral_path, quantization_config=RouterNormConfig(avg_bits=2.5, group_size=32)
     )
-    model.push_to_hub("me/tiny-moeq", commit_message="v2", commit_description="why", revision="dev", create_pr=True,
+    model.push_to_hub("tiny-moeq", commit_message="v2", commit_description="why", revision="dev", create_pr=True,
                       max_shard_size="100KB", tags=["mine"])  # fmt: skip
-    (commit,) = captured_commits
+    branch, commit = captured_commits  # the branch is made first, in the repo create_repo named
+    assert branch == {"branch": "dev", "repo_id": "me/tiny-moeq", "exist_ok": True}
+    assert commit["repo_id"] == "me/tiny-moeq"
     assert (commit["message"], commit["commit_description"], commit["revision"], commit["create_pr"]) == (
         "v2", "why", "dev", True,
     )  # fmt: skip

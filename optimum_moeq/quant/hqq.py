@@ -3,7 +3,7 @@
 Three steps, each kept per group only where it lowers that group's squared error, so the
 result is never worse than round-to-nearest:
 
-1. clipping search: shrink the group's [min, max] range by factors from 1 down to
+1. clipping search: shrink the group's [min, max] range (extended to 0, as rtn's) by factors from 1 down to
    ``min_shrink`` and keep the factor with the least error (outliers cost less than the
    resolution they steal from every other weight);
 2. least-squares refit: for the codes the current (scale, zero) give, the (scale, zero)

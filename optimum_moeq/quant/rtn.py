@@ -53,7 +53,8 @@ def codes_for(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 
 
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int) -> GroupQuantized:
-    """Min-max asymmetric quantization of ``weight`` ``[..., N, K]`` per group of ``group_size``."""
+    """Asymmetric quantization of ``weight`` ``[..., N, K]`` per group of ``group_size`` over the
+    group's min-max range extended to include 0."""
     check_bits(bits)
     w = _grouped(weight.float(), group_size)
     # The grid spans 0 as well, so the zero point is a code (0 .. 2**bits - 1): a group of near-equal
