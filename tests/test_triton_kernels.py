@@ -244,6 +244,23 @@ def test_triton_path_compiles_into_one_graph_with_one_op_per_projection(tokens, 
     assert sum("mixed_bit_projection" in op for op in _graph_ops(graphs)) == 2  # gate_up (or up), down
 
 
+@pytest.mark.parametrize("rows", [5, 70])
+def test_packed_linear_kernel_path_compiles_into_one_graph(rows):
+    from optimum_moeq.nn import PackedLinear
+
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(rows)
+    linear = PackedLinear(64, 48, bits=3, group_size=32)
+    with torch.no_grad():
+        for name, tensor in linear.quantize_projection("weight", torch.randn(48, 64, generator=generator)).items():
+            getattr(linear, name).copy_(tensor)
+    x = torch.randn(rows, 64, generator=generator)
+    graphs = []
+    compiled = torch.compile(linear._triton_forward, fullgraph=True, backend=lambda gm, _: graphs.append(gm) or gm)
+    assert torch.equal(compiled(x), linear._triton_forward(x))
+    assert sum("mixed_bit_projection" in op for op in _graph_ops(graphs)) == 1
+
+
 def test_mixed_bit_projection_op_passes_torch_library_checks(monkeypatch):
     """Schema, fake (meta) implementation and AOT dispatch of the custom op, with the arguments the
     experts module gives it when compiling (decode and prefill)."""
