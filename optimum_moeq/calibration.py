@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .allocation import LayerSignals, allocate_layers, max_neuron_variance, router_norm_change
 from .config import RouterNormConfig
+from .dequantize import remember_original
 from .models import get_adapter
 from .nn import REPLACEMENTS
 from .quant import GroupQuantized, dequantize, pack_projection, quantize_weight
@@ -180,6 +181,7 @@ def quantize_model_gptq(
         for name, module in experts.items():
             routed = _record_expert_inputs(layer, module, cached)
             replacement = _quantize_experts(module, routed, config, name, report, adapter, hidden_act)
+            remember_original(replacement, module)  # frees its full-precision weights
             model.set_submodule(name, replacement)
         cached = [((_layer_output(layer(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in cached]
     model.config.quantization_config = config

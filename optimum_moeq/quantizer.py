@@ -25,6 +25,7 @@ from .allocate import allocate_from_files
 from .allocation import Allocation
 from .calibration import check_calibration_data, check_gptq_supported, is_token_ids
 from .config import QUANT_METHOD, RouterNormConfig
+from .dequantize import dequantized_module, remember_original
 from .hub import push_to_hub
 from .kernels.grouped import triton_available
 from .models import get_adapter
@@ -156,6 +157,7 @@ class RouterNormHfQuantizer(HfQuantizer):
                     name=name,
                     gated=adapter.gated,
                 )
+            remember_original(replacement, model.get_submodule(name))
             model.set_submodule(name, replacement)
             # The MoE block's own weight init reaches into the experts it was built with (Switch
             # indexes them by name); its weights all come from the checkpoint, so skip it.
@@ -189,6 +191,7 @@ class RouterNormHfQuantizer(HfQuantizer):
                     with_full_precision_placeholders=not self.pre_quantized,
                     name=name,
                 )
+            remember_original(replacement, module)
             model.set_submodule(name, replacement)
             # as for the experts: the parent's init would reach for the plain `weight` (Switch attention)
             model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
@@ -245,6 +248,14 @@ class RouterNormHfQuantizer(HfQuantizer):
 
     def is_serializable(self) -> bool:
         return True
+
+    def _dequantize(self, model, dtype=None):
+        """model.dequantize(): every packed module back to the model's own, in ``dtype``."""
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
+        for name, module in list(model.named_modules()):
+            if isinstance(module, (MixedBitExperts, *QUANTIZED_DENSE)):
+                model.set_submodule(name, dequantized_module(module, dtype))
+        return model
 
     def get_state_dict_and_metadata(self, model):
         # each shard records the allocation it holds, checked against config.json on reload

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..kernels.grouped import block_k_for, mixed_bit_projection, triton_available
-from ..kernels.reference import packed_linear
+from ..kernels.reference import dequantize_packed, packed_linear
 from ..kernels.routing import align_pairs_by_expert
 from ..kernels.tuning import current_tuning
 from ..quant import PackedProjection, check_group_size, pack_projection, packed_tensor_shapes, quantize_weight
@@ -47,6 +47,10 @@ class PackedLinear(QuantizedModule):
 
     def packed(self) -> PackedProjection:
         return PackedProjection(self.bits, **{f: getattr(self, f"weight_{f}", None) for f in _FIELDS})
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight [out, in] in float32."""
+        return dequantize_packed(self.packed())
 
     def quantize_projection(self, proj: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         quantized = quantize_weight(weight, self.bits, self.group_size, self.method)
