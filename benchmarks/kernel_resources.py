@@ -5,9 +5,12 @@
 The experts layer of Mixtral-8x7B shape (2, 3, 4 and 8 bits, bf16 activations) at decode (1 token)
 and prefill (2048 tokens), under the default ``KernelTuning`` and every prefill candidate of
 ``kernel_sweep.py``: each launch is compiled for sm_90 with its real argument types and launch
-options, and the table gives its shared memory (a launch over the limit cannot run), registers
-and spill bytes (from ptxas). Decode candidates change no resource that matters (2 KB of shared
-memory, no spills), so only their defaults are listed.
+options, and the table gives its shared memory (a launch over the limit cannot run), registers,
+spill bytes (from ptxas) and the SASS instructions of its K loop per weight a thread decodes
+(cuobjdump): at batch 1 the GEMV is bound by these, not by memory, when
+instructions/weight x weights/s / 32 exceeds the GPU's warp-instruction rate. Decode candidates
+change no resource that matters (2 KB of shared memory, no spills), so only their defaults are
+listed.
 """
 
 from __future__ import annotations
@@ -58,19 +61,23 @@ def main() -> None:
             found = resources_of(compile_for(launch, args.arch), args.arch)
             tiles = f"{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}x{c['BLOCK_K']}, {c['num_warps']} warps"
             tiles += f", {c['num_stages']} stages" if "num_stages" in c else f", split-K {c['SPLIT_K']}"
+            # weights one thread decodes per pass of the K loop
+            per_thread = c["BLOCK_K"] * c["BLOCK_N"] * (2 if c["FUSE_SWIGLU"] else 1) / (c["num_warps"] * 32)
             rows.append([
                 regime, "gate_up (SiLU fused)" if c["FUSE_SWIGLU"] else "down", c["N2"] * 2 + c["HAS_Q1"], tiles,
                 "default" if not changes else "candidate", f"{found.shared_bytes / 1024:.0f}", found.registers,
-                found.spill_bytes, "yes" if found.shared_bytes <= limit else "**no**",
+                found.spill_bytes, f"{found.loop_instructions / per_thread:.1f}",
+                "yes" if found.shared_bytes <= limit else "**no**",
             ])  # fmt: skip
     notes = (
         f"Compiled for sm_{args.arch} (shared memory limit {limit / 1024:.0f} KiB per block) by Triton's compiler and "
         f"ptxas on a machine without a GPU; no kernel ran. Mixtral-8x7B shapes, group 128, bf16 activations. "
+        "Loop instr / weight: SASS instructions of the K loop over the weights one thread decodes per pass. "
         f"Defaults: {KernelTuning()}. Command: python benchmarks/kernel_resources.py"
         f"{'' if args.arch == 90 else f' --arch {args.arch}'}"
     )
     header = ["regime", "projection", "bits", "tile (MxNxK), warps", "tuning", "shared KiB", "registers", "spill B",
-              "fits"]  # fmt: skip
+              "loop instr / weight", "fits"]  # fmt: skip
     write_table(args.out, f"Kernel resources on sm_{args.arch}", header, rows, notes)
 
 

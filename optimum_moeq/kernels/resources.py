@@ -44,6 +44,7 @@ class Resources:
     shared_bytes: int
     registers: int
     spill_bytes: int
+    loop_instructions: int  # SASS instructions of the longest loop body (the K loop), per thread
 
 
 def record_launches(forward: Callable[[], object]) -> list[Launch]:
@@ -110,4 +111,23 @@ def resources_of(compiled, arch: int = 90) -> Resources:
                                 capture_output=True, text=True, check=True).stderr  # fmt: skip
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
-    return Resources(compiled.metadata.shared, registers, spills)
+    return Resources(compiled.metadata.shared, registers, spills, _loop_instructions(compiled.asm["cubin"]))
+
+
+def _loop_instructions(cubin: bytes) -> int:
+    """Instructions between a backward branch and its target, for the longest such loop (cuobjdump)."""
+    import os
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    longest = 0
+    for address, target in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?P\d\s+)?BRA\s+(?:`\()?0x([0-9a-f]+)", sass):
+        start, end = int(target, 16), int(address, 16)
+        if start < end:  # 16 bytes per instruction
+            longest = max(longest, (end - start) // 16 + 1)
+    return longest
