@@ -74,11 +74,11 @@ def _dequant_tile(
 
 
 @triton.jit
-def _codes_to_float(codes):
-    """Exact float32 of small non-negative int codes without an int-to-float conversion: OR the
-    code into the mantissa of 2**23 and subtract 2**23 (an integer op and an add, both cheaper
-    than a conversion on GPUs)."""
-    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+def _codes_as_unit_floats(codes, BITS: tl.constexpr):
+    """1 + code / 2**BITS, exactly, as float32, with no conversion instruction: the code goes into
+    the top mantissa bits of 1.0 (a shift and an OR). Callers fold the 1 and the 2**BITS into the
+    per-column scale and zero, which saves the subtraction a code -> float conversion needs."""
+    return ((codes << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -114,6 +114,8 @@ def _moe_gemv_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    BITS: tl.constexpr = 2 * N2 + HAS_Q1
+    UNIT: tl.constexpr = 2.0**BITS
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -137,13 +139,16 @@ def _moe_gemv_kernel(
             q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plane, stride_q2_row, stride_q1_row,
             stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
         )  # fmt: skip
-        acc += scale * (tl.sum(x[:, None] * _codes_to_float(codes), axis=0) - zero * x_sum)
+        # sum_k x_k (c_k - z) s = s 2^b sum_k x_k f_k - s (2^b + z) sum_k x_k, with f = 1 + c / 2^b
+        acc += scale * (UNIT * tl.sum(x[:, None] * _codes_as_unit_floats(codes, BITS), axis=0) - (UNIT + zero) * x_sum)
         if FUSE_SWIGLU:
             codes, scale, zero = _dequant_tile(
                 q2_e, q1_e, scale_e, zero_e, k0, offs_n + UP_OFFSET, n_mask, stride_q2_plane, stride_q2_row,
                 stride_q1_row, stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
             )  # fmt: skip
-            acc_up += scale * (tl.sum(x[:, None] * _codes_to_float(codes), axis=0) - zero * x_sum)
+            acc_up += scale * (
+                UNIT * tl.sum(x[:, None] * _codes_as_unit_floats(codes, BITS), axis=0) - (UNIT + zero) * x_sum
+            )
     if FUSE_SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
     if HAS_ROUTING_WEIGHT:
@@ -192,6 +197,8 @@ def _moe_gemm_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    BITS: tl.constexpr = 2 * N2 + HAS_Q1
+    UNIT: tl.constexpr = 2.0**BITS
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -217,7 +224,7 @@ def _moe_gemm_kernel(
             q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plane, stride_q2_row, stride_q1_row,
             stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
         )  # fmt: skip
-        w = (_codes_to_float(codes) - zero[None, :]) * scale[None, :]
+        w = _codes_as_unit_floats(codes, BITS) * (UNIT * scale)[None, :] - ((UNIT + zero) * scale)[None, :]
         if DOT_IN_FP32:  # the interpreter's bfloat16 dot is wrong; GPUs take the native path
             acc += tl.dot(x.to(tl.float32), w)
         else:
@@ -227,7 +234,7 @@ def _moe_gemm_kernel(
                 q2_e, q1_e, scale_e, zero_e, k0, offs_n + UP_OFFSET, n_mask, stride_q2_plane, stride_q2_row,
                 stride_q1_row, stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
             )  # fmt: skip
-            w = (_codes_to_float(codes) - zero[None, :]) * scale[None, :]
+            w = _codes_as_unit_floats(codes, BITS) * (UNIT * scale)[None, :] - ((UNIT + zero) * scale)[None, :]
             if DOT_IN_FP32:
                 acc_up += tl.dot(x.to(tl.float32), w)
             else:
