@@ -181,6 +181,7 @@ def quantize_model_gptq(
         for name, module in experts.items():
             routed = _record_expert_inputs(layer, module, cached)
             replacement = _quantize_experts(module, routed, config, name, report, adapter, hidden_act)
+            replacement.train(module.training)  # built after from_pretrained's eval()
             remember_original(replacement, module)  # frees its full-precision weights
             model.set_submodule(name, replacement)
         cached = [((_layer_output(layer(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in cached]

@@ -76,6 +76,7 @@ def test_gptq_from_pretrained_quantizes_every_expert_and_reports_fallbacks(tiny_
         min_expert_tokens=48,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
+    assert not any(m.training for m in model.modules())  # replacements made after eval() are in eval mode too
     report = model.hf_quantizer.gptq_report
     for layer in range(2):
         name = f"model.layers.{layer}.mlp.experts"

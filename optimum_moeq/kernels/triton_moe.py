@@ -74,11 +74,30 @@ def _dequant_tile(
 
 
 @triton.jit
+def _codes_as_floats(codes):
+    """Exact float32 of small non-negative int codes without an int-to-float conversion: OR the
+    code into the mantissa of 2**23 and subtract 2**23."""
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _codes_as_unit_floats(codes, BITS: tl.constexpr):
     """1 + code / 2**BITS, exactly, as float32, with no conversion instruction: the code goes into
     the top mantissa bits of 1.0 (a shift and an OR). Callers fold the 1 and the 2**BITS into the
     per-column scale and zero, which saves the subtraction a code -> float conversion needs."""
     return ((codes << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _group_dot(x, x_sum, codes, scale, zero, BITS: tl.constexpr, EXACT: tl.constexpr):
+    """sum_k x_k (c_kn - z_n) s_n over one group of rows, the zero folded out of the product.
+    16-bit activations take the unit floats f = 1 + c / 2**b (one instruction fewer per weight):
+    s 2^b sum_k x_k f_k - s (2^b + z) sum_k x_k. float32 activations keep exact codes: those two
+    terms are about 2^b |x| each and their difference loses 2-5x more of float32's precision."""
+    if EXACT:
+        return scale * (tl.sum(x[:, None] * _codes_as_floats(codes), axis=0) - zero * x_sum)
+    unit: tl.constexpr = 2.0**BITS
+    return scale * (unit * tl.sum(x[:, None] * _codes_as_unit_floats(codes, BITS), axis=0) - (unit + zero) * x_sum)
 
 
 @triton.jit
@@ -115,7 +134,7 @@ def _moe_gemv_kernel(
     BLOCK_N: tl.constexpr,
 ):
     BITS: tl.constexpr = 2 * N2 + HAS_Q1
-    UNIT: tl.constexpr = 2.0**BITS
+    EXACT: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -139,16 +158,13 @@ def _moe_gemv_kernel(
             q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plane, stride_q2_row, stride_q1_row,
             stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
         )  # fmt: skip
-        # sum_k x_k (c_k - z) s = s 2^b sum_k x_k f_k - s (2^b + z) sum_k x_k, with f = 1 + c / 2^b
-        acc += scale * (UNIT * tl.sum(x[:, None] * _codes_as_unit_floats(codes, BITS), axis=0) - (UNIT + zero) * x_sum)
+        acc += _group_dot(x, x_sum, codes, scale, zero, BITS, EXACT)
         if FUSE_SWIGLU:
             codes, scale, zero = _dequant_tile(
                 q2_e, q1_e, scale_e, zero_e, k0, offs_n + UP_OFFSET, n_mask, stride_q2_plane, stride_q2_row,
                 stride_q1_row, stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
             )  # fmt: skip
-            acc_up += scale * (
-                UNIT * tl.sum(x[:, None] * _codes_as_unit_floats(codes, BITS), axis=0) - (UNIT + zero) * x_sum
-            )
+            acc_up += _group_dot(x, x_sum, codes, scale, zero, BITS, EXACT)
     if FUSE_SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
     if HAS_ROUTING_WEIGHT:
