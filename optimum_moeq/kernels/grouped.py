@@ -219,6 +219,17 @@ def mixed_bit_projection(
     )  # fmt: skip
 
 
+def blocks_for_prefill(pair_expert: torch.Tensor, num_experts: int) -> ExpertBlocks | None:
+    """The decode/prefill switch: None (the GEMV kernel) at or below ``decode_max_pairs`` pairs, else
+    the pairs sorted into blocks for the tl.dot kernel, short blocks when experts get few pairs each."""
+    tuning = current_tuning()
+    num_pairs = pair_expert.numel()
+    if num_pairs <= tuning.decode_max_pairs:
+        return None
+    block_m = tuning.gemm_block_m_small if num_pairs <= 8 * num_experts else tuning.gemm_block_m
+    return align_pairs_by_expert(pair_expert, num_experts, block_m)
+
+
 def grouped_experts_forward(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -239,15 +250,10 @@ def grouped_experts_forward(
     """
     tokens, hidden = hidden_states.shape
     top_k = top_k_index.shape[1]
-    num_pairs = tokens * top_k
     num_experts = len(expert_bits)
     pair_expert = top_k_index.reshape(-1).to(torch.int32).contiguous()
     x = hidden_states.contiguous()
-    blocks = None
-    tuning = current_tuning()
-    if num_pairs > tuning.decode_max_pairs:
-        block_m = tuning.gemm_block_m_small if num_pairs <= 8 * num_experts else tuning.gemm_block_m
-        blocks = align_pairs_by_expert(pair_expert, num_experts, block_m)
+    blocks = blocks_for_prefill(pair_expert, num_experts)
     fuse = gated and activation == "silu"
     width = intermediate_dim if fuse or not gated else 2 * intermediate_dim
     common = dict(group_size=group_size, blocks=blocks)

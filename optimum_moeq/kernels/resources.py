@@ -10,6 +10,7 @@ kernels cannot be compiled).
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tempfile
@@ -116,8 +117,6 @@ def resources_of(compiled, arch: int = 90) -> Resources:
 
 def _loop_instructions(cubin: bytes) -> int:
     """Instructions between a backward branch and its target, for the longest such loop (cuobjdump)."""
-    import os
-
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

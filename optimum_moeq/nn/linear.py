@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.grouped import block_k_for, mixed_bit_projection, triton_available
+from ..kernels.grouped import block_k_for, blocks_for_prefill, mixed_bit_projection, triton_available
 from ..kernels.reference import dequantize_packed, packed_linear
-from ..kernels.routing import align_pairs_by_expert
-from ..kernels.tuning import current_tuning
 from ..quant import PackedProjection, check_group_size, pack_projection, packed_tensor_shapes, quantize_weight
 from ..quant.packing import check_packable
 from .stored import QuantizedModule
@@ -68,11 +66,9 @@ class PackedLinear(QuantizedModule):
 
     def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
         # One "expert" that every row is routed to.
-        rows = x.shape[0]
-        tuning = current_tuning()
-        pair_expert = torch.zeros(rows, dtype=torch.int32, device=x.device)
+        pair_expert = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
         packed = PackedProjection(self.bits, **{f: t.unsqueeze(0) for f, t in self.packed().tensors().items()})
-        blocks = align_pairs_by_expert(pair_expert, 1, tuning.gemm_block_m) if rows > tuning.decode_max_pairs else None
+        blocks = blocks_for_prefill(pair_expert, num_experts=1)
         out = mixed_bit_projection(
             x.contiguous(), pair_expert, {self.bits: packed}, [self.bits], group_size=self.group_size,
             n_out=self.out_features, out_dtype=torch.float32, x_rows_per_pair_div=1, blocks=blocks,
