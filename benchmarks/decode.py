@@ -64,13 +64,12 @@ def build_model(config, expert_bits, group_size: int, device: torch.device):
         for layer in model.model.layers:
             experts = layer.mlp.experts
             if isinstance(experts, MixedBitExperts):
-                for proj, (n, k) in experts.projection_shapes.items():
-                    for b in experts.bit_widths:
-                        packed = random_packed_projection(
-                            len(experts.members[b]), n, k, b, group_size, generator=generator
-                        )
-                        for field, tensor in packed.tensors().items():
-                            getattr(experts, f"{proj}_b{b}_{field}").copy_(tensor)
+                for proj, (n, k) in experts.layout.projections.items():
+                    for b, members in experts.layout.members.items():
+                        experts.store_packed(
+                            proj, random_packed_projection(len(members), n, k, b, group_size, device=device,
+                                                           generator=generator),
+                        )  # fmt: skip
     model.model.rotary_emb = MixtralRotaryEmbedding(config=config).to(device)
     return model.eval()
 

@@ -31,11 +31,9 @@ def build_experts(bits, hidden, intermediate, group_size, device):
 
     module = MixedBitExperts(bits, hidden, intermediate, group_size)
     generator = torch.Generator().manual_seed(0)
-    for proj, (n, k) in module.projection_shapes.items():
-        for b in module.bit_widths:
-            packed = random_packed_projection(len(module.members[b]), n, k, b, group_size, generator=generator)
-            for field, tensor in packed.tensors().items():
-                setattr(module, f"{proj}_b{b}_{field}", torch.nn.Parameter(tensor, requires_grad=False))
+    for proj, (n, k) in module.layout.projections.items():
+        for b, members in module.layout.members.items():
+            module.store_packed(proj, random_packed_projection(len(members), n, k, b, group_size, generator=generator))
     module.kernel = "triton"
     return module.to(device)
 
@@ -68,7 +66,7 @@ def bf16_experts_forward(gate_up, down, hidden_states, top_k_index, top_k_weight
 def touched_packed_bytes(module, top_k_index) -> int:
     touched = set(top_k_index.unique().tolist())
     total = 0
-    for proj in module.projection_shapes:
+    for proj in module.layout.projections:
         for b in module.bit_widths:
             per_expert = module.packed(proj, b).nbytes // len(module.members[b])
             total += per_expert * len(touched & set(module.members[b]))

@@ -9,13 +9,13 @@ from collections.abc import Collection
 
 from transformers import AutoConfig
 from transformers.quantizers.quantizers_utils import should_convert_module
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .allocation import Allocation, LayerSignals, allocate_layers, read_layer_signals, safetensors_files
 from .allocation.checkpoint import read_router_norms
 from .config import RouterNormConfig
 from .models import MoEAdapter, get_adapter
 
-_INDEX = "model.safetensors.index.json"
 logger = logging.getLogger(__name__)
 
 
@@ -106,9 +106,9 @@ def resolve_checkpoint(
 
     repo = str(path_or_repo)
     try:
-        index = hf_hub_download(repo, _INDEX)
+        index = hf_hub_download(repo, SAFE_WEIGHTS_INDEX_NAME)
     except EntryNotFoundError:
-        return [hf_hub_download(repo, "model.safetensors")]
+        return [hf_hub_download(repo, SAFE_WEIGHTS_NAME)]
     with open(index, encoding="utf-8") as f:
         weight_map = json.load(f)["weight_map"]
     patterns = [adapter.router_key] if routers_only else [adapter.router_key, adapter.expert_input_key]

@@ -72,6 +72,28 @@ def _allocation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-model", help="checkpoint before fine-tuning: rank by router-norm change")
 
 
+def _add_quantize_command(commands, verbose: argparse.ArgumentParser) -> None:
+    quantize = commands.add_parser(
+        "quantize", parents=[verbose], help="write a quantized checkpoint and its model card"
+    )
+    quantize.add_argument("model", metavar="MODEL")
+    quantize.add_argument("out", metavar="OUT")
+    _allocation_options(quantize)
+    quantize.add_argument("--method", default="rtn", help="rtn (default), gptq (needs --dataset) or hqq")
+    quantize.add_argument(
+        "--dataset", help="gptq calibration data: a local text file (the model's tokenizer reads it)"
+    )
+    quantize.add_argument("--nsamples", type=int, help="gptq: calibration windows (default 128)")
+    quantize.add_argument("--seqlen", type=int, help="gptq: tokens per window (default 512)")
+    quantize.add_argument("--group-size", type=int, default=128, help="weights per scale/zero group (default 128)")
+    quantize.add_argument("--attention-bits", type=int, help="also quantize attention and dense linears (4 or 8)")
+    quantize.add_argument(
+        "--attention-method", help="moeq (default: --attention-bits), or bnb_nf4 / bnb_int8 for bitsandbytes' formats"
+    )
+    quantize.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    quantize.set_defaults(run=_quantize)
+
+
 def build_parser(prog: str = "moeq") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -92,25 +114,7 @@ def build_parser(prog: str = "moeq") -> argparse.ArgumentParser:
     allocate.add_argument("--plot", help="also draw the allocation heatmap (PNG) here")
     allocate.set_defaults(run=_allocate)
 
-    quantize = commands.add_parser(
-        "quantize", parents=[verbose], help="write a quantized checkpoint and its model card"
-    )
-    quantize.add_argument("model", metavar="MODEL")
-    quantize.add_argument("out", metavar="OUT")
-    _allocation_options(quantize)
-    quantize.add_argument("--method", default="rtn", help="rtn (default), gptq (needs --dataset) or hqq")
-    quantize.add_argument(
-        "--dataset", help="gptq calibration data: a local text file (the model's tokenizer reads it)"
-    )
-    quantize.add_argument("--nsamples", type=int, help="gptq: calibration windows (default 128)")
-    quantize.add_argument("--seqlen", type=int, help="gptq: tokens per window (default 512)")
-    quantize.add_argument("--group-size", type=int, default=128, help="weights per scale/zero group (default 128)")
-    quantize.add_argument("--attention-bits", type=int, help="also quantize attention and dense linears (4 or 8)")
-    quantize.add_argument(
-        "--attention-method", help="moeq (default: --attention-bits), or bnb_nf4 / bnb_int8 for bitsandbytes' formats"
-    )
-    quantize.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    quantize.set_defaults(run=_quantize)
+    _add_quantize_command(commands, verbose)
 
     commands.add_parser(
         "eval", add_help=False, help="lm-eval's own command line (same arguments, same output), quantizer registered"

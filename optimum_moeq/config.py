@@ -8,7 +8,6 @@ import inspect
 import logging
 import math
 import numbers
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .allocation.allocation import validate_bits_mapping
 from .allocation.bits import check_avg_bits, check_levels
 from .allocation.ranking import RANKINGS
+from .calibration_data import check_dataset_type
 from .quant import QUANTIZATION_METHODS
 from .quant.packed import FORMAT_VERSION
 from .quant.packing import check_bits
@@ -173,31 +173,6 @@ class RouterNormConfig(QuantizationConfigMixin):
         return copy.deepcopy(data)
 
 
-def check_dataset_type(dataset) -> None:
-    """GPTQ calibration data of a usable kind (whether a file exists is checked when loading)."""
-    import torch
-
-    if dataset is None or isinstance(dataset, (str, os.PathLike, torch.Tensor)):
-        return
-    if isinstance(dataset, Sequence) and dataset:
-        if all(isinstance(d, str) for d in dataset):
-            return
-        if all(isinstance(_as_int(t), int) and not isinstance(t, bool) for t in dataset):
-            return  # one sequence of token ids
-        if all(_is_id_sequence(d) for d in dataset):
-            return  # several sequences of token ids (lists, 1-d tensors or arrays)
-    raise ValueError(
-        f"dataset={_short(dataset)} is not calibration data: give a local text file, a non-empty list of strings, "
-        "or token ids (a list of ints, a list of lists of ints, or a tensor)."
-    )
-
-
-def _is_id_sequence(value) -> bool:
-    if hasattr(value, "ndim") and hasattr(value, "tolist"):  # tensor or array
-        return value.ndim == 1 and len(value) > 0
-    return isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0
-
-
 def _refuse_unknown_arguments(kwargs: dict) -> None:
     method = kwargs.pop("quant_method", QUANT_METHOD)
     if str(method) != QUANT_METHOD:  # from_dict of another method's config
@@ -233,8 +208,3 @@ def _as_int(value):
 
 def _as_list(value):
     return value.tolist() if hasattr(value, "tolist") and not isinstance(value, (list, tuple)) else value
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -7,10 +7,8 @@ full-precision and dequantized references.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
@@ -19,8 +17,6 @@ from .config import RouterNormConfig
 from .footprint import experts_footprint
 from .hub import write_model_card
 from .plots import plot_allocation
-
-BUNDLED_TASK = Path(__file__).resolve().parent.parent / "tests" / "data" / "tiny_mc.jsonl"
 
 
 def build_small_mixtral(path: str, *, layers: int = 4, experts: int = 8, hidden: int = 256, seed: int = 0) -> str:
@@ -100,28 +96,17 @@ def word_tokenizer(texts):
 
 
 def _evaluate_on_bundled_task(model, folder: str) -> float | None:
-    """lm-eval on tests/data/tiny_mc (in a checkout); the accuracy goes into the model card."""
-    task_dir = BUNDLED_TASK.parent
-    if not BUNDLED_TASK.is_file():
-        print("Evaluation skipped: the bundled task (tests/data in a checkout) is not here.")
-        return None
+    """lm-eval on the bundled task (package data); the accuracy goes into the model card."""
     try:
         from .evaluation import evaluate
+        from .tasks import BUNDLED_TASK_NAME, bundled_task, bundled_task_docs
+
+        tokenizer = word_tokenizer(text for d in bundled_task_docs() for text in [d["question"], *d["choices"]])
+        tokenizer.save_pretrained(folder)
+        results = evaluate(model, tokenizer, [bundled_task()], save_to=folder)
     except ImportError:
         print("Evaluation skipped: pip install 'optimum-moeq[eval]' for lm-eval.")
         return None
-    docs = [json.loads(line) for line in BUNDLED_TASK.read_text().splitlines()]
-    tokenizer = word_tokenizer(text for d in docs for text in [d["question"], *d["choices"]])
-    tokenizer.save_pretrained(folder)
-    cwd = os.getcwd()
-    os.chdir(task_dir.parent.parent)  # the task's data_files path is relative to the repository root
-    try:
-        results = evaluate(model, tokenizer, ["moeq_tiny_mc"], include_path=str(task_dir), save_to=folder)
-    except ImportError:
-        print("Evaluation skipped: pip install 'optimum-moeq[eval]' for lm-eval.")
-        return None
-    finally:
-        os.chdir(cwd)
-    accuracy = results["results"]["moeq_tiny_mc"]["acc,none"]
+    accuracy = results["results"][BUNDLED_TASK_NAME]["acc,none"]
     print(f"lm-eval on the bundled task (12 questions, 3 choices; random model, chance is 1/3): acc {accuracy:.3f}")
     return accuracy

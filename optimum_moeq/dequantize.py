@@ -1,9 +1,9 @@
 """``model.dequantize()``: the packed modules back to the model's own full-precision modules.
 
 Each replacement keeps the module it stands in for, moved to the meta device (no memory, and
-not a submodule: neither saved nor moved with the model). Dequantizing rebuilds that module on
-the replacement's device and fills it with the dequantized weights, so the model becomes the
-plain transformers model again (with the quantization error baked in).
+not a submodule: neither saved nor moved with the model; see ``nn.swap_module``). Dequantizing
+rebuilds that module on the replacement's device and fills it with the dequantized weights, so the
+model becomes the plain transformers model again (with the quantization error baked in).
 """
 
 from __future__ import annotations
@@ -12,19 +12,13 @@ import torch
 from torch import nn
 
 from .kernels.reference import dequantize_packed
-from .nn import MixedBitExperts
-
-_ORIGINAL = "_moeq_original"
+from .nn import MixedBitExperts, original_module
 
 
-def remember_original(replacement: nn.Module, original: nn.Module) -> None:
-    """Keep ``original`` (on the meta device, its storage freed) to rebuild it on dequantize."""
-    replacement.__dict__[_ORIGINAL] = original.to("meta")
-
-
-def dequantized_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The full-precision module ``module`` replaced, holding ``module``'s dequantized weights."""
-    original = module.__dict__.get(_ORIGINAL)
+def dequantized_module(module: nn.Module, dtype: torch.dtype, adapter) -> nn.Module:
+    """The full-precision module ``module`` replaced, holding ``module``'s dequantized weights
+    (``adapter``, the model family's, knows how its experts modules hold them)."""
+    original = original_module(module)
     if original is None:
         raise ValueError(f"{type(module).__name__} does not know the module it replaced: it cannot be dequantized.")
     params = list(module.parameters())
@@ -36,7 +30,7 @@ def dequantized_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     rebuilt = original.to_empty(device=params[0].device)
     with torch.no_grad():
         if isinstance(module, MixedBitExperts):
-            _fill_experts(rebuilt, module)
+            adapter.fill_original(rebuilt, _expert_weights(module))
         else:
             rebuilt.weight.copy_(module.dequantized())
             if module.bias is not None:
@@ -44,17 +38,8 @@ def dequantized_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return rebuilt.to(dtype).train(module.training)  # built before from_pretrained's eval(): in training mode
 
 
-def _fill_experts(rebuilt: nn.Module, module: MixedBitExperts) -> None:
-    weights = {
+def _expert_weights(module: MixedBitExperts) -> dict[str, torch.Tensor]:
+    return {
         proj: torch.stack([dequantize_packed(module.expert_projection(proj, e)) for e in range(module.num_experts)])
-        for proj in module.projection_shapes
+        for proj in module.layout.projections
     }
-    if all(isinstance(getattr(rebuilt, proj, None), torch.Tensor) for proj in weights):  # fused [E, N, K] experts
-        for proj, weight in weights.items():
-            getattr(rebuilt, proj).copy_(weight)
-    elif not module.gated and all(f"expert_{e}" in rebuilt._modules for e in range(module.num_experts)):  # Switch
-        for e in range(module.num_experts):
-            rebuilt[f"expert_{e}"].wi.weight.copy_(weights["up_proj"][e])
-            rebuilt[f"expert_{e}"].wo.weight.copy_(weights["down_proj"][e])
-    else:
-        raise NotImplementedError(f"dequantize() does not know the layout of {type(rebuilt).__name__}.")

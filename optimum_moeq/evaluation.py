@@ -29,7 +29,7 @@ def run_lm_eval_cli(argv: Sequence[str]) -> int:
 def evaluate(
     model,
     tokenizer,
-    tasks: Sequence[str],
+    tasks: Sequence[str | dict],
     *,
     include_path: str | None = None,
     limit: int | float | None = None,
@@ -37,7 +37,8 @@ def evaluate(
     batch_size: int = 1,
     save_to: str | os.PathLike | None = None,
 ) -> dict:
-    """Evaluate an already loaded (quantized) model with lm-eval; optionally keep the results in
+    """Evaluate an already loaded (quantized) model with lm-eval on ``tasks`` (names, or task configs
+    as dicts such as ``tasks.bundled_task()``); optionally keep the results in
     ``save_to/eval_results.json``, where the model card picks them up."""
     try:
         from lm_eval import simple_evaluate

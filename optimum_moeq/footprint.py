@@ -42,10 +42,11 @@ def experts_footprint(model: nn.Module) -> ExpertsFootprint:
     for module in model.modules():
         if not isinstance(module, MixedBitExperts):
             continue
-        num_weights += module.num_experts * sum(n * k for n, k in module.projection_shapes.values())
-        for name, param in module.named_parameters(recurse=False):
+        num_weights += module.layout.num_weights
+        for name in module.layout.specs():
+            param = getattr(module, name)
             nbytes = param.numel() * param.element_size()
-            if name.endswith(("_scale", "_zero")):
+            if module.layout.is_metadata(name):
                 metadata_bytes += nbytes
             else:
                 code_bytes += nbytes

@@ -135,14 +135,9 @@ def _local_free(name: str | None) -> str | None:
     return name
 
 
-def write_model_card(
-    folder: str | os.PathLike,
-    repo_id: str | None = None,
-    base_model: str | None = None,
-    name: str | None = None,
-    allocation: Allocation | None = None,
-) -> Path:
-    card = render_model_card(folder, repo_id=repo_id, base_model=base_model, name=name, allocation=allocation)
+def write_model_card(folder: str | os.PathLike, **card_options) -> Path:
+    """Render the card (``render_model_card``'s options) into ``folder/README.md``."""
+    card = render_model_card(folder, **card_options)
     path = Path(folder) / "README.md"
     card.save(path)
     return path
@@ -197,27 +192,19 @@ def push_to_hub(
     model,
     repo_id: str,
     *,
-    commit_message: str | None = None,
-    commit_description: str | None = None,
-    private: bool | None = None,
-    token: str | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
     max_shard_size: int | str | None = "50GB",
-    tags: list[str] | None = None,
     tokenizer=None,
     base_model: str | None = None,
+    **push_options,
 ):
-    """``model.push_to_hub``: transformers' arguments, plus ``tokenizer`` and ``base_model`` for the
-    card. Saves to a temporary folder and pushes it with the optimum-moeq card."""
+    """``model.push_to_hub``: transformers' arguments (``commit_message``, ``commit_description``,
+    ``private``, ``token``, ``revision``, ``create_pr``, ``tags``: ``push_folder``'s), plus
+    ``tokenizer`` and ``base_model`` for the card. Saves to a temporary folder and pushes it with the
+    optimum-moeq card."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         base_model = base_model or _local_free(getattr(model.config, "_name_or_path", None))
         allocation = getattr(getattr(model, "hf_quantizer", None), "allocation", None)
-        return push_folder(
-            tmp, repo_id, private=private, token=token, commit_message=commit_message,
-            commit_description=commit_description, revision=revision, create_pr=create_pr, base_model=base_model,
-            allocation=allocation, tags=tags,
-        )  # fmt: skip
+        return push_folder(tmp, repo_id, base_model=base_model, allocation=allocation, **push_options)

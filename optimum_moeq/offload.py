@@ -9,8 +9,9 @@ import os
 def offload_folder_of_current_load() -> str | None:
     """The ``offload_folder`` passed to the ``from_pretrained`` call now running, or None.
 
-    transformers hands quantizers the device map but not the offload folder, and only touches the
-    folder once loading has begun; reading the argument from the caller's frame lets a bad folder
+    transformers (5.24: ``from_pretrained`` passes no hook or argument of a quantizer the folder)
+    hands quantizers the device map but not the offload folder, and only touches the folder once
+    loading has begun; reading the argument from the caller's frame lets a bad folder
     fail before the allocation scan. If transformers renames the argument this returns None and the
     check is skipped (transformers' own error then comes later), never a wrong answer.
     """

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from importlib.util import find_spec
 
 import torch
-from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.auto import register_quantizer
 from transformers.quantizers.base import HfQuantizer
@@ -23,13 +21,13 @@ from transformers.utils import is_accelerate_available
 
 from .allocate import allocate_from_files
 from .allocation import Allocation
-from .calibration import check_calibration_data, check_gptq_supported, is_token_ids
+from .calibration_data import check_calibration_data, is_token_ids
 from .config import QUANT_METHOD, RouterNormConfig
-from .dequantize import dequantized_module, remember_original
+from .dequantize import dequantized_module
 from .hub import push_to_hub
 from .kernels.grouped import triton_available
 from .models import get_adapter
-from .nn import DENSE_LINEARS, QUANTIZED_DENSE, REPLACEMENTS, MixedBitExperts
+from .nn import QUANTIZED_MODULES, replace_with_mixed_bit_experts, replace_with_quantized_linears
 from .offload import (
     check_offload_folder,
     may_offload_to_disk,
@@ -42,33 +40,45 @@ from .saved_checkpoint import allocation_metadata, check_all_loaded, check_saved
 
 logger = logging.getLogger(__name__)
 
-# Routing layers stay in full precision whatever the options: a router's scores pick the experts.
-_ROUTING_MODULE = re.compile(r"(?:^|\.)(?:gate|router|classifier|shared_expert_gate)$")
-
 
 @register_quantizer(QUANT_METHOD)
 class RouterNormHfQuantizer(HfQuantizer):
-    """Quantizes each expert at the bit-width the router-norm method gives it."""
+    """Quantizes each expert at the bit-width the router-norm method gives it.
+
+    The bits live in ``quantization_config.allocation`` alone (saved in config.json);
+    ``allocation`` adds the signals and orders the scan that chose them read."""
 
     requires_calibration = False
     quantization_config: RouterNormConfig
+    _scan: Allocation | None = None
+
+    @property
+    def allocation(self) -> Allocation | None:
+        bits = self.quantization_config.allocation
+        if bits is None:
+            return None
+        scan = self._scan if self._scan is not None and self._scan.bits == bits else Allocation(bits)
+        return Allocation(bits=bits, signals=scan.signals, orders=scan.orders)
 
     def validate_environment(self, device_map=None, **kwargs) -> None:
-        self.quantization_config.post_init()  # the config may have been edited since construction
-        if self.quantization_config.attention_method.startswith("bnb") and find_spec("bitsandbytes") is None:
+        config = self.quantization_config
+        config.post_init()  # the config may have been edited since construction
+        if config.attention_method.startswith("bnb") and find_spec("bitsandbytes") is None:
             raise ImportError(
-                f"attention_method={self.quantization_config.attention_method!r} needs bitsandbytes: "
-                "pip install bitsandbytes"
+                f"attention_method={config.attention_method!r} needs bitsandbytes: pip install bitsandbytes"
             )
+        self._check_calibration_data_given()
+        if device_map is not None and not is_accelerate_available():
+            raise ImportError("Loading with a device_map needs accelerate: `pip install accelerate`.")
+        # transformers calls this again with the device map "auto" resolved to, before weights load
+        if isinstance(device_map, dict) and config.allocation:
+            self._check_experts_on_disk(device_map, config.allocation)
+
+    def _check_calibration_data_given(self) -> None:
         if self._calibrating and self.quantization_config.dataset is None:
             raise ValueError(
                 "method='gptq' needs calibration data: pass dataset= (a text file, strings or token ids)."
             )
-        if device_map is not None and not is_accelerate_available():
-            raise ImportError("Loading with a device_map needs accelerate: `pip install accelerate`.")
-        # transformers calls this again with the device map "auto" resolved to, before weights load
-        if isinstance(device_map, dict) and self.quantization_config.allocation:
-            self._check_experts_on_disk(device_map, self.quantization_config.allocation)
 
     def _check_experts_on_disk(self, device_map: dict, experts_modules) -> None:
         """Quantize-on-load writes packed experts placed on disk to the offload folder: without one,
@@ -85,116 +95,68 @@ class RouterNormHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, device_map=None, **kwargs) -> None:
         config = self.quantization_config
-        if may_offload_to_disk(device_map):  # before the allocation scan reads the checkpoint
-            offload_folder = offload_folder_of_current_load()
-            if offload_folder is not None:
-                check_offload_folder(offload_folder)
         adapter = get_adapter(model.config)
-        if self._calibrating:  # before any weight is read
-            check_gptq_supported(adapter, model.config)
-            check_calibration_data(config.dataset, model.config.get_text_config().vocab_size, config.seqlen)
-        shapes = {
-            name: adapter.experts_shape(module, model.config)
-            for name, module in model.named_modules()
-            if adapter.experts_module_key.match(name) and should_convert_module(name, config.modules_to_not_convert)
-        }
+        self._check_before_reading(model, adapter, device_map)
+        shapes = adapter.experts_shapes(model, config.modules_to_not_convert)
         if isinstance(device_map, dict):  # a map given as is: checked before the scan
             self._check_experts_on_disk(device_map, shapes)
-        if not shapes:
-            names = [name for name, _ in model.named_modules()]
-            if any(adapter.experts_module_key.match(f"{model.base_model_prefix}.{name}") for name in names):
-                raise ValueError(
-                    f"{type(model).__name__} is the base model without its head, whose module names differ from "
-                    "the checkpoint's: load the full model (AutoModelForCausalLM) and use its .model."
-                )
-            if not any(adapter.experts_module_key.match(name) for name in names):
-                raise ValueError(
-                    f"this {model.config.model_type} model has no MoE layer (its config makes every layer dense): "
-                    "nothing to quantize."
-                )
-            raise ValueError(
-                f"modules_to_not_convert={config.modules_to_not_convert!r} excludes every experts module: "
-                "nothing is left to quantize."
+        _check_packable(shapes, config)
+        self._set_allocation(checkpoint_files, adapter, shapes)
+        if not self._calibrating:  # GPTQ needs the experts in full precision: it replaces them after loading
+            replace_with_mixed_bit_experts(
+                model, adapter, shapes, config.allocation, config, placeholders=not self.pre_quantized
             )
-        # the widths that will be packed: a given allocation's own, else any of the levels
-        widths = {b for bits in config.allocation.values() for b in bits} if config.allocation else config.bit_levels
-        for name, shape in shapes.items():  # before any weight is read
-            for k, projection in (
-                (shape.hidden_dim, f"{name} (input projection)"),
-                (shape.intermediate_dim, f"{name}.down_proj"),
-            ):
-                check_packable(k, widths, projection)
-                check_group_size(config.group_size, k, projection)
-        if self.pre_quantized and config.allocation is None:
-            raise ValueError("the checkpoint's quantization_config has no allocation: it cannot be reloaded.")
-        if config.allocation is not None:  # saved with the checkpoint, or the user's own: used as given
-            self.allocation = Allocation(bits=config.allocation)
-        else:
-            if not checkpoint_files:
-                raise ValueError("quantize-on-load needs the checkpoint files to compute the allocation.")
-            self.allocation = allocate_from_files(checkpoint_files, adapter, config, experts_modules=set(shapes))
-            config.allocation = self.allocation.bits
-            logger.info("optimum-moeq allocation:\n%s", self.allocation)
-        _check_allocation_matches_model(config.allocation, shapes)
-        if self._calibrating:
-            if config.dataset is None:
-                raise ValueError(
-                    "method='gptq' needs calibration data: pass dataset= (a text file, strings or token ids)."
-                )
-            shapes = {}  # experts load in full precision; GPTQ quantizes them after loading
-
-        replacement_class = REPLACEMENTS[adapter.replacement]
-        for name, shape in shapes.items():
-            with torch.device("meta"):
-                replacement = replacement_class(
-                    config.allocation[name],
-                    hidden_dim=shape.hidden_dim,
-                    intermediate_dim=shape.intermediate_dim,
-                    group_size=config.group_size,
-                    hidden_act=shape.activation,
-                    method=config.method,
-                    with_full_precision_placeholders=not self.pre_quantized,
-                    name=name,
-                    gated=adapter.gated,
-                )
-            remember_original(replacement, model.get_submodule(name))
-            model.set_submodule(name, replacement)
-            # The MoE block's own weight init reaches into the experts it was built with (Switch
-            # indexes them by name); its weights all come from the checkpoint, so skip it.
-            model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
         if config.attention_bits is not None or config.attention_method != "moeq":
-            self._replace_dense_linears(model, adapter)
+            replace_with_quantized_linears(
+                model, config, self._dense_linear_filter(model, adapter), placeholders=not self.pre_quantized
+            )
         if self.pre_quantized and checkpoint_files:
             check_saved_allocation(checkpoint_files, config.allocation)
 
-    def _replace_dense_linears(self, model, adapter) -> None:
-        """``attention_bits`` / ``attention_method``: every nn.Linear outside the experts, routers,
-        output embeddings and the family's ``dense_linears_kept``."""
+    def _check_before_reading(self, model, adapter, device_map) -> None:
+        """What can fail before the allocation scan reads the checkpoint."""
         config = self.quantization_config
-        keep = self.get_modules_to_not_convert(model, config.modules_to_not_convert, add_default_skips=True)
-        for name, module in list(model.named_modules()):
-            if type(module) is not nn.Linear or _ROUTING_MODULE.search(name) or not should_convert_module(name, keep):
-                continue
-            if name.rpartition(".")[2] in adapter.dense_linears_kept:
-                continue
+        if may_offload_to_disk(device_map):
+            offload_folder = offload_folder_of_current_load()
+            if offload_folder is not None:
+                check_offload_folder(offload_folder)
+        if self._calibrating:
+            from .calibration import check_gptq_supported
+
+            check_gptq_supported(adapter, model.config)
+            self._check_calibration_data_given()
+            check_calibration_data(config.dataset, model.config.get_text_config().vocab_size, config.seqlen)
+
+    def _set_allocation(self, checkpoint_files, adapter, shapes) -> None:
+        """A saved (or the user's own) allocation is used as given; otherwise the scan computes it."""
+        config = self.quantization_config
+        if config.allocation is None:
+            if self.pre_quantized:
+                raise ValueError("the checkpoint's quantization_config has no allocation: it cannot be reloaded.")
+            if not checkpoint_files:
+                raise ValueError("quantize-on-load needs the checkpoint files to compute the allocation.")
+            self._scan = allocate_from_files(checkpoint_files, adapter, config, experts_modules=set(shapes))
+            config.allocation = self._scan.bits
+            logger.info("optimum-moeq allocation:\n%s", self._scan)
+        _check_allocation_matches_model(config.allocation, shapes)
+
+    def _dense_linear_filter(self, model, adapter):
+        """``attention_bits`` / ``attention_method`` convert every nn.Linear outside the experts,
+        routers, output embeddings and the family's ``dense_linears_kept``."""
+        keep = self.get_modules_to_not_convert(
+            model, self.quantization_config.modules_to_not_convert, add_default_skips=True
+        )
+
+        def converts(name: str, module) -> bool:
             parents = [name[:i] for i in range(len(name)) if name[i] == "."]
-            if any(adapter.experts_module_key.match(parent) for parent in parents):
-                continue
-            with torch.device("meta"):
-                replacement = DENSE_LINEARS[config.attention_method](
-                    module.in_features,
-                    module.out_features,
-                    bits=config.attention_bits,
-                    group_size=config.group_size,
-                    bias=module.bias is not None,
-                    method=config.method,
-                    with_full_precision_placeholders=not self.pre_quantized,
-                    name=name,
-                )
-            remember_original(replacement, module)
-            model.set_submodule(name, replacement)
-            # as for the experts: the parent's init would reach for the plain `weight` (Switch attention)
-            model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
+            return (
+                should_convert_module(name, keep)
+                and not adapter.is_routing(name)
+                and name.rpartition(".")[2] not in adapter.dense_linears_kept
+                and not any(adapter.experts_module_key.match(parent) for parent in parents)
+            )
+
+        return converts
 
     def update_weight_conversions(self, weight_conversions, model):
         adapter = get_adapter(model.config)
@@ -206,7 +168,7 @@ class RouterNormHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             return False
         module, tensor_name = get_module_from_name(model, param_name)
-        return isinstance(module, (MixedBitExperts, *QUANTIZED_DENSE)) and tensor_name in module.projection_shapes
+        return isinstance(module, QUANTIZED_MODULES) and tensor_name in module.projection_shapes
 
     def param_element_size(self, model, param_name: str, param: torch.Tensor) -> float:
         # The packed tensors are parameters of their own and are counted as such; the
@@ -226,25 +188,26 @@ class RouterNormHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             # the family's kept dense linears too: a save by an older optimum-moeq packed them
             kept = get_adapter(model.config).dense_linears_kept
-            check_all_loaded(
-                model, (MixedBitExperts, *QUANTIZED_DENSE), also=lambda name: name.rpartition(".")[2] in kept
-            )
+            check_all_loaded(model, QUANTIZED_MODULES, also=lambda name: name.rpartition(".")[2] in kept)
         if self._calibrating:
-            from .calibration import quantize_model_gptq
-
-            config = self.quantization_config
-            tokenizer = config.tokenizer
-            if tokenizer is None and not is_token_ids(config.dataset):
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
-            self.gptq_report = quantize_model_gptq(model, config, tokenizer=tokenizer)
+            self._quantize_with_gptq(model)
         for module in model.modules():
-            if isinstance(module, (MixedBitExperts, *QUANTIZED_DENSE)):
+            if isinstance(module, QUANTIZED_MODULES):
                 module.requires_grad_(False)
         # model.push_to_hub(repo_id) uploads the packed checkpoint with the optimum-moeq model card
         model.push_to_hub = functools.partial(push_to_hub, model)
         return model
+
+    def _quantize_with_gptq(self, model) -> None:
+        from .calibration import quantize_model_gptq
+
+        config = self.quantization_config
+        tokenizer = config.tokenizer
+        if tokenizer is None and not is_token_ids(config.dataset):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
+        self.gptq_report = quantize_model_gptq(model, config, tokenizer=tokenizer)
 
     def is_serializable(self) -> bool:
         return True
@@ -252,9 +215,10 @@ class RouterNormHfQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         """model.dequantize(): every packed module back to the model's own, in ``dtype``."""
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
+        adapter = get_adapter(model.config)
         for name, module in list(model.named_modules()):
-            if isinstance(module, (MixedBitExperts, *QUANTIZED_DENSE)):
-                model.set_submodule(name, dequantized_module(module, dtype))
+            if isinstance(module, QUANTIZED_MODULES):
+                model.set_submodule(name, dequantized_module(module, dtype, adapter))
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -290,6 +254,19 @@ class QuantizeExperts(ConversionOps):
             missing_keys.discard(full_layer_name)
         prefix = full_layer_name.rsplit(".", 1)[0]
         return {f"{prefix}.{name}": tensor for name, tensor in packed.items()}
+
+
+def _check_packable(shapes: dict, config: RouterNormConfig) -> None:
+    """Before any weight is read: every projection packs at the widths that will be packed (a given
+    allocation's own, else any of the levels) and takes the group size."""
+    widths = {b for bits in config.allocation.values() for b in bits} if config.allocation else config.bit_levels
+    for name, shape in shapes.items():
+        for k, projection in (
+            (shape.hidden_dim, f"{name} (input projection)"),
+            (shape.intermediate_dim, f"{name}.down_proj"),
+        ):
+            check_packable(k, widths, projection)
+            check_group_size(config.group_size, k, projection)
 
 
 def _check_allocation_matches_model(allocation: dict[str, list[int]], shapes: dict) -> None:

@@ -18,10 +18,9 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: 
 from optimum_moeq import RouterNormConfig  # noqa: E402
 from optimum_moeq.demo import word_tokenizer  # noqa: E402
 from optimum_moeq.evaluation import evaluate  # noqa: E402
+from optimum_moeq.tasks import bundled_task, bundled_task_docs, write_bundled_task  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "tests" / "data"
-DOCS = [json.loads(line) for line in (DATA / "tiny_mc.jsonl").read_text().splitlines()]
+DOCS = bundled_task_docs()
 
 
 def _word_tokenizer():
@@ -61,19 +60,22 @@ def test_moeq_eval_and_the_function_agree_with_plain_transformers(quantized_fold
     tokenizer = PreTrainedTokenizerFast.from_pretrained(quantized_folder)
     expected = _independent_accuracy(model, tokenizer)
 
-    results = evaluate(model, tokenizer, ["moeq_tiny_mc"], include_path=str(DATA), save_to=tmp_path)
+    results = evaluate(model, tokenizer, [bundled_task()], save_to=tmp_path)
     assert results["results"]["moeq_tiny_mc"]["acc,none"] == pytest.approx(expected)
     assert json.loads((tmp_path / "eval_results.json").read_text())["results"]["moeq_tiny_mc"]["acc,none"] == (
         pytest.approx(expected)
     )
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    (tmp_path / "tasks").mkdir()
+    write_bundled_task(tmp_path / "tasks")
     command = [
         sys.executable, "-m", "optimum_moeq.cli", "eval", "--model", "hf",
         "--model_args", f"pretrained={quantized_folder},dtype=float32", "--tasks", "moeq_tiny_mc",
-        "--include_path", str(DATA), "--device", "cpu", "--batch_size", "1", "--output_path", str(tmp_path / "lm"),
+        "--include_path", str(tmp_path / "tasks"), "--device", "cpu", "--batch_size", "1",
+        "--output_path", str(tmp_path / "lm"),
     ]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)  # any directory will do
     assert run.returncode == 0, run.stderr[-3000:]
     assert "moeq_tiny_mc" in run.stdout  # lm-eval's own results table
     (result_file,) = glob.glob(str(tmp_path / "lm" / "**" / "results_*.json"), recursive=True)

@@ -23,8 +23,7 @@ def module_and_weights():
     module = MixedBitExperts(bits, hidden_dim=H, intermediate_dim=INTER, group_size=G, method="rtn")
     with torch.no_grad():
         for proj, weight in (("gate_up_proj", gate_up), ("down_proj", down)):
-            for name, tensor in module.quantize_projection(proj, weight).items():
-                getattr(module, name).copy_(tensor)
+            module.store(module.quantize_projection(proj, weight))
     return module, bits, gate_up, down
 
 

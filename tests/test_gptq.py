@@ -6,7 +6,8 @@ from conftest import save_tiny_switch
 from transformers import AutoModelForCausalLM
 
 from optimum_moeq import MixedBitExperts, RouterNormConfig
-from optimum_moeq.calibration import calibration_tokens, quantize_model_gptq
+from optimum_moeq.calibration import quantize_model_gptq
+from optimum_moeq.calibration_data import calibration_tokens
 from optimum_moeq.quant import dequantize, quantize_hqq, quantize_rtn
 from optimum_moeq.quant.gptq import input_hessian, quantize_gptq
 

@@ -6,7 +6,6 @@ import torch
 
 pytest.importorskip("triton")
 
-from optimum_moeq.kernels.grouped import local_expert_index  # noqa: E402
 from optimum_moeq.kernels.routing import align_pairs_by_expert  # noqa: E402
 from optimum_moeq.kernels.tuning import KernelTuning, current_tuning, kernel_tuning  # noqa: E402
 from optimum_moeq.nn import MixedBitExperts  # noqa: E402
@@ -20,11 +19,11 @@ def _experts(bits, hidden, intermediate, group_size, device="cpu", seed=0, **mod
     generator = torch.Generator().manual_seed(seed)
     module = MixedBitExperts(bits, hidden, intermediate, group_size, **module_kwargs)
     with torch.no_grad():
-        for proj, (n, k) in module.projection_shapes.items():
-            for b in module.bit_widths:
-                packed = random_packed_projection(len(module.members[b]), n, k, b, group_size, generator=generator)
-                for field, tensor in packed.tensors().items():
-                    getattr(module, f"{proj}_b{b}_{field}").copy_(tensor)
+        for proj, (n, k) in module.layout.projections.items():
+            for b, members in module.layout.members.items():
+                module.store_packed(
+                    proj, random_packed_projection(len(members), n, k, b, group_size, generator=generator)
+                )
     return module.to(device)
 
 
@@ -165,17 +164,16 @@ def test_packed_linear_kernel_path_matches_reference(rows):
     linear = PackedLinear(64, 48, bits=4, group_size=32, bias=True)
     with torch.no_grad():
         weight = torch.randn(48, 64, generator=generator) * 0.05
-        for name, tensor in linear.quantize_projection("weight", weight).items():
-            getattr(linear, name).copy_(tensor)
+        linear.store(linear.quantize_projection("weight", weight))
         linear.bias.copy_(torch.randn(48, generator=generator))
     x = torch.randn(rows, 64, generator=generator)
     reference = linear(x)  # CPU tensors: the torch reference
     out = linear._triton_forward(x) + linear.bias
     assert ((out - reference).norm() / reference.norm()) < 1e-5
-    index = local_expert_index((4,), 4, x.device)
+    index = linear.layout.local_index(4, x.device)
     assert index.tolist() == [0, -1]
     linear._triton_forward(x)
-    assert local_expert_index((4,), 4, x.device) is index  # made once per device, not in every forward
+    assert linear.layout.local_index(4, x.device) is index  # made once per device, not in every forward
     with kernel_tuning(decode_max_pairs=1, gemm_block_m=16):  # the shared launch parameters apply here too
         out = linear._triton_forward(x) + linear.bias
     assert ((out - reference).norm() / reference.norm()) < 1e-5
@@ -252,8 +250,7 @@ def test_packed_linear_kernel_path_compiles_into_one_graph(rows):
     generator = torch.Generator().manual_seed(rows)
     linear = PackedLinear(64, 48, bits=3, group_size=32)
     with torch.no_grad():
-        for name, tensor in linear.quantize_projection("weight", torch.randn(48, 64, generator=generator)).items():
-            getattr(linear, name).copy_(tensor)
+        linear.store(linear.quantize_projection("weight", torch.randn(48, 64, generator=generator)))
     x = torch.randn(rows, 64, generator=generator)
     graphs = []
     compiled = torch.compile(linear._triton_forward, fullgraph=True, backend=lambda gm, _: graphs.append(gm) or gm)

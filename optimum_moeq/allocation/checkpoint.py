@@ -18,28 +18,27 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..models.adapter import MoEAdapter
 from .allocation import LayerSignals
 from .signals import max_neuron_variance, router_norm_change
 
-_INDEX_NAME = "model.safetensors.index.json"
-_SINGLE_NAME = "model.safetensors"
-
 
 def safetensors_files(folder: str | os.PathLike) -> list[str]:
     """The safetensors shards of a local checkpoint folder."""
     folder = os.fspath(folder)
-    index = os.path.join(folder, _INDEX_NAME)
+    index = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         return [os.path.join(folder, s) for s in shards]
-    single = os.path.join(folder, _SINGLE_NAME)
+    single = os.path.join(folder, SAFE_WEIGHTS_NAME)
     if os.path.isfile(single):
         return [single]
     raise FileNotFoundError(
-        f"no {_SINGLE_NAME} or {_INDEX_NAME} in {folder!r}: allocation reads safetensors checkpoints only."
+        f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {folder!r}: "
+        "allocation reads safetensors checkpoints only."
     )
 
 
@@ -116,7 +115,7 @@ def _read_jobs(files: list[str], adapter: MoEAdapter) -> list[_Job]:
             with safe_open(path, framework="pt") as f:
                 num_experts, rows, _ = f.get_slice(match.string).get_shape()
             row_bytes = (end - start) // (num_experts * rows)
-            wanted = rows // 2 if adapter.gated else rows  # gate rows come first
+            wanted = adapter.input_rows(rows)
             for e in range(num_experts):
                 first = start + e * rows * row_bytes
                 jobs.append(_Job(path, kind, match, e, (first, first + wanted * row_bytes)))
@@ -161,7 +160,7 @@ def read_layer_signals(
             else:
                 fused = shard.get_slice(match.string)
                 rows = fused.get_shape()[1]
-                tensor = fused[expert, : rows // 2 if adapter.gated else rows, :]
+                tensor = fused[expert, : adapter.input_rows(rows), :]
             # get_tensor maps the file lazily; copying here makes this thread do the disk reads,
             # so they overlap the reduction of the previous tensor instead of stalling it.
             nbytes = tensor.numel() * tensor.element_size()

@@ -26,9 +26,9 @@ def max_neuron_variance(input_projection: torch.Tensor, rows_per_chunk: int = 51
 
     This pass must keep up with reading the checkpoint. Each block of rows small enough to stay
     in the CPU cache (512 x 4096 bf16 = 4 MiB) is read in its own dtype for its sum and sum of
-    squares, accumulated in float32 with no converted copy: measured 10x faster than a two-pass
-    variance over float32 copies. Where a row's mean dominates its spread that one-pass form
-    loses precision; those blocks are recomputed two-pass in float64.
+    squares, accumulated in float32 with no converted copy, which is much faster than a two-pass
+    variance over float32 copies (benchmarks/results/notes.md). Where a row's mean dominates its
+    spread that one-pass form loses precision; those blocks are recomputed two-pass in float64.
     """
     n = input_projection.shape[-1]
     best = float("-inf")

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers.activations import ACT2FN
 
-from ..quant.packed import PackedProjection
+from ..quant.layout import PackedLayout
 from .routing import ExpertBlocks, align_pairs_by_expert
 from .tuning import current_tuning
 
@@ -37,6 +37,20 @@ def block_k_for(group_size: int) -> int | None:
     return None
 
 
+def use_triton(kernel: str, group_size: int, is_cuda: bool) -> bool:
+    """The compute path of a packed module: Triton for CUDA inputs (or when ``kernel="triton"``
+    forces it), the torch reference otherwise."""
+    if kernel == "torch":
+        return False
+    usable = triton_available() and block_k_for(group_size) is not None
+    if kernel == "triton" and not usable:
+        raise ValueError(
+            f"kernel='triton' needs the triton package and a group_size with a power-of-two divisor >= 16, "
+            f"got group_size={group_size}; install optimum-moeq[gpu] or use kernel='torch'."
+        )
+    return kernel == "triton" or (usable and is_cuda)
+
+
 @functools.cache
 def _kernels():
     from . import triton_moe
@@ -44,22 +58,22 @@ def _kernels():
     return triton_moe
 
 
-def _plane_args(packed: PackedProjection) -> tuple:
-    q2 = packed.q2 if packed.q2 is not None else packed.scale  # unread when absent; any tensor will do
-    q1 = packed.q1 if packed.q1 is not None else packed.scale
-    for t in (packed.q2, packed.q1, packed.scale, packed.zero):
+def _plane_args(q2, q1, scale, zero) -> tuple:
+    for t in (q2, q1, scale, zero):
         if t is not None and not t.is_contiguous():
             raise ValueError("packed expert tensors must be contiguous for the Triton kernels.")
-    q2_strides = packed.q2.stride()[:3] if packed.q2 is not None else (0, 0, 0)
-    q1_strides = packed.q1.stride()[:2] if packed.q1 is not None else (0, 0)
-    strides = (*q2_strides, *q1_strides, packed.scale.stride(0), packed.scale.stride(1))
-    return (q2, q1, packed.scale, packed.zero), strides
+    q2_strides = q2.stride()[:3] if q2 is not None else (0, 0, 0)
+    q1_strides = q1.stride()[:2] if q1 is not None else (0, 0)
+    strides = (*q2_strides, *q1_strides, scale.stride(0), scale.stride(1))
+    # an absent plane is never read; any tensor will do as its argument
+    return (scale if q2 is None else q2, scale if q1 is None else q1, scale, zero), strides
 
 
 def launch_projection(
     x: torch.Tensor,
     out: torch.Tensor,
-    packed: PackedProjection,
+    bits: int,
+    planes: Sequence[torch.Tensor | None],
     local_index: torch.Tensor,
     top_k_index: torch.Tensor,
     *,
@@ -68,25 +82,27 @@ def launch_projection(
     x_rows_per_pair_div: int,
     fuse_swiglu: bool = False,
     routing_weights: torch.Tensor | None = None,
-    blocks=None,
+    sorted_pairs: torch.Tensor | None = None,
+    block_expert: torch.Tensor | None = None,
+    block_m: int = 0,
 ) -> None:
-    """One launch: every pair whose expert is in ``packed``'s bit-width writes its row of ``out``.
+    """One launch: every pair whose expert has ``bits`` bits writes its row of ``out``; ``planes``
+    are that width's (q2, q1, scale, zero) with the expert axis.
 
-    ``x`` rows are indexed by pair // ``x_rows_per_pair_div``; ``out`` rows by pair. ``blocks``
-    (from ``align_pairs_by_expert``) selects the tl.dot kernel, otherwise the GEMV kernel runs.
+    ``x`` rows are indexed by pair // ``x_rows_per_pair_div``; ``out`` rows by pair. Pairs sorted
+    into blocks (``sorted_pairs``, ``block_expert``, ``block_m`` from ``align_pairs_by_expert``)
+    select the tl.dot kernel, otherwise the GEMV kernel runs.
     """
     kernels = _kernels()
     tuning = current_tuning()
     num_pairs = top_k_index.numel()
     k = x.shape[1]
     block_k = block_k_for(group_size)
-    tensors, strides = _plane_args(packed)
-    n2 = packed.bits // 2
-    has_q1 = packed.bits % 2 == 1
+    tensors, strides = _plane_args(*planes)
     routing = routing_weights if routing_weights is not None else out
-    common = dict(GROUP=group_size, N2=n2, HAS_Q1=has_q1, FUSE_SWIGLU=fuse_swiglu)
+    common = dict(GROUP=group_size, N2=bits // 2, HAS_Q1=bits % 2 == 1, FUSE_SWIGLU=fuse_swiglu)
     common["HAS_ROUTING_WEIGHT"] = routing_weights is not None
-    if blocks is None:
+    if sorted_pairs is None:
         programs = num_pairs * triton_cdiv(n_out, tuning.gemv_block_n)
         # split-K adds partial sums atomically: only into float32 outputs, never with the fused
         # SiLU (it needs the whole sum)
@@ -99,12 +115,12 @@ def launch_projection(
             BLOCK_N=tuning.gemv_block_n, num_warps=tuning.gemv_warps,
         )  # fmt: skip
     else:
-        grid = (blocks.block_expert.numel(), triton_cdiv(n_out, tuning.gemm_block_n))
+        grid = (block_expert.numel(), triton_cdiv(n_out, tuning.gemm_block_n))
         dot_in_fp32 = interpreting() and x.dtype == torch.bfloat16
         kernels._moe_gemm_kernel[grid](
-            x, out, blocks.sorted_pairs, blocks.block_expert, local_index, routing, *tensors, num_pairs, k, n_out,
+            x, out, sorted_pairs, block_expert, local_index, routing, *tensors, num_pairs, k, n_out,
             x_rows_per_pair_div, n_out, x.stride(0), out.stride(0), *strides, **common, DOT_IN_FP32=dot_in_fp32,
-            DOT_PRECISION=dot_input_precision(x.dtype), BLOCK_M=blocks.block_m, BLOCK_K=block_k,
+            DOT_PRECISION=dot_input_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k,
             BLOCK_N=tuning.gemm_block_n, num_warps=tuning.gemm_warps, num_stages=tuning.gemm_stages,
         )  # fmt: skip
 
@@ -130,22 +146,6 @@ def _split_k(programs: int, k_steps: int, target_programs: int) -> int:
     return split
 
 
-def local_expert_index(expert_bits: tuple[int, ...], bits: int, device: torch.device) -> torch.Tensor:
-    """int32 [E + 1]: each expert's index within the ``bits``-bit tensors, or -1 (the extra slot is
-    the index transformers gives experts held elsewhere). Made once per layout and device: a
-    host-to-device copy in every forward would stall the stream and break CUDA-graph capture."""
-    key = (expert_bits, bits, device)
-    if key not in _local_indices:
-        members = [e for e, b in enumerate(expert_bits) if b == bits]
-        index = torch.full((len(expert_bits) + 1,), -1, dtype=torch.int32)
-        index[members] = torch.arange(len(members), dtype=torch.int32)
-        _local_indices[key] = index.to(device)
-    return _local_indices[key]
-
-
-_local_indices: dict[tuple, torch.Tensor] = {}
-
-
 def _mixed_bit_projection(
     x: torch.Tensor,
     pair_expert: torch.Tensor,
@@ -153,7 +153,8 @@ def _mixed_bit_projection(
     sorted_pairs: torch.Tensor | None,
     block_expert: torch.Tensor | None,
     planes: list[torch.Tensor | None],
-    expert_bits: list[int],
+    local_indices: list[torch.Tensor],
+    bit_widths: list[int],
     group_size: int,
     n_out: int,
     out_dtype: torch.dtype,
@@ -162,38 +163,34 @@ def _mixed_bit_projection(
     block_m: int,
 ) -> torch.Tensor:
     out = torch.zeros(pair_expert.numel(), n_out, dtype=out_dtype, device=x.device)
-    blocks = None if sorted_pairs is None else ExpertBlocks(sorted_pairs, block_expert, pair_expert.numel(), block_m)
-    layout = tuple(expert_bits)
-    for i, bits in enumerate(sorted(set(expert_bits))):
-        q2, q1, scale, zero = planes[4 * i : 4 * i + 4]
+    for i, bits in enumerate(bit_widths):
         launch_projection(
-            x, out, PackedProjection(bits, scale, zero, q2, q1), local_expert_index(layout, bits, x.device),
-            pair_expert, group_size=group_size, n_out=n_out, x_rows_per_pair_div=x_rows_per_pair_div,
-            fuse_swiglu=fuse_swiglu, routing_weights=routing_weights, blocks=blocks,
+            x, out, bits, planes[4 * i : 4 * i + 4], local_indices[i], pair_expert, group_size=group_size,
+            n_out=n_out, x_rows_per_pair_div=x_rows_per_pair_div, fuse_swiglu=fuse_swiglu,
+            routing_weights=routing_weights, sorted_pairs=sorted_pairs, block_expert=block_expert, block_m=block_m,
         )  # fmt: skip
     return out
 
 
 # torch.compile sees the launches as one opaque op (tracing into Triton's launcher is not needed,
-# and the interpreter cannot be traced at all); eager calls skip the dispatcher's ~20 us per call.
+# and the interpreter cannot be traced at all); eager calls skip the dispatcher's cost per call.
 _mixed_bit_projection_op = torch.library.custom_op(
     "moeq::mixed_bit_projection", _mixed_bit_projection, mutates_args=()
 )
 
 
 @_mixed_bit_projection_op.register_fake
-def _(x, pair_expert, routing_weights, sorted_pairs, block_expert, planes, expert_bits, group_size, n_out, out_dtype,
-      x_rows_per_pair_div, fuse_swiglu, block_m):  # fmt: skip
+def _(x, pair_expert, routing_weights, sorted_pairs, block_expert, planes, local_indices, bit_widths, group_size,
+      n_out, out_dtype, x_rows_per_pair_div, fuse_swiglu, block_m):  # fmt: skip
     return x.new_empty((pair_expert.numel(), n_out), dtype=out_dtype)
 
 
 def mixed_bit_projection(
     x: torch.Tensor,
     pair_expert: torch.Tensor,
-    packed: Mapping[int, PackedProjection],
-    expert_bits: Sequence[int],
+    layout: PackedLayout,
+    planes: list[torch.Tensor | None],
     *,
-    group_size: int,
     n_out: int,
     out_dtype: torch.dtype,
     x_rows_per_pair_div: int,
@@ -201,21 +198,17 @@ def mixed_bit_projection(
     routing_weights: torch.Tensor | None = None,
     blocks: ExpertBlocks | None = None,
 ) -> torch.Tensor:
-    """Rows [pairs, ``n_out``] of ``out_dtype``: pair p's expert (``pair_expert[p]``, whose width is
-    ``expert_bits[e]``) applied to ``x`` row p // ``x_rows_per_pair_div``; one launch per width in
-    ``packed``. ``blocks`` (from ``align_pairs_by_expert``) selects the tl.dot kernel, else GEMV."""
-    planes = [t for bits in sorted(packed) for t in (packed[bits].q2, packed[bits].q1, packed[bits].scale,
-                                                     packed[bits].zero)]  # fmt: skip
-    if sorted(packed) != sorted(set(expert_bits)):
-        raise ValueError(
-            f"packed widths {sorted(packed)} do not match the experts' widths {sorted(set(expert_bits))}."
-        )
+    """Rows [pairs, ``n_out``] of ``out_dtype``: pair p's expert (``pair_expert[p]``) applied to ``x``
+    row p // ``x_rows_per_pair_div``; one launch per width of ``layout``, whose tensors ``planes``
+    holds as ``layout.kernel_planes`` flattens them. ``blocks`` (from ``align_pairs_by_expert``)
+    selects the tl.dot kernel, else GEMV. This is the custom-op boundary: arguments go to the
+    launches as they are."""
     sorted_pairs, block_expert, block_m = (None, None, 0) if blocks is None else (
         blocks.sorted_pairs, blocks.block_expert, blocks.block_m)  # fmt: skip
     project = _mixed_bit_projection_op if torch.compiler.is_compiling() else _mixed_bit_projection
     return project(
-        x, pair_expert, routing_weights, sorted_pairs, block_expert, planes, list(expert_bits), group_size, n_out,
-        out_dtype, x_rows_per_pair_div, fuse_swiglu, block_m,
+        x, pair_expert, routing_weights, sorted_pairs, block_expert, planes, layout.local_indices(x.device),
+        list(layout.bit_widths), layout.group_size, n_out, out_dtype, x_rows_per_pair_div, fuse_swiglu, block_m,
     )  # fmt: skip
 
 
@@ -234,38 +227,36 @@ def grouped_experts_forward(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
-    gate_up: Mapping[int, PackedProjection],
-    down: Mapping[int, PackedProjection],
-    expert_bits: Sequence[int],
+    layout: PackedLayout,
+    tensors: Mapping[str, torch.Tensor],
     *,
+    input_projection: str,
     intermediate_dim: int,
-    group_size: int,
     activation: str = "silu",
     gated: bool = True,
 ) -> torch.Tensor:
-    """Experts over packed mixed-bit weights; same contract as transformers' experts forward.
+    """Experts over packed mixed-bit weights (``tensors`` by ``layout``'s names); same contract as
+    transformers' experts forward.
 
-    ``gate_up`` holds the input projection: gate then up rows when ``gated``, else up only.
-    SiLU(gate) * up is fused into its launch; other activations run in torch between launches.
+    ``input_projection`` holds gate then up rows when ``gated``, else up only. SiLU(gate) * up is
+    fused into its launch; other activations run in torch between launches.
     """
     tokens, hidden = hidden_states.shape
     top_k = top_k_index.shape[1]
-    num_experts = len(expert_bits)
     pair_expert = top_k_index.reshape(-1).to(torch.int32).contiguous()
     x = hidden_states.contiguous()
-    blocks = blocks_for_prefill(pair_expert, num_experts)
+    blocks = blocks_for_prefill(pair_expert, layout.num_experts)
     fuse = gated and activation == "silu"
     width = intermediate_dim if fuse or not gated else 2 * intermediate_dim
-    common = dict(group_size=group_size, blocks=blocks)
     act = mixed_bit_projection(
-        x, pair_expert, gate_up, expert_bits, n_out=width, out_dtype=x.dtype, x_rows_per_pair_div=top_k,
-        fuse_swiglu=fuse, **common,
+        x, pair_expert, layout, layout.kernel_planes(tensors, input_projection), n_out=width, out_dtype=x.dtype,
+        x_rows_per_pair_div=top_k, fuse_swiglu=fuse, blocks=blocks,
     )  # fmt: skip
     if not fuse:
         act_fn = ACT2FN[activation]
         act = act_fn(act[:, :intermediate_dim]) * act[:, intermediate_dim:] if gated else act_fn(act)
     out = mixed_bit_projection(
-        act, pair_expert, down, expert_bits, n_out=hidden, out_dtype=torch.float32, x_rows_per_pair_div=1,
-        routing_weights=top_k_weights.reshape(-1).contiguous(), **common,
+        act, pair_expert, layout, layout.kernel_planes(tensors, "down_proj"), n_out=hidden, out_dtype=torch.float32,
+        x_rows_per_pair_div=1, routing_weights=top_k_weights.reshape(-1).contiguous(), blocks=blocks,
     )  # fmt: skip
     return out.view(tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)

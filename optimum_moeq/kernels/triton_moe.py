@@ -101,38 +101,46 @@ def _group_dot(x, x_sum, codes, scale, zero, BITS: tl.constexpr, EXACT: tl.const
 
 
 @triton.jit
+def _expert_tensors(q2_ptr, q1_ptr, scale_ptr, zero_ptr, local, stride_q2_expert, stride_q1_expert,
+                    stride_meta_expert):  # fmt: skip
+    """Pointers to expert ``local``'s planes, scales and zeros within its width's tensors."""
+    local = local.to(tl.int64)
+    return (
+        q2_ptr + local * stride_q2_expert,
+        q1_ptr + local * stride_q1_expert,
+        scale_ptr + local * stride_meta_expert,
+        zero_ptr + local * stride_meta_expert,
+    )
+
+
+@triton.jit
+def _tile_dot(x, q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plane, stride_q2_row, stride_q1_row,
+              stride_meta_row, GROUP: tl.constexpr, N2: tl.constexpr, HAS_Q1: tl.constexpr, BLOCK_K: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """x [BLOCK_M, BLOCK_K] times the dequantized tile of rows k0.. and columns offs_n, on tensor cores."""
+    BITS: tl.constexpr = 2 * N2 + HAS_Q1
+    UNIT: tl.constexpr = 2.0**BITS
+    codes, scale, zero = _dequant_tile(
+        q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plane, stride_q2_row, stride_q1_row,
+        stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
+    )  # fmt: skip
+    w = _codes_as_unit_floats(codes, BITS) * (UNIT * scale)[None, :] - ((UNIT + zero) * scale)[None, :]
+    if DOT_IN_FP32:  # the interpreter's bfloat16 dot is wrong; GPUs take the native path
+        return tl.dot(x.to(tl.float32), w)
+    return tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
+
+
+# fmt: off
+@triton.jit
 def _moe_gemv_kernel(
-    x_ptr,
-    out_ptr,
-    pair_expert_ptr,
-    local_index_ptr,
-    routing_weight_ptr,
-    q2_ptr,
-    q1_ptr,
-    scale_ptr,
-    zero_ptr,
-    K,
-    N,
-    X_ROWS_PER_PAIR_DIV,
-    UP_OFFSET,
-    stride_x,
-    stride_out,
-    stride_q2_expert,
-    stride_q2_plane,
-    stride_q2_row,
-    stride_q1_expert,
-    stride_q1_row,
-    stride_meta_expert,
-    stride_meta_row,
-    GROUP: tl.constexpr,
-    N2: tl.constexpr,
-    HAS_Q1: tl.constexpr,
-    FUSE_SWIGLU: tl.constexpr,
-    HAS_ROUTING_WEIGHT: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    x_ptr, out_ptr, pair_expert_ptr, local_index_ptr, routing_weight_ptr, q2_ptr, q1_ptr, scale_ptr, zero_ptr,
+    K, N, X_ROWS_PER_PAIR_DIV, UP_OFFSET,
+    stride_x, stride_out, stride_q2_expert, stride_q2_plane, stride_q2_row, stride_q1_expert, stride_q1_row,
+    stride_meta_expert, stride_meta_row,
+    GROUP: tl.constexpr, N2: tl.constexpr, HAS_Q1: tl.constexpr, FUSE_SWIGLU: tl.constexpr,
+    HAS_ROUTING_WEIGHT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # fmt: on
     BITS: tl.constexpr = 2 * N2 + HAS_Q1
     EXACT: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     pair = tl.program_id(0)
@@ -145,10 +153,9 @@ def _moe_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     x_row = x_ptr + (pair // X_ROWS_PER_PAIR_DIV).to(tl.int64) * stride_x
-    q2_e = q2_ptr + local.to(tl.int64) * stride_q2_expert
-    q1_e = q1_ptr + local.to(tl.int64) * stride_q1_expert
-    scale_e = scale_ptr + local.to(tl.int64) * stride_meta_expert
-    zero_e = zero_ptr + local.to(tl.int64) * stride_meta_expert
+    q2_e, q1_e, scale_e, zero_e = _expert_tensors(
+        q2_ptr, q1_ptr, scale_ptr, zero_ptr, local, stride_q2_expert, stride_q1_expert, stride_meta_expert
+    )
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
@@ -176,45 +183,19 @@ def _moe_gemv_kernel(
         tl.atomic_add(out, acc, mask=n_mask, sem="relaxed")  # partial sums need no ordering
 
 
+# fmt: off
 @triton.jit
 def _moe_gemm_kernel(
-    x_ptr,
-    out_ptr,
-    sorted_pairs_ptr,
-    block_expert_ptr,
-    local_index_ptr,
-    routing_weight_ptr,
-    q2_ptr,
-    q1_ptr,
-    scale_ptr,
-    zero_ptr,
-    num_pairs,
-    K,
-    N,
-    X_ROWS_PER_PAIR_DIV,
-    UP_OFFSET,
-    stride_x,
-    stride_out,
-    stride_q2_expert,
-    stride_q2_plane,
-    stride_q2_row,
-    stride_q1_expert,
-    stride_q1_row,
-    stride_meta_expert,
-    stride_meta_row,
-    GROUP: tl.constexpr,
-    N2: tl.constexpr,
-    HAS_Q1: tl.constexpr,
-    FUSE_SWIGLU: tl.constexpr,
-    HAS_ROUTING_WEIGHT: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    x_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr, local_index_ptr, routing_weight_ptr, q2_ptr, q1_ptr,
+    scale_ptr, zero_ptr,
+    num_pairs, K, N, X_ROWS_PER_PAIR_DIV, UP_OFFSET,
+    stride_x, stride_out, stride_q2_expert, stride_q2_plane, stride_q2_row, stride_q1_expert, stride_q1_row,
+    stride_meta_expert, stride_meta_row,
+    GROUP: tl.constexpr, N2: tl.constexpr, HAS_Q1: tl.constexpr, FUSE_SWIGLU: tl.constexpr,
+    HAS_ROUTING_WEIGHT: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    BITS: tl.constexpr = 2 * N2 + HAS_Q1
-    UNIT: tl.constexpr = 2.0**BITS
+    # fmt: on
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -228,33 +209,22 @@ def _moe_gemm_kernel(
     x_rows = x_ptr + (pairs // X_ROWS_PER_PAIR_DIV).to(tl.int64)[:, None] * stride_x
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    q2_e = q2_ptr + local.to(tl.int64) * stride_q2_expert
-    q1_e = q1_ptr + local.to(tl.int64) * stride_q1_expert
-    scale_e = scale_ptr + local.to(tl.int64) * stride_meta_expert
-    zero_e = zero_ptr + local.to(tl.int64) * stride_meta_expert
+    q2_e, q1_e, scale_e, zero_e = _expert_tensors(
+        q2_ptr, q1_ptr, scale_ptr, zero_ptr, local, stride_q2_expert, stride_q1_expert, stride_meta_expert
+    )
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_rows + k0 + tl.arange(0, BLOCK_K)[None, :], mask=m_mask[:, None], other=0)
-        codes, scale, zero = _dequant_tile(
-            q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plane, stride_q2_row, stride_q1_row,
-            stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
+        acc += _tile_dot(
+            x, q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plane, stride_q2_row, stride_q1_row,
+            stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N, DOT_IN_FP32, DOT_PRECISION,
         )  # fmt: skip
-        w = _codes_as_unit_floats(codes, BITS) * (UNIT * scale)[None, :] - ((UNIT + zero) * scale)[None, :]
-        if DOT_IN_FP32:  # the interpreter's bfloat16 dot is wrong; GPUs take the native path
-            acc += tl.dot(x.to(tl.float32), w)
-        else:
-            acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
         if FUSE_SWIGLU:
-            codes, scale, zero = _dequant_tile(
-                q2_e, q1_e, scale_e, zero_e, k0, offs_n + UP_OFFSET, n_mask, stride_q2_plane, stride_q2_row,
-                stride_q1_row, stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
+            acc_up += _tile_dot(
+                x, q2_e, q1_e, scale_e, zero_e, k0, offs_n + UP_OFFSET, n_mask, stride_q2_plane, stride_q2_row,
+                stride_q1_row, stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N, DOT_IN_FP32, DOT_PRECISION,
             )  # fmt: skip
-            w = _codes_as_unit_floats(codes, BITS) * (UNIT * scale)[None, :] - ((UNIT + zero) * scale)[None, :]
-            if DOT_IN_FP32:
-                acc_up += tl.dot(x.to(tl.float32), w)
-            else:
-                acc_up += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
     if FUSE_SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
     if HAS_ROUTING_WEIGHT:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+from transformers.quantizers.quantizers_utils import should_convert_module
 
 
 @dataclass(frozen=True)
@@ -35,15 +37,62 @@ class MoEAdapter:
     experts_shape: Callable[[nn.Module, object], ExpertsShape]
     experts_module: str = "{prefix}.mlp.experts"
     router_module: str = "gate"  # the router's module, beside the experts module
+    # every routing linear, by the end of its name: they stay full precision whatever the options
+    routing_modules: tuple[str, ...] = ("gate",)
+    decoder_layers: str = "model.layers"  # the decoder layers' ModuleList (GPTQ walks it)
     gated: bool = True  # act(gate) * up, with gate_up fused; else act(up)
     extra_weight_conversions: Callable[[], list] | None = None  # fuse per-expert tensors while loading
     replacement: str = "top_k"  # which MixedBitExperts subclass keeps the replaced module's forward contract
     # dense linears that attention_bits / attention_method leave alone, by last name: their parent's
     # forward reads their `.weight` (Switch's dense FFN casts its input to `wo.weight.dtype`)
     dense_linears_kept: tuple[str, ...] = ()
+    # writes dequantized weights {projection: [E, N, K]} into the module the experts replaced
+    fill_dequantized: Callable[[nn.Module, Mapping[str, torch.Tensor]], None] | None = None
 
     def experts_module_name(self, match: re.Match) -> str:
         return self.experts_module.format(prefix=match["prefix"])
+
+    def input_rows(self, rows: int) -> int:
+        """Rows of a fused input projection that the method reads: the gate rows, which come first."""
+        return rows // 2 if self.gated else rows
+
+    def is_routing(self, name: str) -> bool:
+        return any(name == r or name.endswith("." + r) for r in self.routing_modules)
+
+    def experts_shapes(self, model: nn.Module, modules_to_not_convert) -> dict[str, ExpertsShape]:
+        """The shape of every experts module to quantize, or an error saying why there is none."""
+        shapes = {
+            name: self.experts_shape(module, model.config)
+            for name, module in model.named_modules()
+            if self.experts_module_key.match(name) and should_convert_module(name, modules_to_not_convert)
+        }
+        if shapes:
+            return shapes
+        names = [name for name, _ in model.named_modules()]
+        if any(self.experts_module_key.match(f"{model.base_model_prefix}.{name}") for name in names):
+            raise ValueError(
+                f"{type(model).__name__} is the base model without its head, whose module names differ from "
+                "the checkpoint's: load the full model (AutoModelForCausalLM) and use its .model."
+            )
+        if not any(self.experts_module_key.match(name) for name in names):
+            raise ValueError(
+                f"this {model.config.model_type} model has no MoE layer (its config makes every layer dense): "
+                "nothing to quantize."
+            )
+        raise ValueError(
+            f"modules_to_not_convert={modules_to_not_convert!r} excludes every experts module: "
+            "nothing is left to quantize."
+        )
+
+    def fill_original(self, module: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+        """Write dequantized ``weights`` into ``module``, the experts module as the family builds it."""
+        if self.fill_dequantized is not None:
+            self.fill_dequantized(module, weights)
+            return
+        if not all(isinstance(getattr(module, proj, None), torch.Tensor) for proj in weights):
+            raise NotImplementedError(f"dequantize() does not know the layout of {type(module).__name__}.")
+        for proj, weight in weights.items():  # fused [E, N, K] experts
+            getattr(module, proj).copy_(weight)
 
 
 def fused_experts_shape(module: nn.Module, config) -> ExpertsShape:

@@ -20,4 +20,5 @@ QWEN_STYLE = MoEAdapter(
     fused_input_key=re.compile(_PREFIX + r"\.experts\.gate_up_proj$"),
     experts_module_key=re.compile(r"^model\.layers\.\d+\.mlp\.experts$"),
     experts_shape=fused_experts_shape,
+    routing_modules=("gate", "shared_expert_gate"),  # Qwen2-MoE scales its shared expert by a 1-row linear
 )

@@ -27,6 +27,12 @@ def _merge_experts():
     ]
 
 
+def _fill_switch_experts(module, weights) -> None:
+    for e in range(len(module)):
+        module[f"expert_{e}"].wi.weight.copy_(weights["up_proj"][e])
+        module[f"expert_{e}"].wo.weight.copy_(weights["down_proj"][e])
+
+
 SWITCH_TRANSFORMERS = MoEAdapter(
     name="switch_transformers",
     model_types=("switch_transformers",),
@@ -39,5 +45,8 @@ SWITCH_TRANSFORMERS = MoEAdapter(
     extra_weight_conversions=_merge_experts,
     replacement="one_hot",
     router_module="router.classifier",
+    routing_modules=("router.classifier",),
+    decoder_layers="",  # encoder-decoder: GPTQ does not walk it
     dense_linears_kept=("wo",),
+    fill_dequantized=_fill_switch_experts,
 )

@@ -30,15 +30,13 @@ class _BnbLinear(QuantizedModule):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.projection_shapes = {"weight": (out_features, in_features)}
+        self._declare_storage(with_full_precision_placeholders)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        if with_full_precision_placeholders:
-            self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
 
-    def _stored(self, name: str, shape, dtype) -> None:
-        self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
-
-    def drop_placeholder(self, proj: str) -> None:
-        self._parameters.pop(proj, None)
+    def quantize_projection(self, proj: str, weight: torch.Tensor, quantize=None) -> dict[str, torch.Tensor]:
+        if quantize is not None:
+            raise ValueError(f"{type(self).__name__} is quantized by bitsandbytes; it takes no quantize function.")
+        return self._quantize(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(
@@ -54,12 +52,16 @@ class BnbNF4Linear(_BnbLinear):
 
     def __init__(self, in_features, out_features, bias=False, with_full_precision_placeholders=False, **_):
         super().__init__(in_features, out_features, bias, with_full_precision_placeholders)
-        numel = in_features * out_features
-        self._stored("weight_nf4", (numel // 2, 1), torch.uint8)
-        self._stored("weight_absmax", (-(-numel // NF4_BLOCK),), torch.float32)
-        self._stored("weight_quant_map", (16,), torch.float32)
 
-    def quantize_projection(self, proj: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    def stored_specs(self):
+        numel = self.in_features * self.out_features
+        return {
+            "weight_nf4": ((numel // 2, 1), torch.uint8),
+            "weight_absmax": ((-(-numel // NF4_BLOCK),), torch.float32),
+            "weight_quant_map": ((16,), torch.float32),
+        }
+
+    def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         packed, state = _bnb_functional().quantize_4bit(weight.float(), blocksize=NF4_BLOCK, quant_type="nf4")
         return {"weight_nf4": packed, "weight_absmax": state.absmax, "weight_quant_map": state.code}
 
@@ -77,10 +79,14 @@ class BnbInt8Linear(_BnbLinear):
 
     def __init__(self, in_features, out_features, bias=False, with_full_precision_placeholders=False, **_):
         super().__init__(in_features, out_features, bias, with_full_precision_placeholders)
-        self._stored("weight_int8", (out_features, in_features), torch.int8)
-        self._stored("weight_row_scale", (out_features,), torch.float32)
 
-    def quantize_projection(self, proj: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    def stored_specs(self):
+        return {
+            "weight_int8": ((self.out_features, self.in_features), torch.int8),
+            "weight_row_scale": ((self.out_features,), torch.float32),
+        }
+
+    def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         codes, row_scale, _ = _bnb_functional().int8_vectorwise_quant(weight.to(torch.float16))
         return {"weight_int8": codes, "weight_row_scale": row_scale}
 

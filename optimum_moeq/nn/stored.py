@@ -1,25 +1,66 @@
-"""Base of the replacement modules: stored quantization tensors keep their dtype under casts."""
+"""Bases of the replacement modules: how quantized tensors are declared, stored and kept.
+
+Every replacement (mixed-bit experts, packed linears, bitsandbytes linears) declares its stored
+tensors by name (``stored_specs``), receives full-precision weights named after
+``projection_shapes`` while loading (placeholders, dropped once quantized), and takes its
+quantized tensors through ``store``, whichever quantizer made them.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
+from ..kernels.grouped import use_triton
+from ..quant import GroupQuantized, PackedProjection, pack_projection, quantize_weight
+from ..quant.layout import PackedLayout
+
+KERNELS = ("auto", "torch", "triton")
+
+# (full-precision weights of the experts sharing a width [E_b, N, K] (or one weight [N, K]), bits,
+# those experts' indices) -> their quantized form. GPTQ supplies one with its Hessians.
+QuantizeFn = Callable[[torch.Tensor, int, tuple[int, ...]], GroupQuantized]
+
 
 class QuantizedModule(nn.Module):
-    """Codes, scales, zeros and absmax keep their dtype under ``model.to(dtype)``, ``.half()`` or
-    ``.bfloat16()``; only their device follows. The codes were chosen against those exact float16
-    (or float32) values: casting them would silently change the weights, and save them that way.
-    The bias and the full-precision placeholders (named after ``projection_shapes``) cast as usual."""
+    """Stored tensors keep their dtype under ``model.to(dtype)``, ``.half()`` or ``.bfloat16()``;
+    only their device follows. The codes were chosen against those exact float16 (or float32)
+    values: casting them would silently change the weights, and save them that way. The bias and
+    the full-precision placeholders cast as usual."""
 
-    projection_shapes: dict[str, tuple[int, int]]
+    projection_shapes: dict[str, tuple[int, ...]]
+
+    def stored_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        raise NotImplementedError
+
+    def _declare_storage(self, with_full_precision_placeholders: bool) -> None:
+        for name, (shape, dtype) in self.stored_specs().items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
+        if with_full_precision_placeholders:
+            # Each receives the checkpoint's weight during quantize-on-load, then is dropped.
+            for proj, shape in self.projection_shapes.items():
+                self.register_parameter(proj, nn.Parameter(torch.empty(shape), requires_grad=False))
+
+    def store(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Take quantized tensors (by stored name) as this module's parameters."""
+        specs = self.stored_specs()
+        for name, tensor in tensors.items():
+            if name not in specs:
+                raise ValueError(f"{type(self).__name__} stores no tensor named {name!r}; it stores {sorted(specs)}.")
+            shape, dtype = specs[name]
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(
+                    f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, this module stores {tuple(shape)} {dtype}."
+                )
+            self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
+    def drop_placeholder(self, proj: str) -> None:
+        self._parameters.pop(proj, None)
 
     def _apply(self, fn, recurse=True):
-        stored = {
-            id(param)
-            for name, param in self._parameters.items()
-            if param is not None and name != "bias" and name not in self.projection_shapes
-        }
+        stored = {id(p) for name, p in self._parameters.items() if p is not None and name in self.stored_specs()}
 
         def keep_dtype(tensor: torch.Tensor) -> torch.Tensor:
             if id(tensor) not in stored:
@@ -28,3 +69,55 @@ class QuantizedModule(nn.Module):
             return fn(tensor) if target.dtype == tensor.dtype else tensor.to(device=target.device)
 
         return super()._apply(keep_dtype, recurse)
+
+
+class PackedModule(QuantizedModule):
+    """A module stored in the packed format, described by its ``layout``: quantizes, stores and
+    hands its tensors to the kernels by the layout's names. ``kernel="torch"`` or ``"triton"``
+    forces a compute path (the latter runs on CPU under TRITON_INTERPRET=1); "auto" takes Triton
+    for CUDA inputs."""
+
+    layout: PackedLayout
+    method: str
+    kernel: str = "auto"
+
+    def stored_specs(self):
+        return self.layout.specs()
+
+    @property
+    def group_size(self) -> int:
+        return self.layout.group_size
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return self._parameters
+
+    def packed(self, proj: str, bits: int) -> PackedProjection:
+        """All experts of ``bits`` bits for projection ``proj``."""
+        return self.layout.packed(self._tensors(), proj, bits)
+
+    def expert_projection(self, proj: str, expert: int) -> PackedProjection:
+        return self.layout.expert(self._tensors(), proj, expert)
+
+    def store_packed(self, proj: str, packed: PackedProjection) -> None:
+        self.store(self.layout.named(proj, packed))
+
+    def quantize_projection(
+        self, proj: str, weight: torch.Tensor, quantize: QuantizeFn | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Packed tensors, by stored name, for the full-precision ``weight`` of ``proj`` ([E, N, K],
+        or [N, K] for one weight); ``quantize`` defaults to the module's calibration-free method."""
+        layout = self.layout
+        expected = tuple(self.projection_shapes[proj])
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"{proj} weight has shape {tuple(weight.shape)}, expected {expected}.")
+        quantize = quantize or (lambda w, bits, _: quantize_weight(w, bits, layout.group_size, self.method))
+        tensors = {}
+        for bits, members in layout.members.items():
+            quantized = quantize(weight[list(members)] if layout.stacked else weight, bits, members)
+            tensors.update(layout.named(proj, pack_projection(quantized)))
+        return tensors
+
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel={self.kernel!r} is not supported: allowed are {KERNELS}.")
+        return use_triton(self.kernel, self.group_size, x.is_cuda)

@@ -4,10 +4,8 @@ Columns (input features) are quantized in order; each column's rounding error is
 the columns not yet quantized, weighted by the inverse Hessian, so that the layer's output on
 the calibration inputs moves as little as possible. Groups get their scale and zero when their
 first column is reached, from the weights as updated so far. ``grid="auto"`` takes min-max
-(rtn) at 2 bits and more and hqq's optimised grid at 1 bit, as measured on the replication
-model (benchmarks/results/replication.md): at uniform 2 bits the hqq grid gave held-out
-perplexity 3.941 vs 3.886 from min-max (its clipping drops outlier weights that matter), while
-with 1-bit experts the min-max grid made GPTQ diverge (19.9 vs 4.9).
+(rtn) at 2 bits and more, since hqq's clipping drops outlier weights that matter to the output,
+and hqq's optimised grid at 1 bit, where min-max made GPTQ diverge (benchmarks/results/notes.md).
 """
 
 from __future__ import annotations

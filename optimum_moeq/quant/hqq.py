@@ -11,10 +11,10 @@ result is never worse than round-to-nearest:
 3. the half-quadratic solver of HQQ (Badri & Shaji, 2023) for the zero under a robust lp
    error (``lp_norm``, p < 1; None skips it).
 
-Measured while building this: HQQ's lp solver alone lowered 2-bit error only 1-11% and raised a tiny
-Mixtral's logit error, while a range search lowered it 35-40%; so here the range search and the
-refit come first and the lp step only replaces a group's zero where that lowers its squared
-error (measured: a further ~1% at 2 bits on Gaussian and Student-t weights).
+The range search and the refit come first because HQQ's lp solver alone does little for 2-bit
+weight error and can raise a model's output error, while the range search is where most of the
+gain is; the lp step only replaces a group's zero where that lowers its squared error
+(benchmarks/results/notes.md has the figures).
 """
 
 from __future__ import annotations
