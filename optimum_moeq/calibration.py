@@ -7,13 +7,16 @@ routing), its replacement is built through the same path as every other method
 (``nn.build_experts_module``) and quantized through its own ``quantize_projection`` with a GPTQ
 quantize function (gate_up from each expert's routed tokens, then down from the activations of
 its already-quantized gate_up), swapped in, and the layer runs again to give the next layer its
-(quantized) inputs. Experts that receive fewer than ``min_expert_tokens`` tokens are quantized
-calibration-free (rtn), and the report lists them.
+(quantized) inputs. Every expert is calibrated: with ``expert_hessian="routed"`` one routed fewer
+than ``min_expert_tokens`` tokens takes the Hessian of every token reaching the layer (never rtn),
+and the report lists them. The experts of a width are solved at once (batched Hessians and
+Cholesky, ``quant.gptq``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,23 +28,27 @@ from .calibration_data import calibration_tokens
 from .config import RouterNormConfig
 from .kernels.reference import dequantize_packed
 from .models import get_adapter
-from .nn import MixedBitExperts, build_experts_module, swap_module
-from .quant import GroupQuantized, quantize_weight
-from .quant.gptq import input_hessian, quantize_gptq
+from .nn import MixedBitExperts, build_dense_linear, build_experts_module, swap_module
+from .quant import GroupQuantized
+from .quant.gptq import quantize_gptq
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class GptqReport:
+    """Per experts module: calibration tokens routed to each expert, tokens its Hessian was built
+    from, and the experts routed too few tokens whose Hessian took every token instead."""
+
     tokens_per_expert: dict[str, list[int]] = field(default_factory=dict)
-    calibration_free: dict[str, list[int]] = field(default_factory=dict)  # too few tokens
+    hessian_tokens: dict[str, list[int]] = field(default_factory=dict)
+    all_tokens_fallback: dict[str, list[int]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"GPTQ over {len(self.tokens_per_expert)} experts modules."]
-        for name, experts in self.calibration_free.items():
+        for name, experts in self.all_tokens_fallback.items():
             if experts:
-                lines.append(f"{name}: experts {experts} got too few tokens, quantized calibration-free")
+                lines.append(f"{name}: experts {experts} were routed too few tokens; their Hessians use every token")
         return "\n".join(lines)
 
 
@@ -76,9 +83,19 @@ class _Captured(Exception):
 
 @torch.no_grad()
 def quantize_model_gptq(
-    model: nn.Module, config: RouterNormConfig, dataset=None, tokenizer=None, *, progress: bool = True
+    model: nn.Module,
+    config: RouterNormConfig,
+    dataset=None,
+    tokenizer=None,
+    *,
+    progress: bool = True,
+    quantize_linear: Callable[[str, nn.Module], bool] | None = None,
 ) -> GptqReport:
-    """Quantize a loaded full-precision decoder-only MoE model in place with GPTQ."""
+    """Quantize a loaded full-precision decoder-only MoE model in place with GPTQ: its experts, and
+    with ``attention_bits`` the decoder layers' ``nn.Linear`` modules that ``quantize_linear(name,
+    module)`` accepts (from_pretrained passes the same choice as rtn's; by default every one but the
+    routing linears), each layer's linears before its experts, so the experts calibrate on the
+    outputs of quantized attention."""
     adapter = get_adapter(model.config)
     check_gptq_supported(adapter, model.config)
     if config.allocation is None:
@@ -88,15 +105,68 @@ def quantize_model_gptq(
     layers = model.get_submodule(adapter.decoder_layers)
     cached = _first_layer_inputs(model, layers[0], tokens)
     report = GptqReport()
+    chosen = quantize_linear or (lambda name, module: not adapter.is_routing(name))
+
+    def dense(name: str, module: nn.Module) -> bool:
+        return not adapter.inside_experts(name) and chosen(name, module)
+
     for index, layer in enumerate(tqdm(layers, desc="GPTQ layers", disable=not progress)):
         prefix = f"{adapter.decoder_layers}.{index}"
-        for name, module in layer.named_modules():
+        if config.attention_bits is not None:
+            _quantize_dense_linears(model, prefix, layer, cached, config, dense)
+        for name, module in list(layer.named_modules()):
             if adapter.experts_module_key.match(f"{prefix}.{name}"):
                 _quantize_experts_module(model, f"{prefix}.{name}", module, layer, cached, config, report)
         cached = [((_layer_output(layer(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in cached]
     model.config.quantization_config = config
     logger.info("%s", report)
     return report
+
+
+def _quantize_dense_linears(model, prefix: str, layer, cached, config: RouterNormConfig, quantize_linear) -> None:
+    """GPTQ for the layer's dense linears that ``quantize_linear`` accepts, each from the Hessian of
+    its inputs."""
+    linears = {
+        f"{prefix}.{name}": module
+        for name, module in layer.named_modules()
+        if type(module) is nn.Linear and quantize_linear(f"{prefix}.{name}", module)
+    }
+    hessians = _input_hessians(layer, linears, cached)
+    for name, linear in linears.items():
+        with torch.device("meta"):  # every tensor is replaced below
+            replacement = build_dense_linear(linear, config, name=name, placeholders=False)
+
+        def quantize(weight, bits, _, hessian=hessians[name]):
+            return quantize_gptq(weight.float(), hessian, bits, config.group_size, damp_percent=config.damp_percent)
+
+        replacement.store(replacement.quantize_projection("weight", linear.weight.detach(), quantize))
+        if linear.bias is not None:
+            replacement.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        swap_module(model, name, replacement)
+
+
+def _input_hessians(layer, linears: dict[str, nn.Module], cached) -> dict[str, torch.Tensor]:
+    """H = 2 X^T X / n (float64) of the inputs each linear receives over the calibration set,
+    accumulated as the layer runs (no activations kept)."""
+    sums = {name: 0.0 for name in linears}
+    counts = dict.fromkeys(linears, 0)
+
+    def accumulate(name):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums[name] + 2.0 * x.T @ x
+            counts[name] += x.shape[0]
+
+        return hook
+
+    hooks = [module.register_forward_pre_hook(accumulate(name)) for name, module in linears.items()]
+    try:
+        for args, kwargs in cached:
+            layer(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: sums[name] / max(counts[name], 1) for name in linears}
 
 
 def _first_layer_inputs(model: nn.Module, first_layer: nn.Module, tokens: torch.Tensor) -> list:
@@ -150,44 +220,87 @@ def _quantize_experts_module(model, name: str, module, layer, cached, config: Ro
         replacement = build_experts_module(
             adapter, shape, config.allocation[name], config, name=name, placeholders=False
         )
-    inputs = [hidden[(top_k_index == e).any(dim=-1)] for e in range(shape.num_experts)]
-    calibrated = [x.shape[0] >= config.min_expert_tokens for x in inputs]
-    gate_up = module.gate_up_proj.detach()
-    replacement.store(replacement.quantize_projection("gate_up_proj", gate_up, _gptq_with(inputs, calibrated, config)))
-    inner = [_inner_activations(replacement, e, x) for e, x in enumerate(inputs)]  # as the quantized gate_up gives
+    routed = [(top_k_index == e).any(dim=-1) for e in range(shape.num_experts)]
+    weights = _token_weights(model, adapter, name, hidden, routed, config)
     replacement.store(
-        replacement.quantize_projection("down_proj", module.down_proj.detach(), _gptq_with(inner, calibrated, config))
+        replacement.quantize_projection(
+            "gate_up_proj", module.gate_up_proj.detach(), _gptq_with(hidden, weights, config)
+        )
+    )
+    inner = _InnerActivations(replacement, hidden, weights)  # as the quantized gate_up gives them
+    replacement.store(
+        replacement.quantize_projection("down_proj", module.down_proj.detach(), _gptq_with(inner, weights, config))
     )
     swap_module(model, name, replacement)  # frees the full-precision experts
-    report.tokens_per_expert[name] = [x.shape[0] for x in inputs]
-    report.calibration_free[name] = [e for e, ok in enumerate(calibrated) if not ok]
+    report.tokens_per_expert[name] = [int(r.sum()) for r in routed]
+    report.hessian_tokens[name] = [int((w > 0).sum()) for w in weights]
+    report.all_tokens_fallback[name] = [
+        e
+        for e, r in enumerate(routed)
+        if config.expert_hessian == "routed" and int(r.sum()) < config.min_expert_tokens
+    ]
 
 
-def _inner_activations(experts: MixedBitExperts, expert: int, x: torch.Tensor) -> torch.Tensor:
-    w = dequantize_packed(experts.expert_projection("gate_up_proj", expert)).to(x.dtype)
-    gate, up = (x @ w.T).chunk(2, dim=-1)
-    return experts.act_fn(gate) * up
+def _token_weights(model, adapter, name: str, hidden, routed, config: RouterNormConfig) -> list[torch.Tensor]:
+    """Per expert, the weight of each calibration token [T] in its Hessian (``expert_hessian``):
+    1 where routed to it ("routed"; every token when fewer than ``min_expert_tokens`` are), 1 for
+    every token ("all"), or the router's softmax probability for the expert ("weighted")."""
+    if config.expert_hessian == "weighted":
+        router = model.get_submodule(f"{name.rpartition('.')[0]}.{adapter.router_module}").weight
+        probs = torch.softmax(hidden @ router.detach().float().T, dim=-1)
+        return list(probs.T)
+    every = torch.ones(hidden.shape[0], dtype=hidden.dtype, device=hidden.device)
+    if config.expert_hessian == "all":
+        return [every] * len(routed)
+    return [r.to(hidden.dtype) if int(r.sum()) >= config.min_expert_tokens else every for r in routed]
 
 
-def _gptq_with(inputs: list[torch.Tensor], calibrated: list[bool], config: RouterNormConfig):
-    """A quantize function for ``quantize_projection``: each expert by GPTQ with the Hessian of its
-    ``inputs``, or calibration-free (rtn) where it is not ``calibrated``."""
+class _InnerActivations:
+    """The down projection's inputs for expert e, act(gate) * up through its quantized gate_up,
+    made when its Hessian is (one expert's at a time in memory)."""
 
-    def quantize(weights: torch.Tensor, bits: int, experts: tuple[int, ...]) -> GroupQuantized:
-        quantized = [
-            quantize_gptq(
-                w.float(), input_hessian(inputs[e]), bits, config.group_size, damp_percent=config.damp_percent
-            )
-            if calibrated[e]
-            else quantize_weight(w.float(), bits, config.group_size, "rtn")
-            for w, e in zip(weights, experts)
-        ]
+    def __init__(self, experts: MixedBitExperts, hidden: torch.Tensor, weights: list[torch.Tensor]):
+        self.experts, self.hidden, self.weights = experts, hidden, weights
+
+    def __getitem__(self, expert: int) -> torch.Tensor:
+        x = self.hidden[self.weights[expert] > 0]
+        w = dequantize_packed(self.experts.expert_projection("gate_up_proj", expert)).to(x.dtype)
+        gate, up = (x @ w.T).chunk(2, dim=-1)
+        return self.experts.act_fn(gate) * up
+
+
+def _weighted_hessian(inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """H = 2 sum_t w_t x_t x_t^T / sum_t w_t (float64) over the tokens of nonzero weight."""
+    w = weights[weights > 0].double()
+    x = inputs.double() * w.sqrt()[:, None]
+    return 2.0 * x.T @ x / w.sum().clamp(min=1e-12)
+
+
+# float64 Hessians and their factors per batch of experts: about 3 copies of [E_b, K, K]
+_MAX_BATCH_BYTES = 2**32
+
+
+def _gptq_with(inputs, weights: list[torch.Tensor], config: RouterNormConfig):
+    """A quantize function for ``quantize_projection``: GPTQ for the experts of a width at once,
+    each with the Hessian of its ``inputs[e]`` (those of the tokens it weighs)."""
+
+    def quantize(expert_weights: torch.Tensor, bits: int, experts: tuple[int, ...]) -> GroupQuantized:
+        k = expert_weights.shape[-1]
+        per_batch = max(1, _MAX_BATCH_BYTES // (3 * 8 * k * k))
+        parts = []
+        for start in range(0, len(experts), per_batch):
+            chunk = experts[start : start + per_batch]
+            hessians = torch.stack([_weighted_hessian(_rows(inputs, weights, e), weights[e]) for e in chunk])
+            parts.append(quantize_gptq(expert_weights[start : start + per_batch].float(), hessians, bits,
+                                       config.group_size, damp_percent=config.damp_percent))  # fmt: skip
         return GroupQuantized(
-            torch.stack([q.codes for q in quantized]),
-            torch.stack([q.scale for q in quantized]),
-            torch.stack([q.zero for q in quantized]),
-            bits,
-            config.group_size,
-        )
+            torch.cat([q.codes for q in parts]), torch.cat([q.scale for q in parts]),
+            torch.cat([q.zero for q in parts]), bits, config.group_size,
+        )  # fmt: skip
 
     return quantize
+
+
+def _rows(inputs, weights: list[torch.Tensor], expert: int) -> torch.Tensor:
+    """The input rows of the tokens ``expert`` weighs (inner activations are made only for those)."""
+    return inputs[expert] if isinstance(inputs, _InnerActivations) else inputs[weights[expert] > 0]

@@ -1,13 +1,60 @@
 """GPTQ calibration data: what ``dataset=`` may be, checked before any weight is read, and the
-token windows drawn from it."""
+token windows drawn from it.
+
+Besides a local text file, strings or token ids, ``dataset`` takes a name:
+
+- ``"builtin"`` (also what ``dataset=None`` means): CPython's own documentation topics
+  (``pydoc_data.topics``, shipped with every CPython, about 465 KB of English technical prose and
+  code examples, PSF licence), so that GPTQ needs no download and no data from the user;
+- ``"wikitext2"`` / ``"c4"``, as transformers' GPTQ support names them: WikiText-2 (raw, train
+  split) and the first shard of C4's English train split, loaded through the ``datasets``
+  library when the machine is online.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import numbers
 import os
 from collections.abc import Sequence
 
 import torch
+
+BUILTIN = "builtin"
+NAMED_DATASETS = (BUILTIN, "wikitext2", "c4")
+_C4_DOCUMENTS = 20_000  # of the first shard's 356k: enough text for 128 x 2048 tokens
+_HUB_DATASETS = {
+    "wikitext2": (("wikitext", "wikitext-2-raw-v1"), {"split": "train"}),
+    "c4": (("allenai/c4",), {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}, "split": "train"}),
+}
+
+
+def is_named_dataset(dataset) -> bool:
+    """None, or one of ``NAMED_DATASETS`` that is not also a local file of that name."""
+    return dataset is None or (isinstance(dataset, str) and dataset in NAMED_DATASETS and not os.path.isfile(dataset))
+
+
+def named_dataset_text(name: str | None) -> str:
+    """The text of a named calibration dataset (None: the built-in one)."""
+    if name is None or name == BUILTIN:
+        import pydoc_data.topics
+
+        return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"dataset={name!r} is loaded with the datasets library: pip install datasets") from None
+    args, kwargs = _HUB_DATASETS[name]
+    try:
+        data = datasets.load_dataset(*args, **kwargs)
+    except Exception as err:  # offline, or the Hub refused: say what to do instead
+        raise ConnectionError(
+            f"dataset={name!r} could not be loaded from the Hugging Face Hub ({type(err).__name__}: {err}); "
+            f"this machine may be offline: pass a local text file, strings or token ids, or dataset={BUILTIN!r} "
+            "(no download)."
+        ) from err
+    texts = data["text"] if name == "wikitext2" else data.select(range(min(_C4_DOCUMENTS, len(data))))["text"]
+    return "\n\n".join(texts)
 
 
 def _is_token_id(value) -> bool:
@@ -40,7 +87,9 @@ def _is_text_list(dataset) -> bool:
 
 def check_dataset_type(dataset) -> None:
     """Calibration data of a usable kind (whether a file exists is checked when loading)."""
-    if dataset is None or isinstance(dataset, (str, os.PathLike)) or is_token_ids(dataset) or _is_text_list(dataset):
+    if isinstance(dataset, (str, os.PathLike)) or is_named_dataset(dataset) or is_token_ids(dataset):
+        return
+    if _is_text_list(dataset):
         return
     shown = repr(dataset) if len(repr(dataset)) <= 60 else repr(dataset)[:57] + "..."
     raise ValueError(
@@ -50,8 +99,12 @@ def check_dataset_type(dataset) -> None:
 
 
 def check_calibration_data(dataset, vocab_size: int, seqlen: int) -> None:
-    """Before any weight is read: the file exists; token ids are enough and within the vocabulary."""
-    if isinstance(dataset, (str, os.PathLike)):
+    """Before any weight is read: a named dataset's loader is installed; the file exists; token ids
+    are enough and within the vocabulary."""
+    if is_named_dataset(dataset):
+        if dataset in _HUB_DATASETS and importlib.util.find_spec("datasets") is None:
+            raise ImportError(f"dataset={dataset!r} is loaded with the datasets library: pip install datasets")
+    elif isinstance(dataset, (str, os.PathLike)):
         _check_text_file(dataset)
     elif is_token_ids(dataset):
         ids = _flat_token_ids(dataset)
@@ -64,9 +117,12 @@ def check_calibration_data(dataset, vocab_size: int, seqlen: int) -> None:
 
 
 def calibration_tokens(dataset, tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """``nsamples`` windows of ``seqlen`` token ids [nsamples, seqlen] from a local text file, a list
-    of strings, or token ids (a list, a list of lists or a tensor) drawn at random positions."""
-    if isinstance(dataset, (str, os.PathLike)):
+    """``nsamples`` windows of ``seqlen`` token ids [nsamples, seqlen] from a named dataset, a local
+    text file, a list of strings, or token ids (a list, a list of lists or a tensor) drawn at random
+    positions."""
+    if is_named_dataset(dataset):
+        ids = _tokenize(named_dataset_text(dataset), tokenizer)
+    elif isinstance(dataset, (str, os.PathLike)):
         _check_text_file(dataset)
         with open(dataset, encoding="utf-8") as f:
             ids = _tokenize(f.read(), tokenizer)
@@ -84,7 +140,9 @@ def calibration_tokens(dataset, tokenizer, nsamples: int, seqlen: int, seed: int
 
 def _check_text_file(path) -> None:
     if not os.path.isfile(path):
-        raise ValueError(f"dataset={path!r} is not a local text file; give a path, strings or token ids.")
+        raise ValueError(
+            f"dataset={path!r} is not a local text file; give a path, strings, token ids or one of {NAMED_DATASETS}."
+        )
 
 
 def _check_length(ids: torch.Tensor, seqlen: int) -> None:

@@ -79,9 +79,11 @@ def _add_quantize_command(commands, verbose: argparse.ArgumentParser) -> None:
     quantize.add_argument("model", metavar="MODEL")
     quantize.add_argument("out", metavar="OUT")
     _allocation_options(quantize)
-    quantize.add_argument("--method", default="rtn", help="rtn (default), gptq (needs --dataset) or hqq")
+    quantize.add_argument("--method", default="rtn", help="rtn (default), gptq (calibrated: --dataset) or hqq")
     quantize.add_argument(
-        "--dataset", help="gptq calibration data: a local text file (the model's tokenizer reads it)"
+        "--dataset",
+        help="gptq calibration data: a local text file (the model's tokenizer reads it), or builtin (the "
+        "default, no download), wikitext2 or c4 (online, through the datasets library)",
     )
     quantize.add_argument("--nsamples", type=int, help="gptq: calibration windows (default 128)")
     quantize.add_argument("--seqlen", type=int, help="gptq: tokens per window (default 512)")

@@ -24,6 +24,7 @@ from .quant.packing import check_bits
 
 QUANT_METHOD = "moeq"
 ATTENTION_METHODS = ("moeq", "bnb_nf4", "bnb_int8")
+EXPERT_HESSIANS = ("routed", "all", "weighted")
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +44,17 @@ class RouterNormConfig(QuantizationConfigMixin):
             "gptq" (calibrated on ``dataset``; the best measured) or "hqq" (scales and zeros
             optimised for weight error without data: lower weight MSE, but a trained model's
             perplexity measured worse than rtn, see benchmarks/results/replication.md).
-        dataset: GPTQ calibration data: a local text file, a list of strings, or token ids.
+        dataset: GPTQ calibration data: a local text file, a list of strings, token ids, or a name:
+            "builtin" (the default: CPython's documentation topics, no download), "wikitext2" or
+            "c4" (through the datasets library, online).
         tokenizer: tokenizer for text calibration data (default: the model's own).
         nsamples, seqlen: GPTQ draws ``nsamples`` windows of ``seqlen`` tokens from ``dataset``.
         damp_percent: GPTQ's Hessian damping, as a fraction of its mean diagonal.
-        min_expert_tokens: experts routed fewer calibration tokens are quantized with "rtn".
+        expert_hessian: whose tokens build each expert's GPTQ Hessian: "routed" (those its router
+            sends it; an expert routed fewer than ``min_expert_tokens`` takes every token), "all"
+            (every token reaching the layer, as if routed to each expert) or "weighted" (every
+            token, weighted by the router's softmax probability for the expert).
+        min_expert_tokens: with "routed", the fewest routed tokens an expert's own Hessian needs.
         modules_to_not_convert: module names (or name suffixes) to keep unquantized.
         attention_bits: None keeps attention and the other dense linears (shared experts, dense
             MLP layers) in the model's dtype; 4 or 8 (any of 1..8) quantizes them group-wise with
@@ -78,6 +85,7 @@ class RouterNormConfig(QuantizationConfigMixin):
         seqlen: int = 512,
         damp_percent: float = 0.01,
         min_expert_tokens: int = 32,
+        expert_hessian: str = "routed",
         allocation: Mapping[str, Sequence[int]] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
@@ -101,6 +109,7 @@ class RouterNormConfig(QuantizationConfigMixin):
         self.nsamples, self.seqlen = _as_int(nsamples), _as_int(seqlen)
         self.damp_percent = _as_number(damp_percent)
         self.min_expert_tokens = _as_int(min_expert_tokens)
+        self.expert_hessian = expert_hessian
         self.allocation = (
             {k: [_as_int(b) for b in _as_list(v)] for k, v in allocation.items()}
             if isinstance(allocation, Mapping)
@@ -150,6 +159,10 @@ class RouterNormConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
         if not (_is_real(self.damp_percent) and 0 <= self.damp_percent < 1):
             raise ValueError(f"damp_percent={self.damp_percent!r} must be a number in [0, 1), e.g. 0.01.")
+        if self.expert_hessian not in EXPERT_HESSIANS:
+            raise ValueError(
+                f"expert_hessian={self.expert_hessian!r} is not supported: allowed are {EXPERT_HESSIANS}."
+            )
         check_dataset_type(self.dataset)
         if self.dataset is not None and self.method != "gptq":
             logger.warning("dataset is calibration data for method='gptq'; method=%r does not use it.", self.method)

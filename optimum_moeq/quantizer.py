@@ -67,18 +67,11 @@ class RouterNormHfQuantizer(HfQuantizer):
             raise ImportError(
                 f"attention_method={config.attention_method!r} needs bitsandbytes: pip install bitsandbytes"
             )
-        self._check_calibration_data_given()
         if device_map is not None and not is_accelerate_available():
             raise ImportError("Loading with a device_map needs accelerate: `pip install accelerate`.")
         # transformers calls this again with the device map "auto" resolved to, before weights load
         if isinstance(device_map, dict) and config.allocation:
             self._check_experts_on_disk(device_map, config.allocation)
-
-    def _check_calibration_data_given(self) -> None:
-        if self._calibrating and self.quantization_config.dataset is None:
-            raise ValueError(
-                "method='gptq' needs calibration data: pass dataset= (a text file, strings or token ids)."
-            )
 
     def _check_experts_on_disk(self, device_map: dict, experts_modules) -> None:
         """Quantize-on-load writes packed experts placed on disk to the offload folder: without one,
@@ -106,7 +99,7 @@ class RouterNormHfQuantizer(HfQuantizer):
             replace_with_mixed_bit_experts(
                 model, adapter, shapes, config.allocation, config, placeholders=not self.pre_quantized
             )
-        if config.attention_bits is not None or config.attention_method != "moeq":
+        if self._dense_linears_on_load:
             replace_with_quantized_linears(
                 model, config, self._dense_linear_filter(model, adapter), placeholders=not self.pre_quantized
             )
@@ -124,7 +117,6 @@ class RouterNormHfQuantizer(HfQuantizer):
             from .calibration import check_gptq_supported
 
             check_gptq_supported(adapter, model.config)
-            self._check_calibration_data_given()
             check_calibration_data(config.dataset, model.config.get_text_config().vocab_size, config.seqlen)
 
     def _set_allocation(self, checkpoint_files, adapter, shapes) -> None:
@@ -148,12 +140,11 @@ class RouterNormHfQuantizer(HfQuantizer):
         )
 
         def converts(name: str, module) -> bool:
-            parents = [name[:i] for i in range(len(name)) if name[i] == "."]
             return (
                 should_convert_module(name, keep)
                 and not adapter.is_routing(name)
                 and name.rpartition(".")[2] not in adapter.dense_linears_kept
-                and not any(adapter.experts_module_key.match(parent) for parent in parents)
+                and not adapter.inside_experts(name)
             )
 
         return converts
@@ -179,6 +170,13 @@ class RouterNormHfQuantizer(HfQuantizer):
 
     def get_quantize_ops(self) -> ConversionOps:
         return QuantizeExperts(self)
+
+    @property
+    def _dense_linears_on_load(self) -> bool:
+        """Dense linears quantized as they load: bitsandbytes' formats, and ``attention_bits``
+        unless GPTQ quantizes them after loading."""
+        config = self.quantization_config
+        return config.attention_method != "moeq" or (config.attention_bits is not None and not self._calibrating)
 
     @property
     def _calibrating(self) -> bool:
@@ -207,7 +205,8 @@ class RouterNormHfQuantizer(HfQuantizer):
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
-        self.gptq_report = quantize_model_gptq(model, config, tokenizer=tokenizer)
+        converts = self._dense_linear_filter(model, get_adapter(model.config))
+        self.gptq_report = quantize_model_gptq(model, config, tokenizer=tokenizer, quantize_linear=converts)
 
     def is_serializable(self) -> bool:
         return True

@@ -86,7 +86,8 @@ def test_gptq_from_pretrained_quantizes_every_expert_and_reports_fallbacks(tiny_
         assert module.expert_bits == model.config.quantization_config.allocation[name]
         counts = report.tokens_per_expert[name]
         assert sum(counts) == 8 * 32 * 2  # every (token, k) pair reached one expert
-        assert report.calibration_free[name] == [e for e, c in enumerate(counts) if c < 48]
+        assert report.all_tokens_fallback[name] == [e for e, c in enumerate(counts) if c < 48]
+        assert report.hessian_tokens[name] == [c if c >= 48 else 8 * 32 for c in counts]  # never rtn
     tokens = _calibration_ids()[:2]
     with torch.no_grad():
         logits = model(tokens).logits
@@ -105,17 +106,78 @@ def test_gptq_on_a_loaded_model_lowers_the_error_on_its_calibration_data(tiny_mi
     hqq = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=RouterNormConfig(group_size=32))
     gptq_config = RouterNormConfig(group_size=32, method="gptq", nsamples=16, seqlen=32, min_expert_tokens=1)
     report = quantize_model_gptq(full, gptq_config, tokens, progress=False)
-    assert not any(report.calibration_free.values())
+    assert not any(report.all_tokens_fallback.values())
     with torch.no_grad():
         errors = {name: (m(tokens).logits - reference).norm().item() for name, m in (("gptq", full), ("hqq", hqq))}
     assert errors["gptq"] < errors["hqq"]
 
 
-def test_gptq_without_data_is_refused(tiny_mixtral_path):
-    with pytest.raises(ValueError, match="method='gptq' needs calibration data"):
-        AutoModelForCausalLM.from_pretrained(
-            tiny_mixtral_path, quantization_config=RouterNormConfig(method="gptq", group_size=32)
-        )
+class _ByteTokenizer:
+    """Bytes modulo the tiny model's vocabulary of 128."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [b % 128 for b in text.encode("utf-8")]}
+
+
+def test_gptq_without_data_calibrates_on_the_builtin_text(tiny_mixtral_path):
+    import pydoc_data.topics
+
+    tokens = calibration_tokens(None, _ByteTokenizer(), nsamples=4, seqlen=24)
+    text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    ids = _ByteTokenizer()(text)["input_ids"]
+    assert len(ids) > 400_000
+    joined = ",".join(map(str, ids))
+    assert all(",".join(map(str, window.tolist())) in joined for window in tokens)  # windows of that text
+    common = dict(method="gptq", group_size=32, nsamples=4, seqlen=24, tokenizer=_ByteTokenizer())
+    default = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=RouterNormConfig(**common))
+    named = AutoModelForCausalLM.from_pretrained(
+        tiny_mixtral_path, quantization_config=RouterNormConfig(**common, dataset="builtin")
+    )
+    assert sum(default.hf_quantizer.gptq_report.tokens_per_expert["model.layers.0.mlp.experts"]) == 4 * 24 * 2
+    probe = torch.arange(16)[None]
+    with torch.no_grad():
+        assert torch.equal(default(probe).logits, named(probe).logits)
+
+
+class _FakeHubDataset(dict):
+    def select(self, indices):
+        return {"text": [self["text"][i] for i in indices]}
+
+    def __len__(self):
+        return len(self["text"])
+
+
+@pytest.mark.parametrize("name", ["wikitext2", "c4"])
+def test_named_hub_datasets_load_through_the_datasets_library(monkeypatch, name):
+    import datasets
+
+    calls = []
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return _FakeHubDataset(text=[f"{name} document {i} " * 8 for i in range(40)])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    tokens = calibration_tokens(name, _ByteTokenizer(), nsamples=3, seqlen=32)
+    assert tokens.shape == (3, 32)
+    args, kwargs = calls[0]
+    assert args[0] == ("wikitext" if name == "wikitext2" else "allenai/c4") and kwargs["split"] == "train"
+    assert bytes(tokens[0].tolist()).decode().count(name[:4]) >= 1  # text of the loaded documents
+
+
+def test_named_hub_dataset_offline_says_what_to_do(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ConnectionError, match="dataset='wikitext2' could not be loaded from the Hugging Face Hub"):
+        calibration_tokens("wikitext2", _ByteTokenizer(), nsamples=1, seqlen=8)
+    with pytest.raises(
+        ConnectionError, match="this machine may be offline: .* or dataset='builtin' \\(no download\\)"
+    ):
+        calibration_tokens("c4", _ByteTokenizer(), nsamples=1, seqlen=8)
 
 
 @pytest.mark.parametrize(
@@ -144,3 +206,88 @@ def test_gptq_on_an_encoder_decoder_is_refused_before_weights_load(tmp_path):
     quantization = RouterNormConfig(group_size=16, method="gptq", dataset=_calibration_ids())
     with pytest.raises(ValueError, match="method='gptq' supports decoder-only gated MoE models, not 'switch"):
         AutoModelForSeq2SeqLM.from_pretrained(tmp_path, quantization_config=quantization)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_batched_gptq_equals_one_expert_at_a_time(bits):
+    """All experts of a width at once ([E, N, K] weights, [E, K, K] Hessians) give each expert's
+    own GPTQ result, a dead input (never active) included."""
+    generator = torch.Generator().manual_seed(bits)
+    weights = torch.randn(3, 24, 64, generator=generator) * 0.02
+    inputs = torch.randn(3, 200, 64, generator=generator)
+    inputs[1, :, 5] = 0.0
+    hessians = torch.stack([input_hessian(x) for x in inputs])
+    batched = quantize_gptq(weights, hessians, bits, group_size=32)
+    assert batched.codes.shape == (3, 24, 64) and batched.scale.shape == (3, 24, 2)
+    for e in range(3):
+        single = quantize_gptq(weights[e], hessians[e], bits, group_size=32)
+        assert torch.equal(batched.codes[e], single.codes)
+        assert torch.equal(batched.scale[e], single.scale) and torch.equal(batched.zero[e], single.zero)
+    with pytest.raises(ValueError, match=r"hessian has shape \(2, 64, 64\), expected \(3, 64, 64\)"):
+        quantize_gptq(weights, hessians[:2], bits, group_size=32)
+
+
+def test_weighted_hessian_is_the_weighted_mean_of_outer_products():
+    from optimum_moeq.calibration import _weighted_hessian
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 6, generator=generator)
+    w = torch.rand(10, generator=generator)
+    w[3] = 0.0
+    expected = 2 * sum(w[t].double() * torch.outer(x[t].double(), x[t].double()) for t in range(10)) / w.double().sum()
+    torch.testing.assert_close(_weighted_hessian(x[w > 0], w), expected)
+    torch.testing.assert_close(_weighted_hessian(x, torch.ones(10)), input_hessian(x))
+
+
+@pytest.mark.parametrize("expert_hessian", ["routed", "all", "weighted"])
+def test_every_expert_hessian_mode_calibrates_every_expert(tiny_mixtral_path, expert_hessian):
+    tokens = _calibration_ids()
+    full = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path)
+    with torch.no_grad():
+        reference = full(tokens).logits
+    common = dict(avg_bits=2.5, group_size=32)
+    rtn = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=RouterNormConfig(**common))
+    config = RouterNormConfig(
+        **common, method="gptq", dataset=tokens, nsamples=16, seqlen=32, expert_hessian=expert_hessian,
+        min_expert_tokens=10**6,  # "routed": every expert falls back to every token
+    )  # fmt: skip
+    gptq = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
+    report = gptq.hf_quantizer.gptq_report
+    for name, counts in report.hessian_tokens.items():
+        assert counts == [16 * 32] * 8  # every token reaches every expert's Hessian (router probabilities > 0)
+        assert report.all_tokens_fallback[name] == (list(range(8)) if expert_hessian == "routed" else [])
+    with torch.no_grad():
+        errors = {kind: (m(tokens).logits - reference).norm().item() for kind, m in (("gptq", gptq), ("rtn", rtn))}
+    assert errors["gptq"] < errors["rtn"]
+
+
+def test_expert_hessian_is_checked():
+    with pytest.raises(ValueError, match=r"expert_hessian='some' is not supported: allowed are \('routed', 'all'"):
+        RouterNormConfig(method="gptq", expert_hessian="some")
+
+
+def test_gptq_quantizes_attention_with_gptq_too(tiny_mixtral_path):
+    """With attention_bits, GPTQ quantizes the attention linears from their own inputs: layer 0's
+    q_proj (whose inputs nothing quantized precedes) has a lower output error on them than rtn."""
+    from optimum_moeq.nn import PackedLinear
+
+    tokens = _calibration_ids()
+    full = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path)
+    seen = []
+    hook = full.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        full(tokens)
+    hook.remove()
+    x = torch.cat(seen).reshape(-1, seen[0].shape[-1]).double()
+    weight = full.model.layers[0].self_attn.q_proj.weight.detach().double()
+    config = RouterNormConfig(group_size=32, method="gptq", dataset=tokens, nsamples=16, seqlen=32, attention_bits=3)
+    gptq = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
+    q_proj = gptq.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, PackedLinear) and q_proj.bits == 3
+    assert not isinstance(gptq.model.layers[0].mlp.gate, PackedLinear)  # routers stay full precision
+    rtn = quantize_rtn(weight.float(), 3, 32)
+    errors = {
+        "gptq": (x @ (q_proj.dequantized().double() - weight).T).pow(2).mean().item(),
+        "rtn": (x @ (dequantize(rtn.codes, rtn.scale, rtn.zero).double() - weight).T).pow(2).mean().item(),
+    }
+    assert errors["gptq"] < 0.9 * errors["rtn"]

@@ -59,6 +59,11 @@ class MoEAdapter:
     def is_routing(self, name: str) -> bool:
         return any(name == r or name.endswith("." + r) for r in self.routing_modules)
 
+    def inside_experts(self, name: str) -> bool:
+        """Whether module ``name`` lies within an experts module."""
+        parents = [name[:i] for i in range(len(name)) if name[i] == "."]
+        return any(self.experts_module_key.match(parent) for parent in parents)
+
     def experts_shapes(self, model: nn.Module, modules_to_not_convert) -> dict[str, ExpertsShape]:
         """The shape of every experts module to quantize, or an error saying why there is none."""
         shapes = {

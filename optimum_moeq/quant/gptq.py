@@ -33,42 +33,54 @@ def quantize_gptq(
     block_size: int = 128,
     grid: str = "auto",
 ) -> GroupQuantized:
-    """GPTQ codes, scales and zeros for ``weight`` [N, K] given ``hessian`` [K, K]."""
+    """GPTQ codes, scales and zeros for ``weight`` [N, K] given ``hessian`` [K, K], or for a batch
+    of weights [E, N, K] with one Hessian each [E, K, K] (all experts of a width at once: batched
+    Cholesky and updates, one pass over the columns)."""
     check_bits(bits)
-    n, k = weight.shape
+    if weight.dim() == 2:
+        q = quantize_gptq(weight[None], hessian[None], bits, group_size, damp_percent=damp_percent,
+                          block_size=block_size, grid=grid)  # fmt: skip
+        return GroupQuantized(q.codes[0], q.scale[0], q.zero[0], bits, group_size)
+    e, n, k = weight.shape
+    if tuple(hessian.shape) != (e, k, k):
+        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected {(e, k, k)} for weights {(e, n, k)}.")
     check_group_size(group_size, k)
-    qmax = 2**bits - 1
-    w = weight.double().clone()
-    h = hessian.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += damp_percent * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype, device=h.device)
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-
-    codes = torch.zeros(n, k, dtype=torch.int32, device=weight.device)
-    scales = torch.zeros(n, k // group_size, dtype=METADATA_DTYPE, device=weight.device)
+    w, h_inv = _prepared(weight, hessian, damp_percent)
+    codes = torch.zeros(e, n, k, dtype=torch.int32, device=weight.device)
+    scales = torch.zeros(e, n, k // group_size, dtype=METADATA_DTYPE, device=weight.device)
     zeros = torch.zeros_like(scales)
+    use_hqq = grid == "hqq" or (grid == "auto" and bits == 1)
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
-        block = w[:, start:end].clone()
+        block = w[..., start:end].clone()
         errors = torch.zeros_like(block)
-        h_inv_block = h_inv[start:end, start:end]
+        h_inv_block = h_inv[:, start:end, start:end]
         for i in range(end - start):
             column = start + i
-            if column % group_size == 0:
-                group_end = column + group_size
-                group = torch.cat([block[:, i:], w[:, end:group_end]], dim=1)[:, :group_size]
-                use_hqq = grid == "hqq" or (grid == "auto" and bits == 1)
+            if column % group_size == 0:  # the group's grid, from the weights as updated so far
+                group = torch.cat([block[..., i:], w[..., end : column + group_size]], dim=-1)[..., :group_size]
                 start_grid = (quantize_hqq if use_hqq else quantize_rtn)(group.float(), bits, group_size)
-                scales[:, column // group_size] = start_grid.scale[:, 0]
-                zeros[:, column // group_size] = start_grid.zero[:, 0]
-                scale = start_grid.scale[:, 0].double()
-                zero = start_grid.zero[:, 0].double()
-            q = torch.round(block[:, i] / scale + zero).clamp_(0, qmax)
-            codes[:, column] = q.to(torch.int32)
-            error = (block[:, i] - (q - zero) * scale) / h_inv_block[i, i]
-            block[:, i:] -= error[:, None] * h_inv_block[i, i:][None, :]
-            errors[:, i] = error
-        w[:, end:] -= errors @ h_inv[start:end, end:]
+                scales[..., column // group_size] = start_grid.scale[..., 0]
+                zeros[..., column // group_size] = start_grid.zero[..., 0]
+                scale, zero = start_grid.scale[..., 0].double(), start_grid.zero[..., 0].double()
+            q = torch.round(block[..., i] / scale + zero).clamp_(0, 2**bits - 1)
+            codes[..., column] = q.to(torch.int32)
+            error = (block[..., i] - (q - zero) * scale) / h_inv_block[:, i, i, None]
+            block[..., i:] -= error[..., None] * h_inv_block[:, None, i, i:]
+            errors[..., i] = error
+        w[..., end:] -= errors @ h_inv[:, start:end, end:]
     return GroupQuantized(codes, scales, zeros, bits, group_size)
+
+
+def _prepared(weight: torch.Tensor, hessian: torch.Tensor, damp_percent: float):
+    """float64 weights with dead inputs (never active: zero Hessian diagonal) zeroed, and the upper
+    Cholesky factor of the damped inverse Hessian, per batch entry."""
+    w = weight.double().clone()
+    h = hessian.double().clone()
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)
+    dead = diag == 0
+    w.masked_fill_(dead[:, None, :], 0.0)
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+    h += dead.double().diag_embed()  # a dead input's row and column are zero: a 1 on the diagonal
+    h += damp_percent * torch.diagonal(h, dim1=-2, dim2=-1).mean(dim=-1)[:, None, None] * eye
+    return w, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
