@@ -67,15 +67,19 @@ def batches(data: torch.Tensor, batch: int, generator: torch.Generator) -> torch
 
 
 def train(workdir: str, train_data: torch.Tensor, steps: int, smoke: bool) -> tuple[str, str]:
-    """Save the initialisation and the trained model; reuse them when already there."""
+    """Save the initialisation and the trained model; reuse them when already there. The smoke
+    model has its own initialisation (a smoke run must not replace the full model's reference)."""
     from transformers import MixtralForCausalLM
 
-    init_path, trained_path = os.path.join(workdir, "init"), os.path.join(workdir, f"trained-{steps}")
+    init_path = os.path.join(workdir, "init-smoke" if smoke else "init")
+    trained_path = os.path.join(workdir, f"trained-{steps}")
+    if not os.path.isfile(os.path.join(init_path, "config.json")):
+        torch.manual_seed(0)  # the same initialisation the training below starts from
+        MixtralForCausalLM(model_config(smoke)).save_pretrained(init_path)
     if os.path.isfile(os.path.join(trained_path, "config.json")):
         return init_path, trained_path
     torch.manual_seed(0)
     model = MixtralForCausalLM(model_config(smoke))
-    model.save_pretrained(init_path)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(1)

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import LayerSignals, allocate_layers, max_neuron_variance, router_norm_change
+from .allocation import LayerSignals, allocate_layers, assign_bits, max_neuron_variance, router_norm_change
+from .allocation.measured import expert_gain, rank_by_gain
 from .calibration_data import calibration_tokens
 from .config import RouterNormConfig
 from .kernels.reference import dequantize_packed
@@ -216,12 +217,14 @@ def _quantize_experts_module(model, name: str, module, layer, cached, config: Ro
     hidden, top_k_index = _record_expert_inputs(layer, module, cached)
     adapter = get_adapter(model.config)
     shape = adapter.experts_shape(module, model.config)
+    routed = [(top_k_index == e).any(dim=-1) for e in range(shape.num_experts)]
+    weights = _token_weights(model, adapter, name, hidden, routed, config)
+    if config.ranking == "measured":
+        config.allocation[name] = _measured_bits(module, hidden, weights, config)
     with torch.device("meta"):  # every stored tensor is replaced by store()
         replacement = build_experts_module(
             adapter, shape, config.allocation[name], config, name=name, placeholders=False
         )
-    routed = [(top_k_index == e).any(dim=-1) for e in range(shape.num_experts)]
-    weights = _token_weights(model, adapter, name, hidden, routed, config)
     replacement.store(
         replacement.quantize_projection(
             "gate_up_proj", module.gate_up_proj.detach(), _gptq_with(hidden, weights, config)
@@ -239,6 +242,20 @@ def _quantize_experts_module(model, name: str, module, layer, cached, config: Ro
         for e, r in enumerate(routed)
         if config.expert_hessian == "routed" and int(r.sum()) < config.min_expert_tokens
     ]
+
+
+def _measured_bits(module, hidden: torch.Tensor, weights: list[torch.Tensor], config: RouterNormConfig) -> list[int]:
+    """``ranking="measured"``: the layer's bits ordered by each expert's measured gain, on the inputs
+    its full-precision projections receive."""
+    gains = []
+    for e, token_weights in enumerate(weights):
+        keep = token_weights > 0
+        x, w = hidden[keep], token_weights[keep]
+        gate_up, down = module.gate_up_proj[e].detach().float(), module.down_proj[e].detach().float()
+        gate, up = (x @ gate_up.T).chunk(2, dim=-1)
+        inner = module.act_fn(gate) * up
+        gains.append(expert_gain([(gate_up, x), (down, inner)], w, config.bit_levels, config.group_size))
+    return assign_bits(rank_by_gain(gains), config.avg_bits, config.bit_levels)
 
 
 def _token_weights(model, adapter, name: str, hidden, routed, config: RouterNormConfig) -> list[torch.Tensor]:

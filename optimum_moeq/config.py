@@ -38,7 +38,9 @@ class RouterNormConfig(QuantizationConfigMixin):
             highest of ``bit_levels``.
         bit_levels: 2 or 3 ascending bit-widths in 1..8 (3 levels equally spaced).
         group_size: weights per (scale, zero) group along each projection's input dimension.
-        ranking: "combined" (router-norm order re-ranked by MaxVar), "router" or "maxvar".
+        ranking: "combined" (router-norm order re-ranked by MaxVar), "router", "maxvar", or "measured"
+            (with method="gptq": the high bits to the experts whose output error on the calibration
+            data they lower the most; beyond the paper).
         zeta: MaxVar ratio above which the combined ranking moves an expert forward.
         method: per-expert weight quantizer: "rtn" (round-to-nearest on the group range extended to 0, the default),
             "gptq" (calibrated on ``dataset``; the best measured) or "hqq" (scales and zeros
@@ -50,10 +52,11 @@ class RouterNormConfig(QuantizationConfigMixin):
         tokenizer: tokenizer for text calibration data (default: the model's own).
         nsamples, seqlen: GPTQ draws ``nsamples`` windows of ``seqlen`` tokens from ``dataset``.
         damp_percent: GPTQ's Hessian damping, as a fraction of its mean diagonal.
-        expert_hessian: whose tokens build each expert's GPTQ Hessian: "routed" (those its router
-            sends it; an expert routed fewer than ``min_expert_tokens`` takes every token), "all"
-            (every token reaching the layer, as if routed to each expert) or "weighted" (every
-            token, weighted by the router's softmax probability for the expert).
+        expert_hessian: whose tokens build each expert's GPTQ Hessian: "weighted" (the default:
+            every token reaching the layer, weighted by the router's softmax probability for the
+            expert; the best measured, benchmarks/results/expert_hessians.md), "routed" (those its
+            router sends it; an expert routed fewer than ``min_expert_tokens`` takes every token)
+            or "all" (every token, as if routed to each expert).
         min_expert_tokens: with "routed", the fewest routed tokens an expert's own Hessian needs.
         modules_to_not_convert: module names (or name suffixes) to keep unquantized.
         attention_bits: None keeps attention and the other dense linears (shared experts, dense
@@ -85,7 +88,7 @@ class RouterNormConfig(QuantizationConfigMixin):
         seqlen: int = 512,
         damp_percent: float = 0.01,
         min_expert_tokens: int = 32,
-        expert_hessian: str = "routed",
+        expert_hessian: str = "weighted",
         allocation: Mapping[str, Sequence[int]] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
@@ -159,6 +162,11 @@ class RouterNormConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
         if not (_is_real(self.damp_percent) and 0 <= self.damp_percent < 1):
             raise ValueError(f"damp_percent={self.damp_percent!r} must be a number in [0, 1), e.g. 0.01.")
+        if self.ranking == "measured" and self.method != "gptq" and self.allocation is None:
+            raise ValueError(
+                f"ranking='measured' measures each expert on calibration data: it needs method='gptq', got "
+                f"method={self.method!r}."
+            )
         if self.expert_hessian not in EXPERT_HESSIANS:
             raise ValueError(
                 f"expert_hessian={self.expert_hessian!r} is not supported: allowed are {EXPERT_HESSIANS}."

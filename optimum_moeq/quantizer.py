@@ -128,7 +128,7 @@ class RouterNormHfQuantizer(HfQuantizer):
             if not checkpoint_files:
                 raise ValueError("quantize-on-load needs the checkpoint files to compute the allocation.")
             self._scan = allocate_from_files(checkpoint_files, adapter, config, experts_modules=set(shapes))
-            config.allocation = self._scan.bits
+            config.allocation = {name: list(bits) for name, bits in self._scan.bits.items()}  # GPTQ may re-measure
             logger.info("optimum-moeq allocation:\n%s", self._scan)
         _check_allocation_matches_model(config.allocation, shapes)
 

@@ -17,7 +17,10 @@ from optimum_moeq import RouterNormConfig
         ({"bit_levels": (2, 9)}, r"bits=9 is not supported: allowed are integers 1 to 8"),
         ({"bit_levels": "23"}, r"bit_levels='23' must be a list or tuple"),
         ({"group_size": 0}, r"group_size=0 must be a positive integer"),
-        ({"ranking": "random"}, r"ranking='random' is not supported: allowed are \('combined', 'router', 'maxvar'\)"),
+        (
+            {"ranking": "random"},
+            r"ranking='random' is not supported: allowed are \('combined', 'router', 'maxvar', 'measured'\)",
+        ),
         ({"zeta": 0}, r"zeta=0 must be a finite number greater than 0"),
         ({"zeta": float("inf")}, r"zeta=inf must be a finite number"),  # config.json cannot hold inf
         ({"method": "awq"}, r"method='awq' is not supported: allowed are \('rtn', 'hqq', 'gptq'\)"),

@@ -74,7 +74,7 @@ def _calibration_ids():
 def test_gptq_from_pretrained_quantizes_every_expert_and_reports_fallbacks(tiny_mixtral_path, tmp_path):
     config = RouterNormConfig(
         avg_bits=2.5, group_size=32, method="gptq", dataset=_calibration_ids(), nsamples=8, seqlen=32,
-        min_expert_tokens=48,
+        min_expert_tokens=48, expert_hessian="routed",
     )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
     assert not any(m.training for m in model.modules())  # replacements made after eval() are in eval mode too
@@ -104,7 +104,7 @@ def test_gptq_on_a_loaded_model_lowers_the_error_on_its_calibration_data(tiny_mi
     with torch.no_grad():
         reference = full(tokens).logits
     hqq = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=RouterNormConfig(group_size=32))
-    gptq_config = RouterNormConfig(group_size=32, method="gptq", nsamples=16, seqlen=32, min_expert_tokens=1)
+    gptq_config = RouterNormConfig(group_size=32, method="gptq", nsamples=16, seqlen=32, expert_hessian="routed")
     report = quantize_model_gptq(full, gptq_config, tokens, progress=False)
     assert not any(report.all_tokens_fallback.values())
     with torch.no_grad():
@@ -291,3 +291,50 @@ def test_gptq_quantizes_attention_with_gptq_too(tiny_mixtral_path):
         "rtn": (x @ (dequantize(rtn.codes, rtn.scale, rtn.zero).double() - weight).T).pow(2).mean().item(),
     }
     assert errors["gptq"] < 0.9 * errors["rtn"]
+
+
+def test_measured_ranking_gives_the_high_bits_to_the_largest_measured_gains(tiny_mixtral_path):
+    """Layer 0 (its inputs are exact: nothing quantized precedes it): the experts given 3 bits are
+    those whose output error on their routed tokens falls most from 2 to 3 bits, recomputed here
+    in float64 from the full-precision model's own routing."""
+    tokens = _calibration_ids()
+    full = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path)
+    seen = []
+    experts = full.model.layers[0].mlp.experts
+    hook = experts.register_forward_pre_hook(lambda m, args: seen.append((args[0], args[1])))
+    with torch.no_grad():
+        for sample in tokens:
+            full(sample[None])
+    hook.remove()
+    hidden = torch.cat([h for h, _ in seen]).double()
+    index = torch.cat([i for _, i in seen])
+
+    def error(weight, x, bits):
+        q = quantize_rtn(weight.float(), bits, 32)
+        delta = dequantize(q.codes, q.scale, q.zero).double() - weight.double()
+        return (x @ delta.T).pow(2).sum().item()
+
+    gains = []
+    for e in range(8):
+        x = hidden[(index == e).any(dim=-1)]
+        gate_up, down = experts.gate_up_proj[e].detach().double(), experts.down_proj[e].detach().double()
+        gate, up = (x @ gate_up.T).chunk(2, dim=-1)
+        inner = torch.nn.functional.silu(gate) * up
+        gains.append(error(gate_up, x, 2) - error(gate_up, x, 3) + error(down, inner, 2) - error(down, inner, 3))
+    config = RouterNormConfig(
+        avg_bits=2.5, group_size=32, method="gptq", dataset=tokens, nsamples=16, seqlen=32, ranking="measured",
+        min_expert_tokens=1,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
+    bits = model.config.quantization_config.allocation["model.layers.0.mlp.experts"]
+    assert sorted(bits) == [2] * 4 + [3] * 4
+    assert model.get_submodule("model.layers.0.mlp.experts").expert_bits == bits
+    high = [gains[e] for e in range(8) if bits[e] == 3]
+    low = [gains[e] for e in range(8) if bits[e] == 2]
+    assert min(high) >= max(low)
+    assert model.hf_quantizer.allocation.bits == model.config.quantization_config.allocation
+
+
+def test_measured_ranking_needs_calibration():
+    with pytest.raises(ValueError, match="ranking='measured' measures each expert on calibration data: it needs"):
+        RouterNormConfig(ranking="measured")

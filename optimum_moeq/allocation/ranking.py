@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-RANKINGS = ("combined", "router", "maxvar")
+RANKINGS = ("combined", "router", "maxvar", "measured")
 
 
 def rank_by_router(router_change: Sequence[float]) -> list[int]:
@@ -37,6 +37,6 @@ def rank_experts(ranking: str, router_change: Sequence[float], maxvar: Sequence[
         return rank_by_router(router_change)
     if ranking == "maxvar":
         return rank_by_maxvar(maxvar)
-    if ranking == "combined":
+    if ranking in ("combined", "measured"):  # measured: the scan's order until GPTQ measures (allocation/measured.py)
         return combined_rerank(rank_by_router(router_change), maxvar, zeta)
     raise ValueError(f"ranking={ranking!r} is not supported: allowed are {RANKINGS}.")
