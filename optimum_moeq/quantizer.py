@@ -22,6 +22,7 @@ from transformers.utils import is_accelerate_available
 from .allocate import allocate_from_files
 from .allocation import Allocation
 from .calibration_data import check_calibration_data, is_token_ids
+from .calibration_stream import can_stream
 from .config import QUANT_METHOD, RouterNormConfig
 from .dequantize import dequantized_module
 from .hub import push_to_hub
@@ -51,6 +52,7 @@ class RouterNormHfQuantizer(HfQuantizer):
     requires_calibration = False
     quantization_config: RouterNormConfig
     _scan: Allocation | None = None
+    _streamed: dict | None = None  # streaming GPTQ's packed tensors, by full parameter name, until they load
 
     @property
     def allocation(self) -> Allocation | None:
@@ -95,11 +97,14 @@ class RouterNormHfQuantizer(HfQuantizer):
             self._check_experts_on_disk(device_map, shapes)
         _check_packable(shapes, config)
         self._set_allocation(checkpoint_files, adapter, shapes)
-        if not self._calibrating:  # GPTQ needs the experts in full precision: it replaces them after loading
+        if self._calibrating and checkpoint_files and can_stream(model, adapter):
+            self._stream_gptq(model, checkpoint_files, adapter)
+        if not self._calibrating or self._streamed is not None:
+            # else GPTQ needs the experts in full precision: it replaces them after loading
             replace_with_mixed_bit_experts(
                 model, adapter, shapes, config.allocation, config, placeholders=not self.pre_quantized
             )
-        if self._dense_linears_on_load:
+        if self._dense_linears_on_load or (self._streamed is not None and config.attention_bits is not None):
             replace_with_quantized_linears(
                 model, config, self._dense_linear_filter(model, adapter), placeholders=not self.pre_quantized
             )
@@ -131,6 +136,24 @@ class RouterNormHfQuantizer(HfQuantizer):
             config.allocation = {name: list(bits) for name, bits in self._scan.bits.items()}  # GPTQ may re-measure
             logger.info("optimum-moeq allocation:\n%s", self._scan)
         _check_allocation_matches_model(config.allocation, shapes)
+
+    def _stream_gptq(self, model, checkpoint_files, adapter) -> None:
+        """GPTQ walked over the checkpoint one layer at a time before loading; the packed tensors
+        then replace the full-precision weights as they load."""
+        from .calibration_stream import stream_gptq
+
+        converts = self._dense_linear_filter(model, adapter)
+        self._streamed, self.gptq_report = stream_gptq(
+            model, checkpoint_files, adapter, self.quantization_config, self._tokenizer(model), converts
+        )
+
+    def _tokenizer(self, model):
+        config = self.quantization_config
+        if config.tokenizer is not None or is_token_ids(config.dataset):
+            return config.tokenizer
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model.config.name_or_path)
 
     def _dense_linear_filter(self, model, adapter):
         """``attention_bits`` / ``attention_method`` convert every nn.Linear outside the experts,
@@ -187,7 +210,7 @@ class RouterNormHfQuantizer(HfQuantizer):
             # the family's kept dense linears too: a save by an older optimum-moeq packed them
             kept = get_adapter(model.config).dense_linears_kept
             check_all_loaded(model, QUANTIZED_MODULES, also=lambda name: name.rpartition(".")[2] in kept)
-        if self._calibrating:
+        if self._calibrating and self._streamed is None:
             self._quantize_with_gptq(model)
         for module in model.modules():
             if isinstance(module, QUANTIZED_MODULES):
@@ -199,14 +222,10 @@ class RouterNormHfQuantizer(HfQuantizer):
     def _quantize_with_gptq(self, model) -> None:
         from .calibration import quantize_model_gptq
 
-        config = self.quantization_config
-        tokenizer = config.tokenizer
-        if tokenizer is None and not is_token_ids(config.dataset):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
         converts = self._dense_linear_filter(model, get_adapter(model.config))
-        self.gptq_report = quantize_model_gptq(model, config, tokenizer=tokenizer, quantize_linear=converts)
+        self.gptq_report = quantize_model_gptq(
+            model, self.quantization_config, tokenizer=self._tokenizer(model), quantize_linear=converts
+        )
 
     def is_serializable(self) -> bool:
         return True
@@ -247,11 +266,16 @@ class QuantizeExperts(ConversionOps):
         (value,) = input_dict.values()
         value = value[0] if isinstance(value, list) else value
         module, proj = get_module_from_name(model, full_layer_name)
-        packed = module.quantize_projection(proj, value)
+        prefix = full_layer_name.rsplit(".", 1)[0]
+        streamed = self.hf_quantizer._streamed
+        if streamed is not None:  # quantized already, by streaming GPTQ
+            names = [n for n in module.stored_specs() if module.layout.field_of(n)[0] == proj]
+            packed = {n: streamed.pop(f"{prefix}.{n}") for n in names}
+        else:
+            packed = module.quantize_projection(proj, value)
         module.drop_placeholder(proj)
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
-        prefix = full_layer_name.rsplit(".", 1)[0]
         return {f"{prefix}.{name}": tensor for name, tensor in packed.items()}
 
 

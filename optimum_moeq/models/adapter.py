@@ -40,6 +40,11 @@ class MoEAdapter:
     # every routing linear, by the end of its name: they stay full precision whatever the options
     routing_modules: tuple[str, ...] = ("gate",)
     decoder_layers: str = "model.layers"  # the decoder layers' ModuleList (GPTQ walks it)
+    # where the checkpoint keeps a loaded module's tensors: (model name part, checkpoint name part),
+    # and each expert's gate, up and down weights (``experts.{e}.{name}.weight``), which the
+    # loaded model fuses; streaming GPTQ reads a layer with them
+    checkpoint_aliases: tuple[tuple[str, str], ...] = ()
+    expert_tensor_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     gated: bool = True  # act(gate) * up, with gate_up fused; else act(up)
     extra_weight_conversions: Callable[[], list] | None = None  # fuse per-expert tensors while loading
     replacement: str = "top_k"  # which MixedBitExperts subclass keeps the replaced module's forward contract

@@ -18,4 +18,6 @@ MIXTRAL = MoEAdapter(
     fused_input_key=re.compile(_PREFIX + r"\.experts\.gate_up_proj$"),
     experts_module_key=re.compile(r"^model\.layers\.\d+\.mlp\.experts$"),
     experts_shape=fused_experts_shape,
+    checkpoint_aliases=((".mlp.", ".block_sparse_moe."),),
+    expert_tensor_names=("w1", "w3", "w2"),
 )

@@ -1,0 +1,122 @@
+"""Streaming GPTQ: the checkpoint walked one decoder layer at a time, before transformers loads it.
+
+``from_pretrained`` builds the model on the meta device; before its weights load, this walk
+builds a working copy (also on meta), reads the embeddings and then one decoder layer at a time
+from the safetensors files, runs the calibration activations through it, quantizes it with GPTQ
+(``calibration.py``'s per-layer steps), keeps only the packed tensors and the next layer's inputs,
+and puts the layer back on the meta device. Peak memory: the packed tensors so far, one layer in
+full precision and the activations. The packed tensors then take the place of the full-precision
+weights as transformers streams them past (``QuantizeExperts``).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .calibration import (
+    GptqReport,
+    _first_layer_inputs,
+    _layer_output,
+    _quantize_dense_linears,
+    _quantize_experts_module,
+)
+from .calibration_data import calibration_tokens
+from .nn import QUANTIZED_MODULES
+
+
+class _CheckpointReader:
+    """Tensors by checkpoint name across the shards, one shard open at a time."""
+
+    def __init__(self, files):
+        self._where = {}
+        for path in files:
+            with safe_open(path, framework="pt") as f:
+                self._where.update(dict.fromkeys(f.keys(), path))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        with safe_open(self._where[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+
+def can_stream(model: nn.Module, adapter) -> bool:
+    """The walk knows this model's structure: decoder layers whose buffers are all saved in the
+    checkpoint, the embeddings and rotary embedding as the transformers decoders hold them."""
+    base = getattr(model, "model", None)
+    return (
+        base is not None
+        and all(hasattr(base, name) for name in ("embed_tokens", "rotary_emb"))
+        and adapter.decoder_layers == "model.layers"
+        and not any(module._non_persistent_buffers_set for module in base.layers.modules())
+    )
+
+
+def _checkpoint_tensor(reader: _CheckpointReader, adapter, key: str) -> torch.Tensor:
+    """The model tensor ``key`` from the checkpoint: as named, under the family's aliases, or fused
+    from the per-expert tensors."""
+    names = [key] + [key.replace(model_part, disk_part) for model_part, disk_part in adapter.checkpoint_aliases]
+    for name in names:
+        if name in reader:
+            return reader[name]
+    gate, up, down = adapter.expert_tensor_names
+    for name in names:
+        base, _, field = name.rpartition(".")
+        parts = {"gate_up_proj": (gate, up), "down_proj": (down,)}.get(field)
+        if parts and base.endswith("experts") and f"{base}.0.{parts[0]}.weight" in reader:
+            count = next(e for e in itertools.count() if f"{base}.{e}.{parts[0]}.weight" not in reader)
+            return torch.stack([torch.cat([reader[f"{base}.{e}.{p}.weight"] for p in parts]) for e in range(count)])
+    raise KeyError(f"the checkpoint has no tensor for {key} (tried {names}).")
+
+
+def _materialize(module: nn.Module, prefix: str, reader, adapter, device) -> None:
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, param in [*module.named_parameters(), *module.named_buffers()]:
+            value = _checkpoint_tensor(reader, adapter, f"{prefix}.{name}")
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{prefix}.{name}: the checkpoint holds {tuple(value.shape)}, the model {tuple(param.shape)}."
+                )
+            param.copy_(value)
+
+
+@torch.no_grad()
+def stream_gptq(model: nn.Module, checkpoint_files, adapter, config, tokenizer, quantize_linear):
+    """Packed tensors by full parameter name for every experts module (and with ``attention_bits``
+    every dense linear ``quantize_linear`` accepts), and the GPTQ report."""
+    with torch.device("cpu"):  # from_pretrained calls this under its meta-device context
+        return _walk(model, checkpoint_files, adapter, config, tokenizer, quantize_linear, torch.device("cpu"))
+
+
+def _walk(model, checkpoint_files, adapter, config, tokenizer, quantize_linear, device):
+    with torch.device("meta"):
+        work = type(model)(model.config)
+    reader = _CheckpointReader(checkpoint_files)
+    _materialize(work.model.embed_tokens, "model.embed_tokens", reader, adapter, device)
+    rotary = work.model.rotary_emb
+    with torch.device(device):
+        work.model.rotary_emb = type(rotary)(config=work.config)
+    tokens = calibration_tokens(config.dataset, tokenizer, config.nsamples, config.seqlen)
+    layers = work.model.layers
+    cached = _first_layer_inputs(work, layers[0], tokens)
+    report, packed = GptqReport(), {}
+    for index, layer in enumerate(layers):
+        prefix = f"model.layers.{index}"
+        _materialize(layer, prefix, reader, adapter, device)
+        if config.attention_bits is not None:
+            _quantize_dense_linears(work, prefix, layer, cached, config, quantize_linear)
+        for name, module in list(layer.named_modules()):
+            if adapter.experts_module_key.match(f"{prefix}.{name}"):
+                _quantize_experts_module(work, f"{prefix}.{name}", module, layer, cached, config, report)
+        cached = [((_layer_output(layer(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in cached]
+        for name, module in layer.named_modules():
+            if isinstance(module, QUANTIZED_MODULES):
+                packed.update({f"{prefix}.{name}.{p}": getattr(module, p).detach() for p in module.stored_specs()})
+        layer.to("meta")  # frees the layer; the packed tensors are kept above
+    return packed, report
