@@ -126,7 +126,7 @@ def child(mode: str, path: str) -> dict:
                     remaining -= got
                     nbytes += got
     elif mode == "allocate":
-        allocation = allocate(path, RouterNormConfig(avg_bits=2.5, group_size=64), progress=False)
+        allocation = allocate(path, RouterNormConfig(method="rtn", avg_bits=2.5, group_size=64), progress=False)
         assert allocation.average_bits == 2.5
     else:  # the paper's way: the whole model in memory, then the same signals from its weights
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)

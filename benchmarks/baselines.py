@@ -85,7 +85,9 @@ def main() -> None:
         rows.append((label, nbytes, R.perplexity(model, windows)))
     group = R.GROUP
     for avg_bits in (2.5, 3.0):
-        allocation = allocate(trained, RouterNormConfig(avg_bits=avg_bits, group_size=group), progress=False).bits
+        allocation = allocate(
+            trained, RouterNormConfig(method="rtn", avg_bits=avg_bits, group_size=group), progress=False
+        ).bits
         for method in ("rtn", "gptq"):
             for attention in ("moeq", "bnb_nf4"):
                 extra = dict(dataset=calibration, nsamples=32, seqlen=R.SEQLEN, min_expert_tokens=16)

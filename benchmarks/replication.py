@@ -220,7 +220,9 @@ def main() -> None:
             "combined (change + MaxVar)": ("combined", init_path),
         }
         for label, (ranking, reference) in rankings.items():
-            cfg = RouterNormConfig(avg_bits=avg_bits, bit_levels=levels, ranking=ranking, reference_model=reference)
+            cfg = RouterNormConfig(
+                method="rtn", avg_bits=avg_bits, bit_levels=levels, ranking=ranking, reference_model=reference
+            )
             strategies[label] = allocate(trained_path, cfg, progress=False).bits
         by_use = {n: sorted(range(len(f)), key=lambda e: -f[e]) for n, f in train_frequency.items()}
         strategies["frequency (most used first)"] = order_allocation(by_use, avg_bits, levels)

@@ -68,10 +68,14 @@ def allocation_from_model(model: nn.Module, config: RouterNormConfig):
     return allocate_layers(signals, config.avg_bits, config.bit_levels, config.ranking, config.zeta)
 
 
-def check_gptq_supported(adapter, model_config) -> None:
+def gptq_supported(adapter, model_config) -> bool:
     """GPTQ walks the adapter's decoder layers and the gated experts' fused gate_up: decoder-only
     gated MoEs."""
-    if not adapter.gated or not adapter.decoder_layers or model_config.is_encoder_decoder:
+    return adapter.gated and bool(adapter.decoder_layers) and not model_config.is_encoder_decoder
+
+
+def check_gptq_supported(adapter, model_config) -> None:
+    if not gptq_supported(adapter, model_config):
         raise ValueError(
             f"method='gptq' supports decoder-only gated MoE models, not {model_config.model_type!r}; "
             "use method='rtn' or 'hqq'."

@@ -79,7 +79,9 @@ def _add_quantize_command(commands, verbose: argparse.ArgumentParser) -> None:
     quantize.add_argument("model", metavar="MODEL")
     quantize.add_argument("out", metavar="OUT")
     _allocation_options(quantize)
-    quantize.add_argument("--method", default="rtn", help="rtn (default), gptq (calibrated: --dataset) or hqq")
+    quantize.add_argument(
+        "--method", help="gptq (the default where the family allows it: calibrated, --dataset), rtn or hqq"
+    )
     quantize.add_argument(
         "--dataset",
         help="gptq calibration data: a local text file (the model's tokenizer reads it), or builtin (the "

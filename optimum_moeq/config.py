@@ -42,8 +42,10 @@ class RouterNormConfig(QuantizationConfigMixin):
             (with method="gptq": the high bits to the experts whose output error on the calibration
             data they lower the most; beyond the paper).
         zeta: MaxVar ratio above which the combined ranking moves an expert forward.
-        method: per-expert weight quantizer: "rtn" (round-to-nearest on the group range extended to 0, the default),
-            "gptq" (calibrated on ``dataset``; the best measured) or "hqq" (scales and zeros
+        method: per-expert weight quantizer. None (the default): "gptq" where the model's family
+            supports it (decoder-only gated MoEs), else "rtn"; config.json then records the one used.
+            "gptq" (calibrated on ``dataset``, streamed layer by layer; the best measured), "rtn"
+            (round-to-nearest on the group range extended to 0: fast, no data) or "hqq" (scales and zeros
             optimised for weight error without data: lower weight MSE, but a trained model's
             perplexity measured worse than rtn, see benchmarks/results/replication.md).
         dataset: GPTQ calibration data: a local text file, a list of strings, token ids, or a name:
@@ -77,7 +79,7 @@ class RouterNormConfig(QuantizationConfigMixin):
         group_size: int = 128,
         ranking: str = "combined",
         zeta: float = 3.0,
-        method: str = "rtn",
+        method: str | None = None,
         modules_to_not_convert: list[str] | None = None,
         reference_model: str | None = None,
         attention_bits: int | None = None,
@@ -135,7 +137,7 @@ class RouterNormConfig(QuantizationConfigMixin):
             raise ValueError(f"ranking={self.ranking!r} is not supported: allowed are {RANKINGS}.")
         if isinstance(self.zeta, bool) or not isinstance(self.zeta, (int, float)) or not 0 < self.zeta < math.inf:
             raise ValueError(f"zeta={self.zeta!r} must be a finite number greater than 0 (the paper uses 3.0).")
-        if self.method not in QUANTIZATION_METHODS:
+        if self.method is not None and self.method not in QUANTIZATION_METHODS:
             raise ValueError(f"method={self.method!r} is not supported: allowed are {QUANTIZATION_METHODS}.")
         if self.attention_bits is not None:
             try:
@@ -162,7 +164,7 @@ class RouterNormConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
         if not (_is_real(self.damp_percent) and 0 <= self.damp_percent < 1):
             raise ValueError(f"damp_percent={self.damp_percent!r} must be a number in [0, 1), e.g. 0.01.")
-        if self.ranking == "measured" and self.method != "gptq" and self.allocation is None:
+        if self.ranking == "measured" and self.method not in (None, "gptq") and self.allocation is None:
             raise ValueError(
                 f"ranking='measured' measures each expert on calibration data: it needs method='gptq', got "
                 f"method={self.method!r}."
@@ -172,7 +174,7 @@ class RouterNormConfig(QuantizationConfigMixin):
                 f"expert_hessian={self.expert_hessian!r} is not supported: allowed are {EXPERT_HESSIANS}."
             )
         check_dataset_type(self.dataset)
-        if self.dataset is not None and self.method != "gptq":
+        if self.dataset is not None and self.method in ("rtn", "hqq"):
             logger.warning("dataset is calibration data for method='gptq'; method=%r does not use it.", self.method)
         if self.modules_to_not_convert is not None and (
             isinstance(self.modules_to_not_convert, str)

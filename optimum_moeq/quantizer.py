@@ -112,8 +112,13 @@ class RouterNormHfQuantizer(HfQuantizer):
             check_saved_allocation(checkpoint_files, config.allocation)
 
     def _check_before_reading(self, model, adapter, device_map) -> None:
-        """What can fail before the allocation scan reads the checkpoint."""
+        """What can fail before the allocation scan reads the checkpoint; the default method chosen."""
         config = self.quantization_config
+        if config.method is None:  # the default: calibrated where the family allows it
+            from .calibration import gptq_supported
+
+            config.method = "gptq" if gptq_supported(adapter, model.config) else "rtn"
+            logger.info("optimum-moeq: method=%r (the default for %s)", config.method, model.config.model_type)
         if may_offload_to_disk(device_map):
             offload_folder = offload_folder_of_current_load()
             if offload_folder is not None:
@@ -153,7 +158,14 @@ class RouterNormHfQuantizer(HfQuantizer):
             return config.tokenizer
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(model.config.name_or_path)
+        try:
+            return AutoTokenizer.from_pretrained(model.config.name_or_path)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"method='gptq' (the default) calibrates on text, which needs the model's tokenizer, and "
+                f"{model.config.name_or_path!r} has none that loads ({type(err).__name__}): pass tokenizer=..., "
+                "token ids as dataset=..., or method='rtn' for calibration-free quantization."
+            ) from None
 
     def _dense_linear_filter(self, model, adapter):
         """``attention_bits`` / ``attention_method`` convert every nn.Linear outside the experts,

@@ -13,7 +13,7 @@ import optimum_moeq.allocation.checkpoint as checkpoint
 from optimum_moeq import RouterNormConfig, allocate
 from optimum_moeq.models import get_adapter
 
-CONFIG = RouterNormConfig(avg_bits=2.5, group_size=32)
+CONFIG = RouterNormConfig(method="rtn", avg_bits=2.5, group_size=32)
 
 
 def test_allocate_reads_only_routers_and_gate_projections(tiny_mixtral_path, monkeypatch):
@@ -146,13 +146,15 @@ def switch_pair(tmp_path_factory):
 
 def test_reference_router_ranks_by_norm_change(switch_pair):
     reference, finetuned = switch_pair
-    config = RouterNormConfig(avg_bits=2.5, group_size=16, ranking="router", reference_model=str(reference))
+    config = RouterNormConfig(
+        method="rtn", avg_bits=2.5, group_size=16, ranking="router", reference_model=str(reference)
+    )
     allocation = allocate(finetuned, config, progress=False)
     assert len(allocation.bits) == 4  # two encoder and two decoder MoE layers
     for bits in allocation.bits.values():
         assert {e for e, b in enumerate(bits) if b == 3} == {1, 6, 3, 0}
     # without the reference the final norms (1.3, 1.8, 1.4, 1.55, 1.8, 1.2, 2.4, 1.8) rank: 5, 0, 2, 3
-    final_only = allocate(finetuned, RouterNormConfig(avg_bits=2.5, ranking="router"), progress=False)
+    final_only = allocate(finetuned, RouterNormConfig(method="rtn", avg_bits=2.5, ranking="router"), progress=False)
     assert {e for e, b in enumerate(final_only.bits["encoder.block.0.layer.1.mlp.experts"]) if b == 3} == {5, 0, 2, 3}
     # quantize-on-load uses the reference too, and saves the allocation with the model
     model = AutoModelForSeq2SeqLM.from_pretrained(finetuned, quantization_config=config)
@@ -162,10 +164,14 @@ def test_reference_router_ranks_by_norm_change(switch_pair):
 def test_a_reference_identical_to_the_model_is_warned_about(switch_pair, caplog):
     reference, finetuned = switch_pair
     with caplog.at_level("WARNING"):
-        allocate(finetuned, RouterNormConfig(avg_bits=2.5, reference_model=str(reference)), progress=False)
+        allocate(
+            finetuned, RouterNormConfig(method="rtn", avg_bits=2.5, reference_model=str(reference)), progress=False
+        )
     assert "same routers" not in caplog.text
     with caplog.at_level("WARNING"):
-        allocate(reference, RouterNormConfig(avg_bits=2.5, reference_model=str(reference)), progress=False)
+        allocate(
+            reference, RouterNormConfig(method="rtn", avg_bits=2.5, reference_model=str(reference)), progress=False
+        )
     assert "reference_model has the same routers as the model in 4 of 4 layers" in caplog.text
 
 
@@ -174,7 +180,7 @@ def test_mismatched_or_routerless_reference_is_refused(switch_pair, tmp_path, ti
 
     def reference(name, **changes):
         save_tiny_switch(tmp_path / name, **{"num_experts": 8, **changes})
-        return RouterNormConfig(reference_model=str(tmp_path / name))
+        return RouterNormConfig(method="rtn", reference_model=str(tmp_path / name))
 
     with pytest.raises(
         ValueError, match=r"coder\.block\.0\.layer\.\d\.mlp\.experts: the reference router has 4 experts"
@@ -183,7 +189,7 @@ def test_mismatched_or_routerless_reference_is_refused(switch_pair, tmp_path, ti
     with pytest.raises(ValueError, match=r"the reference model has no router for (en|de)coder\.block\.1\."):
         allocate(finetuned, reference("one-layer", num_layers=1, num_decoder_layers=1), progress=False)
     with pytest.raises(ValueError, match="no router weights found in the reference checkpoint"):
-        allocate(finetuned, RouterNormConfig(reference_model=str(tiny_mixtral_path)), progress=False)
+        allocate(finetuned, RouterNormConfig(method="rtn", reference_model=str(tiny_mixtral_path)), progress=False)
 
 
 def test_checkpoint_without_safetensors_is_refused(tmp_path, tiny_mixtral_path):

@@ -15,7 +15,7 @@ TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(
 
 @pytest.fixture(scope="module")
 def quantized(tiny_mixtral_path):
-    config = RouterNormConfig(avg_bits=2.5, group_size=GROUP, attention_bits=4)
+    config = RouterNormConfig(method="rtn", avg_bits=2.5, group_size=GROUP, attention_bits=4)
     return AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config, dtype=torch.float32)
 
 
@@ -71,7 +71,7 @@ def test_shared_experts_are_dense_linears_but_their_gate_is_a_router(tmp_path):
     )  # fmt: skip
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(
-        tmp_path, quantization_config=RouterNormConfig(group_size=16, attention_bits=8)
+        tmp_path, quantization_config=RouterNormConfig(method="rtn", group_size=16, attention_bits=8)
     )
     mlp = model.model.layers[0].mlp
     assert isinstance(mlp.shared_expert.gate_proj, PackedLinear) and mlp.shared_expert.gate_proj.bits == 8
@@ -81,7 +81,7 @@ def test_shared_experts_are_dense_linears_but_their_gate_is_a_router(tmp_path):
 def test_switch_router_classifier_stays_full_precision(tmp_path):
     save_tiny_switch(tmp_path)
     model = AutoModelForSeq2SeqLM.from_pretrained(
-        tmp_path, quantization_config=RouterNormConfig(group_size=16, attention_bits=4)
+        tmp_path, quantization_config=RouterNormConfig(method="rtn", group_size=16, attention_bits=4)
     )
     block = model.encoder.block[0]
     assert type(block.layer[1].mlp.router.classifier) is torch.nn.Linear
@@ -96,7 +96,7 @@ def test_switch_with_dense_ffn_layers_runs_with_quantized_attention(tmp_path, at
         pytest.importorskip("bitsandbytes")
     save_tiny_switch(tmp_path, encoder_sparse_step=2, decoder_sparse_step=2)
     model = AutoModelForSeq2SeqLM.from_pretrained(
-        tmp_path, quantization_config=RouterNormConfig(group_size=16, **attention)
+        tmp_path, quantization_config=RouterNormConfig(method="rtn", group_size=16, **attention)
     )
     dense = model.encoder.block[0].layer[1].mlp
     assert type(dense.wo) is torch.nn.Linear and type(dense.wi) is not torch.nn.Linear
@@ -114,7 +114,7 @@ def test_switch_checkpoint_without_the_kept_wo_is_refused(tmp_path):
 
     save_tiny_switch(tmp_path / "base", encoder_sparse_step=2, decoder_sparse_step=2)
     model = AutoModelForSeq2SeqLM.from_pretrained(
-        tmp_path / "base", quantization_config=RouterNormConfig(group_size=16, attention_bits=8)
+        tmp_path / "base", quantization_config=RouterNormConfig(method="rtn", group_size=16, attention_bits=8)
     )
     model.save_pretrained(tmp_path / "q")
     tensors = load_file(tmp_path / "q" / "model.safetensors")
@@ -126,4 +126,4 @@ def test_switch_checkpoint_without_the_kept_wo_is_refused(tmp_path):
 
 def test_attention_bits_outside_1_to_8_is_refused():
     with pytest.raises(ValueError, match=r"attention_bits: bits=16 is not supported: allowed are integers 1 to 8"):
-        RouterNormConfig(attention_bits=16)
+        RouterNormConfig(method="rtn", attention_bits=16)

@@ -20,7 +20,7 @@ def _logits(model):
 
 @pytest.mark.parametrize(("method", "cls"), [("bnb_nf4", BnbNF4Linear), ("bnb_int8", BnbInt8Linear)])
 def test_bnb_attention_quantizes_runs_saves_and_reloads(tiny_mixtral_path, tmp_path, method, cls):
-    config = RouterNormConfig(avg_bits=2.5, group_size=32, attention_method=method)
+    config = RouterNormConfig(method="rtn", avg_bits=2.5, group_size=32, attention_method=method)
     model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config, dtype=torch.float32)
     original = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, dtype=torch.float32)
     for i in range(2):
@@ -47,7 +47,7 @@ def test_bnb_attention_quantizes_runs_saves_and_reloads(tiny_mixtral_path, tmp_p
 
 
 def test_nf4_stores_half_a_byte_per_weight_plus_block_scales(tiny_mixtral_path):
-    config = RouterNormConfig(avg_bits=2.5, group_size=32, attention_method="bnb_nf4")
+    config = RouterNormConfig(method="rtn", avg_bits=2.5, group_size=32, attention_method="bnb_nf4")
     model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
     layer = model.model.layers[0].self_attn.q_proj
     numel = layer.in_features * layer.out_features
@@ -57,13 +57,14 @@ def test_nf4_stores_half_a_byte_per_weight_plus_block_scales(tiny_mixtral_path):
 
 def test_bad_attention_method_and_missing_bitsandbytes(tiny_mixtral_path, monkeypatch):
     with pytest.raises(ValueError, match=r"attention_method='nf4' is not supported: allowed are \('moeq', 'bnb_nf4'"):
-        RouterNormConfig(attention_method="nf4")
+        RouterNormConfig(method="rtn", attention_method="nf4")
     with pytest.raises(ValueError, match="both quantize the dense linears: give one of them"):
-        RouterNormConfig(attention_bits=4, attention_method="bnb_nf4")
+        RouterNormConfig(method="rtn", attention_bits=4, attention_method="bnb_nf4")
     monkeypatch.setattr(quantizer_module, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="needs bitsandbytes: pip install bitsandbytes"):
         AutoModelForCausalLM.from_pretrained(
-            tiny_mixtral_path, quantization_config=RouterNormConfig(group_size=32, attention_method="bnb_nf4")
+            tiny_mixtral_path,
+            quantization_config=RouterNormConfig(method="rtn", group_size=32, attention_method="bnb_nf4"),
         )
 
 
@@ -71,7 +72,7 @@ def test_the_command_line_puts_dense_linears_in_nf4(tiny_mixtral_path, tmp_path)
     from optimum_moeq.cli import main
 
     out = tmp_path / "out"
-    args = ["quantize", str(tiny_mixtral_path), str(out), "--avg-bits", "2.5", "--group-size", "32"]
+    args = ["quantize", "--method", "rtn", str(tiny_mixtral_path), str(out), "--avg-bits", "2.5", "--group-size", "32"]
     assert main([*args, "--attention-method", "bnb_nf4"]) == 0
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.quantization_config.attention_method == "bnb_nf4"
@@ -81,9 +82,9 @@ def test_the_command_line_puts_dense_linears_in_nf4(tiny_mixtral_path, tmp_path)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU side of bitsandbytes needs a GPU")
 @pytest.mark.parametrize("method", ["bnb_nf4", "bnb_int8"])
 def test_bnb_attention_on_gpu_matches_cpu_and_reloads_exactly(tiny_mixtral_path, tmp_path, method):
-    config = RouterNormConfig(avg_bits=2.5, group_size=32, attention_method=method)
+    config = RouterNormConfig(method="rtn", avg_bits=2.5, group_size=32, attention_method=method)
     on_cpu = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config, dtype=torch.float32)
-    config = RouterNormConfig(avg_bits=2.5, group_size=32, attention_method=method)
+    config = RouterNormConfig(method="rtn", avg_bits=2.5, group_size=32, attention_method=method)
     on_gpu = AutoModelForCausalLM.from_pretrained(
         tiny_mixtral_path, quantization_config=config, dtype=torch.float32, device_map="cuda"
     )

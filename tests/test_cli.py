@@ -49,7 +49,21 @@ def test_overwriting_the_current_directory_is_refused_before_anything_is_touched
     (tmp_path / "precious.txt").write_text("keep me")
     monkeypatch.chdir(tmp_path)
     assert (
-        main(["quantize", str(tiny_mixtral_path), ".", "--avg-bits", "2.5", "--group-size", "32", "--overwrite"]) == 2
+        main(
+            [
+                "quantize",
+                "--method",
+                "rtn",
+                str(tiny_mixtral_path),
+                ".",
+                "--avg-bits",
+                "2.5",
+                "--group-size",
+                "32",
+                "--overwrite",
+            ]
+        )
+        == 2
     )
     assert (
         _error(capsys)
@@ -68,7 +82,21 @@ def test_an_out_that_is_or_holds_the_input_model_is_refused(tiny_mixtral_path, t
     shutil.copytree(tiny_mixtral_path, model)
     before = sorted(os.listdir(model))
     assert (
-        main(["quantize", str(model), str(workspace), "--avg-bits", "2.5", "--group-size", "32", "--overwrite"]) == 2
+        main(
+            [
+                "quantize",
+                "--method",
+                "rtn",
+                str(model),
+                str(workspace),
+                "--avg-bits",
+                "2.5",
+                "--group-size",
+                "32",
+                "--overwrite",
+            ]
+        )
+        == 2
     )
     assert (
         _error(capsys) == f"moeq: error: OUT={workspace} is the input MODEL={model} or holds it: choose another OUT."
@@ -88,7 +116,12 @@ def test_an_out_that_is_or_holds_the_input_model_is_refused(tiny_mixtral_path, t
     ],
 )
 def test_quantize_option_errors_name_the_value(tiny_mixtral_path, tmp_path, capsys, args, message):
-    assert main(["quantize", str(tiny_mixtral_path), str(tmp_path / "out"), "--avg-bits", "2.5", *args]) == 2
+    assert (
+        main(
+            ["quantize", "--method", "rtn", str(tiny_mixtral_path), str(tmp_path / "out"), "--avg-bits", "2.5", *args]
+        )
+        == 2
+    )
     assert _error(capsys).startswith(f"moeq: error: {message}")
     assert os.listdir(tmp_path) == []  # nothing half-written
 
@@ -96,9 +129,11 @@ def test_quantize_option_errors_name_the_value(tiny_mixtral_path, tmp_path, caps
 def test_outputs_that_cannot_be_written_fail_before_the_checkpoint_is_read(tiny_mixtral_path, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     model = str(tiny_mixtral_path)
-    assert main(["quantize", model, str(tmp_path / "a_file"), "--avg-bits", "2.5", "--overwrite"]) == 2
+    assert (
+        main(["quantize", "--method", "rtn", model, str(tmp_path / "a_file"), "--avg-bits", "2.5", "--overwrite"]) == 2
+    )
     assert _error(capsys).endswith("a_file exists and is not a folder: choose another OUT.")
-    assert main(["quantize", model, str(tmp_path / "a_file" / "out"), "--avg-bits", "2.5"]) == 2
+    assert main(["quantize", "--method", "rtn", model, str(tmp_path / "a_file" / "out"), "--avg-bits", "2.5"]) == 2
     assert _error(capsys).endswith(f"a_file is a file: OUT={tmp_path / 'a_file' / 'out'} cannot be created below it.")
     assert main(["allocate", model, "--avg-bits", "2.5", "--json", str(tmp_path / "no" / "a.json")]) == 2
     assert (
@@ -115,10 +150,13 @@ def test_a_mistyped_folder_and_a_quantized_input_are_named(tiny_mixtral_path, tm
     assert (
         _error(capsys) == "moeq: error: reference_model '../nope': no such local folder, and not a Hub id (org/name)."
     )
-    assert main(["quantize", str(tiny_mixtral_path), "q", "--avg-bits", "2.5", "--group-size", "32"]) == 0
+    assert (
+        main(["quantize", "--method", "rtn", str(tiny_mixtral_path), "q", "--avg-bits", "2.5", "--group-size", "32"])
+        == 0
+    )
     assert oct((tmp_path / "q").stat().st_mode & 0o777) != oct(0o700)  # an ordinary folder, not mkdtemp's private one
     capsys.readouterr()
-    assert main(["quantize", "q", "qq", "--avg-bits", "3", "--group-size", "32"]) == 2
+    assert main(["quantize", "--method", "rtn", "q", "qq", "--avg-bits", "3", "--group-size", "32"]) == 2
     assert (
         _error(capsys)
         == "moeq: error: q is already quantized (quant_method='moeq'): quantize the original checkpoint instead."
@@ -141,7 +179,17 @@ def test_sigterm_unwinds_so_no_partial_output_is_left(tiny_mixtral_path, tmp_pat
 
     monkeypatch.setattr(commands, "write_model_card", killed)  # the signal lands after the weights are written
     previous = signal.getsignal(signal.SIGTERM)
-    args = ["quantize", str(tiny_mixtral_path), str(tmp_path / "out"), "--avg-bits", "2.5", "--group-size", "32"]
+    args = [
+        "quantize",
+        "--method",
+        "rtn",
+        str(tiny_mixtral_path),
+        str(tmp_path / "out"),
+        "--avg-bits",
+        "2.5",
+        "--group-size",
+        "32",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert signal.getsignal(signal.SIGTERM) is previous  # the caller's handler is back

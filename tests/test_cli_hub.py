@@ -45,12 +45,12 @@ def test_allocate_prints_the_table_and_writes_json_and_plot(tiny_mixtral_path, t
 
 def test_quantize_writes_a_complete_folder_atomically(tiny_mixtral_path, tmp_path, capsys):
     out = tmp_path / "out"
-    args = ["quantize", str(tiny_mixtral_path), str(out), "--avg-bits", "2.5", "--group-size", "32"]
+    args = ["quantize", "--method", "rtn", str(tiny_mixtral_path), str(out), "--avg-bits", "2.5", "--group-size", "32"]
     assert main(args) == 0
     for name in ("config.json", "model.safetensors", "README.md", "allocation.png"):
         assert (out / name).is_file(), name
     reference = AutoModelForCausalLM.from_pretrained(
-        tiny_mixtral_path, quantization_config=RouterNormConfig(avg_bits=2.5, group_size=32)
+        tiny_mixtral_path, quantization_config=RouterNormConfig(method="rtn", avg_bits=2.5, group_size=32)
     )
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(out)), _logits(reference))
     # an existing OUT is refused, one line, nothing touched
@@ -59,7 +59,17 @@ def test_quantize_writes_a_complete_folder_atomically(tiny_mixtral_path, tmp_pat
     assert capsys.readouterr().err.strip().endswith("already exists: pass --overwrite to replace it.")
     assert sorted(p.name for p in out.iterdir()) == before
     # a failure after loading began leaves neither OUT nor a partial folder
-    bad = ["quantize", str(tiny_mixtral_path), str(tmp_path / "bad"), "--avg-bits", "2.5", "--group-size", "48"]
+    bad = [
+        "quantize",
+        "--method",
+        "rtn",
+        str(tiny_mixtral_path),
+        str(tmp_path / "bad"),
+        "--avg-bits",
+        "2.5",
+        "--group-size",
+        "48",
+    ]
     assert main(bad) == 2
     assert "group_size=48 does not divide" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -103,7 +113,7 @@ def captured_commits(monkeypatch):
 
 def test_push_to_hub_uploads_a_loadable_checkpoint_and_a_valid_card(tiny_mixtral_path, tmp_path, captured_commits):
     model = AutoModelForCausalLM.from_pretrained(
-        tiny_mixtral_path, quantization_config=RouterNormConfig(avg_bits=2.5, group_size=32)
+        tiny_mixtral_path, quantization_config=RouterNormConfig(method="rtn", avg_bits=2.5, group_size=32)
     )
     model.push_to_hub("me/tiny-moeq", base_model="mistralai/Mixtral-8x7B-v0.1")
     (commit,) = captured_commits
@@ -126,7 +136,7 @@ def test_push_to_hub_uploads_a_loadable_checkpoint_and_a_valid_card(tiny_mixtral
 
 def test_push_to_hub_takes_transformers_arguments(tiny_mixtral_path, captured_commits):
     model = AutoModelForCausalLM.from_pretrained(
-        tiny_mixtral_path, quantization_config=RouterNormConfig(avg_bits=2.5, group_size=32)
+        tiny_mixtral_path, quantization_config=RouterNormConfig(method="rtn", avg_bits=2.5, group_size=32)
     )
     model.push_to_hub("tiny-moeq", commit_message="v2", commit_description="why", revision="dev", create_pr=True,
                       max_shard_size="100KB", tags=["mine"])  # fmt: skip
@@ -142,7 +152,22 @@ def test_push_to_hub_takes_transformers_arguments(tiny_mixtral_path, captured_co
 
 def test_push_leaves_hidden_files_and_the_folders_readme_alone(tiny_mixtral_path, tmp_path, captured_commits):
     out = tmp_path / "out"
-    assert main(["quantize", str(tiny_mixtral_path), str(out), "--avg-bits", "2.5", "--group-size", "32"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "--method",
+                "rtn",
+                str(tiny_mixtral_path),
+                str(out),
+                "--avg-bits",
+                "2.5",
+                "--group-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     (out / "README.md").write_text("my own notes")
     (out / ".env").write_text("HF_TOKEN=secret")
     (out / ".git").mkdir()
@@ -163,7 +188,8 @@ def test_card_names_the_right_class_and_attention(tmp_path):
 
     save_tiny_switch(tmp_path / "switch")
     model = AutoModelForSeq2SeqLM.from_pretrained(
-        tmp_path / "switch", quantization_config=RouterNormConfig(group_size=16, attention_method="bnb_int8")
+        tmp_path / "switch",
+        quantization_config=RouterNormConfig(method="rtn", group_size=16, attention_method="bnb_int8"),
     )
     model.save_pretrained(tmp_path / "q")
     card = render_model_card(tmp_path / "q")
@@ -174,7 +200,22 @@ def test_card_names_the_right_class_and_attention(tmp_path):
 
 def test_card_carries_eval_results_as_model_index(tiny_mixtral_path, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["quantize", str(tiny_mixtral_path), str(out), "--avg-bits", "2.5", "--group-size", "32"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "--method",
+                "rtn",
+                str(tiny_mixtral_path),
+                str(out),
+                "--avg-bits",
+                "2.5",
+                "--group-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     results = {"results": {"piqa": {"alias": "piqa", "acc,none": 0.61, "acc_stderr,none": 0.01, "sample_len": 1838}}}
     (out / "eval_results.json").write_text(json.dumps(results))
     assert main(["card", str(out), "--base-model", "mistralai/Mixtral-8x7B-v0.1"]) == 0
@@ -190,8 +231,8 @@ def test_push_command_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
 
 
 def test_quantized_folder_card_is_named_after_the_folder(tiny_mixtral_path, tmp_path):
-    assert main(["quantize", str(tiny_mixtral_path), str(tmp_path / "tiny-moeq"), "--avg-bits", "2.5",
-                 "--group-size", "32"]) == 0  # fmt: skip
+    assert main(["quantize", "--method", "rtn", str(tiny_mixtral_path), str(tmp_path / "tiny-moeq"),
+                 "--avg-bits", "2.5", "--group-size", "32"]) == 0  # fmt: skip
     card = ModelCard((tmp_path / "tiny-moeq" / "README.md").read_text())
     assert card.data.model_name == "tiny-moeq" and ".partial" not in card.text
     assert "KiB of safetensors" in card.text

@@ -41,11 +41,12 @@ def test_bad_values_are_refused_at_construction(kwargs, message):
 def test_three_levels_and_defaults():
     config = RouterNormConfig(avg_bits=2.0, bit_levels=(1, 2, 3))
     assert config.bit_levels == [1, 2, 3]
-    assert (config.group_size, config.ranking, config.zeta, config.method) == (128, "combined", 3.0, "rtn")
+    # method None: GPTQ where the family allows it, chosen when loading
+    assert (config.group_size, config.ranking, config.zeta, config.method) == (128, "combined", 3.0, None)
 
 
 def test_round_trips_through_transformers_config_dispatch():
-    config = RouterNormConfig(avg_bits=2.25, allocation={"model.layers.0.mlp.experts": [3, 2, 2, 2]})
+    config = RouterNormConfig(method="rtn", avg_bits=2.25, allocation={"model.layers.0.mlp.experts": [3, 2, 2, 2]})
     again = AutoQuantizationConfig.from_dict(config.to_dict())
     assert isinstance(again, RouterNormConfig)
     assert again.to_dict() == config.to_dict()
@@ -55,7 +56,7 @@ def test_a_misspelt_argument_is_refused_with_the_likely_name():
     with pytest.raises(
         TypeError, match=r"unknown arguments 'avgbits' \(did you mean 'avg_bits'\?\); it takes avg_bits,"
     ):
-        RouterNormConfig(avgbits=3)
+        RouterNormConfig(method="rtn", avgbits=3)
 
 
 def test_numpy_and_torch_numbers_are_taken_as_python_numbers():
@@ -64,6 +65,7 @@ def test_numpy_and_torch_numbers_are_taken_as_python_numbers():
 
     allocation = {"model.layers.0.mlp.experts": np.array([2, 3]), "model.layers.1.mlp.experts": torch.tensor([3, 2])}
     config = RouterNormConfig(
+        method="rtn",
         avg_bits=np.float32(2.5),
         bit_levels=[np.int64(2), np.int64(3)],
         group_size=torch.tensor(64),
@@ -73,7 +75,7 @@ def test_numpy_and_torch_numbers_are_taken_as_python_numbers():
     assert type(config.avg_bits) is float and type(config.group_size) is int
     assert config.allocation == {"model.layers.0.mlp.experts": [2, 3], "model.layers.1.mlp.experts": [3, 2]}
     assert all(type(b) is int for bits in config.allocation.values() for b in bits)
-    assert RouterNormConfig(avg_bits=torch.tensor(2.5), zeta=torch.tensor(3.0)).avg_bits == 2.5
+    assert RouterNormConfig(method="rtn", avg_bits=torch.tensor(2.5), zeta=torch.tensor(3.0)).avg_bits == 2.5
     config.to_json_string()  # serialisable
 
 

@@ -19,7 +19,7 @@ def _relative(a, b):
 def test_dequantize_gives_the_plain_model_with_the_same_outputs(tiny_mixtral_path, tmp_path, attention):
     if "attention_method" in attention:
         pytest.importorskip("bitsandbytes")
-    config = RouterNormConfig(group_size=32, **attention)
+    config = RouterNormConfig(method="rtn", group_size=32, **attention)
     model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
     with torch.no_grad():
         quantized_logits = model(TOKENS).logits
@@ -42,7 +42,7 @@ def test_dequantized_weights_are_the_packed_codes_times_scales(tiny_mixtral_path
     from optimum_moeq.quant.packing import unpack_codes
 
     model = AutoModelForCausalLM.from_pretrained(
-        tiny_mixtral_path, quantization_config=RouterNormConfig(group_size=32)
+        tiny_mixtral_path, quantization_config=RouterNormConfig(method="rtn", group_size=32)
     )
     experts = model.model.layers[1].mlp.experts
     expert = 5
@@ -59,7 +59,7 @@ def test_dequantized_weights_are_the_packed_codes_times_scales(tiny_mixtral_path
 def test_switch_dequantizes_into_its_expert_modules(tmp_path):
     save_tiny_switch(tmp_path, encoder_sparse_step=2, decoder_sparse_step=2)
     model = AutoModelForSeq2SeqLM.from_pretrained(
-        tmp_path, quantization_config=RouterNormConfig(group_size=16, attention_bits=8)
+        tmp_path, quantization_config=RouterNormConfig(method="rtn", group_size=16, attention_bits=8)
     )
     tokens = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -31,7 +31,9 @@ def _word_tokenizer():
 def quantized_folder(tiny_mixtral_path, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-moeq")
     model = AutoModelForCausalLM.from_pretrained(
-        tiny_mixtral_path, quantization_config=RouterNormConfig(avg_bits=2.5, group_size=32), dtype=torch.float32
+        tiny_mixtral_path,
+        quantization_config=RouterNormConfig(method="rtn", avg_bits=2.5, group_size=32),
+        dtype=torch.float32,
     )
     model.save_pretrained(folder)
     _word_tokenizer().save_pretrained(folder)

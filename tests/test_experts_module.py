@@ -72,7 +72,7 @@ def test_dtype_casts_move_but_never_recast_the_stored_tensors(tiny_mixtral_path,
 
     if "attention_method" in attention:
         pytest.importorskip("bitsandbytes")
-    config = RouterNormConfig(group_size=32, **attention)
+    config = RouterNormConfig(method="rtn", group_size=32, **attention)
     model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
     quantized = [m for m in model.modules() if isinstance(m, (MixedBitExperts, *QUANTIZED_DENSE))]
     stored = {(id(m), n): p.detach().clone() for m in quantized for n, p in m.named_parameters() if n != "bias"}

@@ -56,7 +56,7 @@ def family(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(model_type)
     model.save_pretrained(path)
     quantized = _auto_class(model_type).from_pretrained(
-        path, quantization_config=RouterNormConfig(avg_bits=2.5, group_size=16), dtype=torch.float32
+        path, quantization_config=RouterNormConfig(method="rtn", avg_bits=2.5, group_size=16), dtype=torch.float32
     )
     return model_type, path, quantized
 

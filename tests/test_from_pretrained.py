@@ -17,7 +17,9 @@ TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(
 
 def _quantize(path, **kwargs):
     return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=RouterNormConfig(group_size=GROUP, **kwargs), dtype=torch.float32
+        path,
+        quantization_config=RouterNormConfig(**{"method": "rtn", "group_size": GROUP, **kwargs}),
+        dtype=torch.float32,
     )
 
 
@@ -137,14 +139,14 @@ def test_a_checkpoint_missing_packed_weights_is_refused_not_loaded_with_garbage(
 
 def test_avg_bits_outside_the_levels_fails_before_any_weight_is_read(tiny_mixtral_path, monkeypatch):
     with pytest.raises(ValueError, match=r"avg_bits=5 is outside the bit levels \(2, 3\)"):
-        RouterNormConfig(avg_bits=5, bit_levels=(2, 3))
+        RouterNormConfig(method="rtn", avg_bits=5, bit_levels=(2, 3))
 
     def no_reading(*args, **kwargs):
         raise AssertionError("a weight was read")
 
     monkeypatch.setattr(optimum_moeq.allocation.checkpoint, "safe_open", no_reading)
     monkeypatch.setattr(MixtralForCausalLM, "_load_pretrained_model", no_reading)
-    config = RouterNormConfig(avg_bits=2.5)
+    config = RouterNormConfig(method="rtn", avg_bits=2.5)
     config.avg_bits = 5  # edited after construction: checked again when loading starts
     with pytest.raises(ValueError, match=r"avg_bits=5 is outside the bit levels \(2, 3\)"):
         AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
@@ -152,7 +154,9 @@ def test_avg_bits_outside_the_levels_fails_before_any_weight_is_read(tiny_mixtra
 
 def test_group_size_that_does_not_divide_is_named_at_load(tiny_mixtral_path):
     with pytest.raises(ValueError, match=r"group_size=48 does not divide the input dimension 64 of model\.layers\.0"):
-        AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=RouterNormConfig(group_size=48))
+        AutoModelForCausalLM.from_pretrained(
+            tiny_mixtral_path, quantization_config=RouterNormConfig(method="rtn", group_size=48)
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -182,13 +186,13 @@ def test_dense_and_unsupported_models_are_refused(tmp_path):
     small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     LlamaForCausalLM(LlamaConfig(**small)).save_pretrained(tmp_path / "dense")
     with pytest.raises(ValueError, match="model_type='llama' is not a Mixture-of-Experts model"):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=RouterNormConfig())
+        AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=RouterNormConfig(method="rtn"))
     moe = AutoConfig.for_model("granitemoe", **small, num_local_experts=4, num_experts_per_tok=2)
     AutoModelForCausalLM.from_config(moe).save_pretrained(tmp_path / "moe")
     with pytest.raises(
         ValueError, match=r"model_type='granitemoe' is a MoE architecture .* supported are \('mixtral', "
     ):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "moe", quantization_config=RouterNormConfig())
+        AutoModelForCausalLM.from_pretrained(tmp_path / "moe", quantization_config=RouterNormConfig(method="rtn"))
     from optimum_moeq.models import get_adapter
 
     with pytest.raises(ValueError, match="model_type='dbrx' is a MoE architecture"):  # experts in ffn_config
@@ -200,7 +204,9 @@ def test_the_base_model_class_is_refused_with_the_class_to_use(tiny_mixtral_path
 
     message = r"MixtralModel is the base model without its head.*load the full model \(AutoModelForCausalLM\)"
     with pytest.raises(ValueError, match=message):
-        AutoModel.from_pretrained(tiny_mixtral_path, quantization_config=RouterNormConfig(group_size=GROUP))
+        AutoModel.from_pretrained(
+            tiny_mixtral_path, quantization_config=RouterNormConfig(method="rtn", group_size=GROUP)
+        )
     quantized.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=message):
         AutoModel.from_pretrained(tmp_path)
@@ -216,13 +222,15 @@ def test_a_supported_family_configured_without_moe_layers_says_so(tmp_path):
     )  # fmt: skip
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="this qwen3_moe model has no MoE layer"):
-        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=RouterNormConfig(group_size=32))
+        AutoModelForCausalLM.from_pretrained(
+            tmp_path, quantization_config=RouterNormConfig(method="rtn", group_size=32)
+        )
 
 
 def test_quantize_on_load_with_device_map_auto_in_bfloat16(tiny_mixtral_path):
     model = AutoModelForCausalLM.from_pretrained(
         tiny_mixtral_path,
-        quantization_config=RouterNormConfig(group_size=GROUP),
+        quantization_config=RouterNormConfig(method="rtn", group_size=GROUP),
         dtype=torch.bfloat16,
         device_map="auto",
     )
@@ -242,6 +250,6 @@ def test_excluding_every_experts_module_is_refused_before_the_checkpoint_is_read
     import optimum_moeq.quantizer as quantizer
 
     monkeypatch.setattr(quantizer, "allocate_from_files", lambda *a, **k: pytest.fail("the checkpoint was read"))
-    config = RouterNormConfig(group_size=GROUP, modules_to_not_convert=["experts"])
+    config = RouterNormConfig(method="rtn", group_size=GROUP, modules_to_not_convert=["experts"])
     with pytest.raises(ValueError, match=r"modules_to_not_convert=\['experts'\] excludes every experts module"):
         AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)

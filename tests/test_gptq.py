@@ -103,7 +103,9 @@ def test_gptq_on_a_loaded_model_lowers_the_error_on_its_calibration_data(tiny_mi
     full = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path)
     with torch.no_grad():
         reference = full(tokens).logits
-    hqq = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=RouterNormConfig(group_size=32))
+    hqq = AutoModelForCausalLM.from_pretrained(
+        tiny_mixtral_path, quantization_config=RouterNormConfig(method="rtn", group_size=32)
+    )
     gptq_config = RouterNormConfig(group_size=32, method="gptq", nsamples=16, seqlen=32, expert_hessian="routed")
     report = quantize_model_gptq(full, gptq_config, tokens, progress=False)
     assert not any(report.all_tokens_fallback.values())
@@ -246,7 +248,9 @@ def test_every_expert_hessian_mode_calibrates_every_expert(tiny_mixtral_path, ex
     with torch.no_grad():
         reference = full(tokens).logits
     common = dict(avg_bits=2.5, group_size=32)
-    rtn = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=RouterNormConfig(**common))
+    rtn = AutoModelForCausalLM.from_pretrained(
+        tiny_mixtral_path, quantization_config=RouterNormConfig(method="rtn", **common)
+    )
     config = RouterNormConfig(
         **common, method="gptq", dataset=tokens, nsamples=16, seqlen=32, expert_hessian=expert_hessian,
         min_expert_tokens=10**6,  # "routed": every expert falls back to every token
@@ -337,4 +341,28 @@ def test_measured_ranking_gives_the_high_bits_to_the_largest_measured_gains(tiny
 
 def test_measured_ranking_needs_calibration():
     with pytest.raises(ValueError, match="ranking='measured' measures each expert on calibration data: it needs"):
-        RouterNormConfig(ranking="measured")
+        RouterNormConfig(method="rtn", ranking="measured")
+
+
+def test_the_default_method_is_gptq_on_the_builtin_text(tiny_mixtral_path, tmp_path):
+    """No method and no dataset: GPTQ (streamed) on the built-in text, recorded in config.json."""
+    config = RouterNormConfig(avg_bits=2.5, group_size=32, nsamples=4, seqlen=24, tokenizer=_ByteTokenizer())
+    model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
+    assert model.config.quantization_config.method == "gptq"
+    assert model.hf_quantizer._streamed == {}  # streamed before loading
+    assert sum(model.hf_quantizer.gptq_report.tokens_per_expert["model.layers.0.mlp.experts"]) == 4 * 24 * 2
+    model.save_pretrained(tmp_path)
+    assert '"method": "gptq"' in (tmp_path / "config.json").read_text()
+
+
+def test_the_default_method_without_a_tokenizer_says_what_to_pass(tiny_mixtral_path):
+    with pytest.raises(ValueError, match="calibrates on text, which needs the model's tokenizer.*or method='rtn'"):
+        AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=RouterNormConfig(group_size=32))
+
+
+def test_the_default_method_is_rtn_where_gptq_does_not_apply(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    save_tiny_switch(tmp_path)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, quantization_config=RouterNormConfig(group_size=16))
+    assert model.config.quantization_config.method == "rtn"

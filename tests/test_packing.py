@@ -55,15 +55,17 @@ def test_a_model_whose_width_odd_bits_cannot_pack_is_refused_before_any_read(tmp
     MixtralForCausalLM(tiny_mixtral_config(hidden_size=48)).save_pretrained(tmp_path)
     monkeypatch.setattr(quantizer, "allocate_from_files", lambda *a, **k: pytest.fail("the checkpoint was read"))
     with pytest.raises(ValueError, match=r"\(input projection\) has input dimension 48, which bit-widths \[2, 3\]"):
-        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=RouterNormConfig(group_size=16))
+        AutoModelForCausalLM.from_pretrained(
+            tmp_path, quantization_config=RouterNormConfig(method="rtn", group_size=16)
+        )
     monkeypatch.undo()
     even = AutoModelForCausalLM.from_pretrained(  # even widths pack 48 (a multiple of 16)
-        tmp_path, quantization_config=RouterNormConfig(avg_bits=3, bit_levels=(2, 4), group_size=16)
+        tmp_path, quantization_config=RouterNormConfig(method="rtn", avg_bits=3, bit_levels=(2, 4), group_size=16)
     )
     assert even.config.quantization_config.allocation["model.layers.0.mlp.experts"].count(4) == 4
     given = {f"model.layers.{i}.mlp.experts": [2] * 8 for i in range(2)}  # levels (2, 3), but only 2 bits used
     model = AutoModelForCausalLM.from_pretrained(
-        tmp_path, quantization_config=RouterNormConfig(group_size=16, allocation=given)
+        tmp_path, quantization_config=RouterNormConfig(method="rtn", group_size=16, allocation=given)
     )
     assert model.config.quantization_config.allocation == given
 

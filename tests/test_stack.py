@@ -27,7 +27,7 @@ def test_optimum_cli_moeq_is_the_moeq_command(tiny_mixtral_path, tmp_path):
         assert f"    {command} " in help_text
     assert "moeq" in subprocess.run(["optimum-cli", "--help"], capture_output=True, text=True).stdout
 
-    args = ["quantize", str(tiny_mixtral_path), "OUT", "--avg-bits", "2.5", "--group-size", "32"]
+    args = ["quantize", "--method", "rtn", str(tiny_mixtral_path), "OUT", "--avg-bits", "2.5", "--group-size", "32"]
     for tool, out in ((["optimum-cli", "moeq"], tmp_path / "a"), (["moeq"], tmp_path / "b")):
         run = subprocess.run([*tool, *[str(out) if a == "OUT" else a for a in args]], capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-2000:]
@@ -41,7 +41,7 @@ def test_optimum_cli_moeq_is_the_moeq_command(tiny_mixtral_path, tmp_path):
 def saved_quantized(tiny_mixtral_path, tmp_path_factory):
     folder = tmp_path_factory.mktemp("saved")
     model = AutoModelForCausalLM.from_pretrained(
-        tiny_mixtral_path, quantization_config=RouterNormConfig(avg_bits=2.5, group_size=32)
+        tiny_mixtral_path, quantization_config=RouterNormConfig(method="rtn", avg_bits=2.5, group_size=32)
     )
     model.save_pretrained(folder)
     return folder, model.get_memory_footprint(), _logits(model)
@@ -58,7 +58,7 @@ def test_a_budget_of_1_3x_the_packed_size_keeps_everything_in_memory(saved_quant
     # quantize-on-load is placed by the packed sizes too
     on_load = AutoModelForCausalLM.from_pretrained(
         tiny_mixtral_path,
-        quantization_config=RouterNormConfig(avg_bits=2.5, group_size=32),
+        quantization_config=RouterNormConfig(method="rtn", avg_bits=2.5, group_size=32),
         device_map="auto",
         max_memory={"cpu": budget},
     )
@@ -91,7 +91,7 @@ def test_an_offload_folder_that_cannot_be_written_fails_before_any_weight_is_rea
     unwritable = tmp_path / "a_file" / "offload"  # below a regular file: not writable, even for root
     _no_checkpoint_reads(monkeypatch)
     for path, extra in (
-        (tiny_mixtral_path, {"quantization_config": RouterNormConfig(avg_bits=2.5)}),
+        (tiny_mixtral_path, {"quantization_config": RouterNormConfig(method="rtn", avg_bits=2.5)}),
         (saved_quantized[0], {}),
     ):
         with pytest.raises(
@@ -112,7 +112,7 @@ def test_quantize_on_load_with_experts_on_disk_and_no_offload_folder_fails_befor
     with pytest.raises(ValueError, match=message):  # "auto": known once the allocation sizes the layers
         AutoModelForCausalLM.from_pretrained(
             tiny_mixtral_path,
-            quantization_config=RouterNormConfig(avg_bits=2.5, group_size=32),
+            quantization_config=RouterNormConfig(method="rtn", avg_bits=2.5, group_size=32),
             device_map="auto",
             max_memory={"cpu": packed_bytes // 2},
         )
@@ -122,7 +122,9 @@ def test_quantize_on_load_with_experts_on_disk_and_no_offload_folder_fails_befor
                   "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
     with pytest.raises(ValueError, match=message):
         AutoModelForCausalLM.from_pretrained(
-            tiny_mixtral_path, quantization_config=RouterNormConfig(avg_bits=2.5, group_size=32), device_map=device_map
+            tiny_mixtral_path,
+            quantization_config=RouterNormConfig(method="rtn", avg_bits=2.5, group_size=32),
+            device_map=device_map,
         )
 
 

@@ -144,7 +144,7 @@ def test_quantized_model_runs_through_the_kernels_unchanged(tiny_mixtral_path):
     from optimum_moeq import RouterNormConfig
 
     model = AutoModelForCausalLM.from_pretrained(
-        tiny_mixtral_path, quantization_config=RouterNormConfig(group_size=32)
+        tiny_mixtral_path, quantization_config=RouterNormConfig(method="rtn", group_size=32)
     )
     tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -286,7 +286,7 @@ def test_quantized_model_compiles_whole(tiny_mixtral_path):
     from optimum_moeq import RouterNormConfig
 
     torch._dynamo.reset()
-    config = RouterNormConfig(group_size=32, attention_bits=4)
+    config = RouterNormConfig(method="rtn", group_size=32, attention_bits=4)
     model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
     assert model.hf_quantizer.is_compileable
     for module in model.modules():
@@ -342,7 +342,7 @@ def test_gpu_generate_with_static_cache_compiles_and_matches_eager(tiny_mixtral_
     from optimum_moeq import RouterNormConfig
 
     torch._dynamo.reset()
-    config = RouterNormConfig(group_size=32, attention_bits=4)
+    config = RouterNormConfig(method="rtn", group_size=32, attention_bits=4)
     model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config, device_map="cuda")
     prompt = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0)).cuda()
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
