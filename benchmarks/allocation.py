@@ -32,7 +32,9 @@ from common import results_path, write_table  # noqa: E402
 MIXTRAL_LAYERS = 32
 
 
-def write_checkpoint(path: str, layers: int, smoke: bool) -> dict:
+def write_checkpoint(path: str, layers: int, smoke: bool, **sizes) -> dict:
+    """A random Mixtral checkpoint, per-expert tensors as transformers saves them: Mixtral-8x7B
+    shapes, tiny ones for ``smoke``, or MixtralConfig's ``sizes``."""
     from safetensors.torch import save_file
     from transformers import MixtralConfig
 
@@ -40,7 +42,7 @@ def write_checkpoint(path: str, layers: int, smoke: bool) -> dict:
         config = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                                num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     else:
-        config = MixtralConfig(num_hidden_layers=layers)  # Mixtral-8x7B shapes
+        config = MixtralConfig(num_hidden_layers=layers, **sizes)  # Mixtral-8x7B shapes unless sizes say
     head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
     h, i, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * head_dim
     config.dtype = "bfloat16"

@@ -297,8 +297,10 @@ def _weighted_hessian(inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return 2.0 * x.T @ x / w.sum().clamp(min=1e-12)
 
 
-# float64 Hessians and their factors per batch of experts: about 3 copies of [E_b, K, K]
-_MAX_BATCH_BYTES = 2**32
+# Per batch of experts solved together: float64 Hessians and their factors (about 3 copies of
+# [E_b, K, K]) and the working weights (about 2 copies of [E_b, N, K]); a Mixtral-8x7B expert alone
+# is 0.9 GiB of float64 gate_up, so the batch is bounded, not the layer.
+_MAX_BATCH_BYTES = 2**31
 
 
 def _gptq_with(inputs, weights: list[torch.Tensor], config: RouterNormConfig):
@@ -306,8 +308,8 @@ def _gptq_with(inputs, weights: list[torch.Tensor], config: RouterNormConfig):
     each with the Hessian of its ``inputs[e]`` (those of the tokens it weighs)."""
 
     def quantize(expert_weights: torch.Tensor, bits: int, experts: tuple[int, ...]) -> GroupQuantized:
-        k = expert_weights.shape[-1]
-        per_batch = max(1, _MAX_BATCH_BYTES // (3 * 8 * k * k))
+        n, k = expert_weights.shape[-2:]
+        per_batch = max(1, _MAX_BATCH_BYTES // (8 * (3 * k * k + 2 * n * k)))
         parts = []
         for start in range(0, len(experts), per_batch):
             chunk = experts[start : start + per_batch]

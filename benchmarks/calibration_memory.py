@@ -1,0 +1,121 @@
+"""Peak memory and time of the default quantize-on-load (streaming GPTQ) on a Mixtral-shaped
+checkpoint, against the bound: the packed model + one full-precision layer + the calibration
+activations + 1 GiB.
+
+    python benchmarks/calibration_memory.py                      # Mixtral-8x7B layers, 4 of 32
+    python benchmarks/calibration_memory.py --hidden 1024 --intermediate 3584   # scaled layers
+    python benchmarks/calibration_memory.py --smoke              # tiny: checks the script
+
+Each load runs in its own process (peak RSS is the process's own). The checkpoint is random
+bf16 with per-expert tensors, as transformers saves Mixtral; calibration is token ids (the
+random model has no tokenizer), nsamples x seqlen of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import results_path, write_table  # noqa: E402
+
+GIB = 2**30
+
+
+def child(path: str, nsamples: int, seqlen: int, group_size: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from optimum_moeq import RouterNormConfig, model_footprint
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    config = json.load(open(os.path.join(path, "config.json")))
+    ids = torch.randint(0, config["vocab_size"], (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    quantization = RouterNormConfig(avg_bits=2.5, group_size=group_size, dataset=ids, nsamples=nsamples, seqlen=seqlen)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.bfloat16)
+    seconds = time.perf_counter() - start
+    assert model.config.quantization_config.method == "gptq" and model.hf_quantizer._streamed == {}
+    return {
+        "seconds": seconds,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "model_bytes": model_footprint(model).total_bytes,
+    }
+
+
+def layer_bytes(path: str) -> int:
+    """Bytes of the largest decoder layer in the checkpoint (its own dtype)."""
+    from safetensors import safe_open
+
+    sizes = {}
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as f:
+                for key in f.keys():
+                    if key.startswith("model.layers."):
+                        layer = key.split(".")[2]
+                        t = f.get_slice(key)
+                        numel = 1
+                        for d in t.get_shape():
+                            numel *= d
+                        sizes[layer] = sizes.get(layer, 0) + numel * 2  # bf16
+    return max(sizes.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--intermediate", type=int)
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.nsamples, args.seqlen, args.group_size)))
+        return
+    args.out = args.out or results_path("calibration_memory.md", args.smoke)
+    from allocation import write_checkpoint
+
+    sizes = {k: v for k, v in (("hidden_size", args.hidden), ("intermediate_size", args.intermediate)) if v}
+    nsamples, seqlen = (2, 32) if args.smoke else (args.nsamples, args.seqlen)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(__file__))) as tmp:
+        shapes = write_checkpoint(tmp, 2 if args.smoke else args.layers, args.smoke, **sizes)
+        run = subprocess.run(
+            [sys.executable, __file__, "--child", tmp, "--nsamples", str(nsamples), "--seqlen", str(seqlen),
+             "--group-size", str(32 if args.smoke else args.group_size)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        figures = json.loads(run.stdout.strip().splitlines()[-1])
+        one_layer = layer_bytes(tmp)
+    activations = nsamples * seqlen * shapes["hidden"] * 4 * 4  # layer inputs, outputs and the experts' copies
+    bound = figures["model_bytes"] + one_layer + activations + GIB
+    layers = 2 if args.smoke else args.layers
+    rows = [[
+        f"{layers} layers, hidden {shapes['hidden']}, intermediate {shapes['intermediate']}",
+        f"{figures['peak_rss'] / GIB:.2f}", f"{figures['model_bytes'] / GIB:.2f}", f"{one_layer / GIB:.2f}",
+        f"{activations / GIB:.2f}", f"{bound / GIB:.2f}", "yes" if figures["peak_rss"] <= bound else "NO",
+        f"{figures['seconds'] / layers:.1f}",
+    ]]  # fmt: skip
+    header = ["checkpoint", "peak RSS GiB", "packed model GiB", "one bf16 layer GiB", "activations GiB",
+              "bound GiB", "within", "s per layer (CPU)"]  # fmt: skip
+    notes = (
+        f"Default quantize-on-load (method None -> streaming GPTQ, {nsamples} x {seqlen} calibration tokens), "
+        f"{os.cpu_count()} CPU cores; bound = packed model + one full-precision layer + activations + 1 GiB. "
+        f"`python benchmarks/calibration_memory.py{' --smoke' if args.smoke else ''}`"
+        + (" Tiny smoke shapes: not the measurement." if args.smoke else "")
+    )
+    write_table(args.out, "Streaming GPTQ memory", header, rows, notes)
+
+
+if __name__ == "__main__":
+    main()
