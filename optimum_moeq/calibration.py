@@ -116,16 +116,22 @@ def quantize_model_gptq(
         return not adapter.inside_experts(name) and chosen(name, module)
 
     for index, layer in enumerate(tqdm(layers, desc="GPTQ layers", disable=not progress)):
-        prefix = f"{adapter.decoder_layers}.{index}"
-        if config.attention_bits is not None:
-            _quantize_dense_linears(model, prefix, layer, cached, config, dense)
-        for name, module in list(layer.named_modules()):
-            if adapter.experts_module_key.match(f"{prefix}.{name}"):
-                _quantize_experts_module(model, f"{prefix}.{name}", module, layer, cached, config, report)
-        cached = [((_layer_output(layer(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in cached]
+        cached = quantize_layer(model, f"{adapter.decoder_layers}.{index}", layer, cached, config, report, dense)
     model.config.quantization_config = config
     logger.info("%s", report)
     return report
+
+
+def quantize_layer(model, prefix: str, layer, cached, config: RouterNormConfig, report, quantize_linear) -> list:
+    """GPTQ for one decoder layer at ``prefix`` (its dense linears with ``attention_bits``, then its
+    experts), swapped in place; returns the next layer's inputs, through the quantized layer."""
+    adapter = get_adapter(model.config)
+    if config.attention_bits is not None:
+        _quantize_dense_linears(model, prefix, layer, cached, config, quantize_linear)
+    for name, module in list(layer.named_modules()):
+        if adapter.experts_module_key.match(f"{prefix}.{name}"):
+            _quantize_experts_module(model, f"{prefix}.{name}", module, layer, cached, config, report)
+    return [((_layer_output(layer(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in cached]
 
 
 def _quantize_dense_linears(model, prefix: str, layer, cached, config: RouterNormConfig, quantize_linear) -> None:

@@ -17,13 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .calibration import (
-    GptqReport,
-    _first_layer_inputs,
-    _layer_output,
-    _quantize_dense_linears,
-    _quantize_experts_module,
-)
+from .calibration import GptqReport, _first_layer_inputs, quantize_layer
 from .calibration_data import calibration_tokens
 from .nn import QUANTIZED_MODULES
 
@@ -109,12 +103,7 @@ def _walk(model, checkpoint_files, adapter, config, tokenizer, quantize_linear, 
     for index, layer in enumerate(layers):
         prefix = f"model.layers.{index}"
         _materialize(layer, prefix, reader, adapter, device)
-        if config.attention_bits is not None:
-            _quantize_dense_linears(work, prefix, layer, cached, config, quantize_linear)
-        for name, module in list(layer.named_modules()):
-            if adapter.experts_module_key.match(f"{prefix}.{name}"):
-                _quantize_experts_module(work, f"{prefix}.{name}", module, layer, cached, config, report)
-        cached = [((_layer_output(layer(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in cached]
+        cached = quantize_layer(work, prefix, layer, cached, config, report, quantize_linear)
         for name, module in layer.named_modules():
             if isinstance(module, QUANTIZED_MODULES):
                 packed.update({f"{prefix}.{name}.{p}": getattr(module, p).detach() for p in module.stored_specs()})
