@@ -1,11 +1,12 @@
 """What a user would pick instead: bitsandbytes NF4 against optimum-moeq, bytes against perplexity.
 
-    python benchmarks/baselines.py            # reuses the model benchmarks/replication.py trained
+    python benchmarks/baselines.py            # the testbed of benchmarks/testbed.py (built or reused)
     python benchmarks/baselines.py --smoke
 
-On the replication model (see replication.py), held-out perplexity per byte and the true bytes
+On the testbed (see testbed.py), held-out perplexity per token and the true bytes
 of all weights for: fp32; bitsandbytes NF4 on every linear (attention, experts, lm_head);
-NF4 on the experts only; optimum-moeq at 2.5 and 3.0 average expert bits (rtn and gptq), with the
+NF4 on the experts only; optimum-moeq at 2.5 and 3.0 average expert bits (rtn, and the default:
+gptq on the built-in calibration text), with the
 rest in fp32 and with attention_method="bnb_nf4". NF4 weights are produced and dequantized by
 bitsandbytes (quantize_4bit / dequantize_4bit, blocks of 64) and their bytes counted as it stores
 them (half a byte per weight, a float32 absmax per 64). Table and plot to benchmarks/results/.
@@ -20,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import replication as R  # noqa: E402
+import testbed as T  # noqa: E402
 from common import results_path, write_table  # noqa: E402
 
 from optimum_moeq import RouterNormConfig, allocate, model_footprint  # noqa: E402
@@ -60,8 +61,7 @@ def nf4_model(path: str, experts_only: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600, help="which trained replication model to use")
-    parser.add_argument("--workdir", default=os.path.join(os.path.dirname(__file__), ".cache", "replication"))
+    parser.add_argument("--steps", type=int, default=T.STEPS, help="the testbed's training steps")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument(
         "--out", help="table path (default: benchmarks/results/baselines.md; --smoke: benchmarks/.smoke/)"
@@ -70,38 +70,39 @@ def main() -> None:
     args.out = args.out or results_path("baselines.md", args.smoke)
     from transformers import AutoModelForCausalLM
 
-    data = R.corpus()
-    split = int(0.9 * data.numel())
-    steps = 3 if args.smoke else args.steps
-    _, trained = R.train(args.workdir, data[:split], steps, args.smoke)
-    windows = R.held_out_windows(data[split:], 8 if args.smoke else 96)
-    calibration = R.batches(data[:split], 32, torch.Generator().manual_seed(2))
+    bed = T.build(args.smoke, args.steps)
+    trained = bed.trained_path
+    windows = bed.windows()
 
     rows = []
     full = AutoModelForCausalLM.from_pretrained(trained)
-    rows.append(("fp32", model_footprint(full).total_bytes, R.perplexity(full, windows)))
+    rows.append(("fp32", model_footprint(full).total_bytes, T.perplexity(full, windows)))
     for label, experts_only in (("bnb NF4, every linear", False), ("bnb NF4, experts only", True)):
         model, nbytes = nf4_model(trained, experts_only)
-        rows.append((label, nbytes, R.perplexity(model, windows)))
-    group = R.GROUP
+        rows.append((label, nbytes, T.perplexity(model, windows)))
+    group = T.GROUP
     for avg_bits in (2.5, 3.0):
         allocation = allocate(
             trained, RouterNormConfig(method="rtn", avg_bits=avg_bits, group_size=group), progress=False
         ).bits
-        for method in ("rtn", "gptq"):
+        for method in ("rtn", None):  # None: the default, gptq on the built-in calibration text
             for attention in ("moeq", "bnb_nf4"):
-                extra = dict(dataset=calibration, nsamples=32, seqlen=R.SEQLEN, min_expert_tokens=16)
                 config = RouterNormConfig(
-                    avg_bits=avg_bits, group_size=group, method=method, allocation=allocation,
-                    attention_method=attention, **(extra if method == "gptq" else {}),
-                )  # fmt: skip
+                    avg_bits=avg_bits,
+                    group_size=group,
+                    method=method,
+                    allocation=allocation,
+                    attention_method=attention,
+                )
                 model = AutoModelForCausalLM.from_pretrained(trained, quantization_config=config)
-                label = f"optimum-moeq {avg_bits} bits, {method}, attention {'fp32' if attention == 'moeq' else 'NF4'}"
-                rows.append((label, model_footprint(model).total_bytes, R.perplexity(model, windows)))
+                nbytes = model_footprint(model).total_bytes
+                kept = "fp32" if attention == "moeq" else "NF4"
+                label = f"optimum-moeq {avg_bits} bits, {method or 'gptq (default)'}, attention {kept}"
+                rows.append((label, nbytes, T.perplexity(model.dequantize(), windows)))
 
     table = [[label, f"{nbytes / 2**20:.2f}", f"{ppl:.3f}"] for label, nbytes, ppl in rows]
     notes = (
-        "Replication model (benchmarks/results/replication.md); true bytes of all weights, attention, embeddings "
+        f"{bed.description} True bytes of all weights, attention, embeddings "
         "and lm_head included (at this size they are a large share). optimum-moeq allocations: combined "
         f"ranking, group {group}. Command: python benchmarks/baselines.py{' --smoke' if args.smoke else ''}"
     )
@@ -116,7 +117,7 @@ def main() -> None:
     for label, nbytes, ppl in rows:
         ax.scatter(nbytes / 2**20, ppl, label=label)
     ax.set_xlabel("true weight bytes (MiB)")
-    ax.set_ylabel("held-out perplexity (per byte)")
+    ax.set_ylabel("held-out perplexity (per token)")
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(args.out.replace(".md", ".png"), dpi=120)

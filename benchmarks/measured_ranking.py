@@ -1,9 +1,9 @@
 """Beyond the paper: does ``ranking="measured"`` beat the paper's combined ranking?
 
-    python benchmarks/measured_ranking.py            # the replication model (trained or reused)
+    python benchmarks/measured_ranking.py            # the testbed (built or reused)
     python benchmarks/measured_ranking.py --smoke    # a few steps: checks the script
 
-On the replication model (``benchmarks/replication.py``), held-out perplexity after GPTQ (the
+On the testbed (``benchmarks/testbed.py``), held-out perplexity after GPTQ (the
 default weighted Hessians) at equal average bits, with the experts ordered by: measured gain
 (calibration output error at the lowest minus the highest level), combined (router-norm change from
 the initialisation + MaxVar, the paper's method), maxvar, frequency (most routed first), and random
@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import replication as R  # noqa: E402
+import testbed as T  # noqa: E402
 from common import results_path, write_table  # noqa: E402
 
 from optimum_moeq import RouterNormConfig  # noqa: E402
@@ -30,29 +30,24 @@ from optimum_moeq.allocate import allocate  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--workdir", default=os.path.join(os.path.dirname(__file__), ".cache", "replication"))
+    parser.add_argument("--steps", type=int, default=T.STEPS, help="the testbed's training steps")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args()
     args.out = args.out or results_path("measured_ranking.md", args.smoke)
-    torch.set_num_threads(os.cpu_count() or 1)
     from transformers import AutoModelForCausalLM
 
-    data = R.corpus()
-    split = int(0.9 * data.numel())
-    init, trained = R.train(args.workdir, data[:split], 3 if args.smoke else args.steps, args.smoke)
-    windows = R.held_out_windows(data[split:], 8 if args.smoke else 96)
-    calibration = R.batches(data[:split], 32, torch.Generator().manual_seed(2))
+    bed = T.build(args.smoke, args.steps)
+    init, trained = bed.init_path, bed.trained_path
+    windows = bed.windows()
     full = AutoModelForCausalLM.from_pretrained(trained)
-    fp = R.perplexity(full, windows)
-    frequency = R.expert_frequency(full, R.batches(data[:split], 16, torch.Generator().manual_seed(3)))
+    fp = T.perplexity(full, windows)
+    frequency = T.expert_frequency(full, T.batches(bed.train_tokens, 16, torch.Generator().manual_seed(3)))
     experts = full.config.num_local_experts
-    gptq = dict(method="gptq", dataset=calibration, nsamples=32, seqlen=R.SEQLEN, group_size=R.GROUP)
+    gptq = bed.gptq_held_in()
 
     def ppl(**options) -> float:
-        config = RouterNormConfig(**gptq, **options)
-        return R.perplexity(AutoModelForCausalLM.from_pretrained(trained, quantization_config=config), windows)
+        return T.quantized_perplexity(trained, RouterNormConfig(**gptq, **options), windows)
 
     budgets = [(2.5, (2, 3)), (2.25, (2, 3))] if args.smoke else [(2.5, (2, 3)), (2.25, (2, 3)), (2.0, (1, 2, 3))]
     rows = []
@@ -62,19 +57,19 @@ def main() -> None:
         maxvar = allocate(trained, RouterNormConfig(**budget, ranking="maxvar"), progress=False).bits
         by_use = {n: sorted(range(experts), key=lambda e: -f[e]) for n, f in frequency.items()}
         randoms = [
-            R.order_allocation({n: random.Random(s).sample(range(experts), experts) for n in frequency}, avg, levels)
+            T.order_allocation({n: random.Random(s).sample(range(experts), experts) for n in frequency}, avg, levels)
             for s in range(3)
         ]
         random_ppl = [ppl(**budget, allocation=a) for a in randoms]
         rows.append([
             f"{avg} {levels}", f"{ppl(**budget, ranking='measured'):.4f}", f"{ppl(**budget, allocation=combined):.4f}",
             f"{ppl(**budget, allocation=maxvar):.4f}",
-            f"{ppl(**budget, allocation=R.order_allocation(by_use, avg, levels)):.4f}",
+            f"{ppl(**budget, allocation=T.order_allocation(by_use, avg, levels)):.4f}",
             f"{statistics.mean(random_ppl):.4f} ± {statistics.pstdev(random_ppl):.4f}",
         ])  # fmt: skip
     notes = (
-        f"Held-out perplexity, full precision {fp:.4f} (96 windows of {R.SEQLEN} bytes); GPTQ with weighted "
-        f"Hessians, group {R.GROUP}, 32 calibration windows. `python benchmarks/measured_ranking.py`."
+        f"{bed.description} Full precision {fp:.4f}; GPTQ with weighted Hessians, group {T.GROUP}, 32 held-in "
+        "calibration windows. `python benchmarks/measured_ranking.py`."
         + (" Smoke run: tiny model, not the measurement." if args.smoke else "")
     )
     header = ["budget", "measured", "combined (paper)", "maxvar", "frequency", "random (3 seeds)"]

@@ -9,6 +9,7 @@ from .config import RouterNormConfig
 from .footprint import ExpertsFootprint, ModelFootprint, experts_footprint, model_footprint
 from .nn import MixedBitExperts
 from .quantizer import RouterNormHfQuantizer
+from .saved_checkpoint import verify_checkpoint
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,5 @@ __all__ = [
     "allocate_layers",
     "experts_footprint",
     "model_footprint",
+    "verify_checkpoint",
 ]

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .allocation import LayerSignals, allocate_layers, assign_bits, max_neuron_variance, router_norm_change
 from .allocation.measured import expert_gain, rank_by_gain
-from .calibration_data import calibration_tokens
+from .calibration_data import calibration_tokens, window_length
 from .config import RouterNormConfig
 from .kernels.reference import dequantize_packed
 from .models import get_adapter
@@ -106,7 +106,7 @@ def quantize_model_gptq(
     if config.allocation is None:
         config.allocation = allocation_from_model(model, config).bits
     dataset = config.dataset if dataset is None else dataset
-    tokens = calibration_tokens(dataset, tokenizer, config.nsamples, config.seqlen)
+    tokens = calibration_tokens(dataset, tokenizer, config.nsamples, window_length(config.seqlen, model.config))
     layers = model.get_submodule(adapter.decoder_layers)
     cached = _first_layer_inputs(model, layers[0], tokens)
     report = GptqReport()

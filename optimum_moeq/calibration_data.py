@@ -13,6 +13,7 @@ Besides a local text file, strings or token ids, ``dataset`` takes a name:
 
 from __future__ import annotations
 
+import codecs
 import importlib.util
 import numbers
 import os
@@ -138,16 +139,38 @@ def calibration_tokens(dataset, tokenizer, nsamples: int, seqlen: int, seed: int
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
+def window_length(seqlen: int, model_config) -> int:
+    """Calibration windows no longer than the model's positions: ``seqlen`` (512 by default) would
+    otherwise run a short-context model past what it was trained on."""
+    limit = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    return min(seqlen, limit) if isinstance(limit, int) and limit > 0 else seqlen
+
+
 def _check_text_file(path) -> None:
     if not os.path.isfile(path):
         raise ValueError(
             f"dataset={path!r} is not a local text file; give a path, strings, token ids or one of {NAMED_DATASETS}."
         )
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:  # the whole file, in chunks: before the model loads, not after
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                where = offset + max(err.start, 0)
+                raise ValueError(
+                    f"dataset={os.fspath(path)!r} is not UTF-8 text (not decodable near byte {where}): give a text "
+                    "file, or token ids."
+                ) from None
+            offset += len(chunk)
 
 
 def _check_length(ids: torch.Tensor, seqlen: int) -> None:
     if ids.numel() < seqlen:
-        raise ValueError(f"the calibration data has {ids.numel()} tokens, fewer than seqlen={seqlen}.")
+        raise ValueError(
+            f"the calibration data has {ids.numel()} tokens, fewer than one window of {seqlen} (seqlen, at most the "
+            "model's positions)."
+        )
 
 
 def _flat_token_ids(dataset) -> torch.Tensor:

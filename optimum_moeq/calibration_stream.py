@@ -18,7 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .calibration import GptqReport, _first_layer_inputs, quantize_layer
-from .calibration_data import calibration_tokens
+from .calibration_data import calibration_tokens, window_length
 from .nn import QUANTIZED_MODULES
 
 
@@ -96,7 +96,8 @@ def _walk(model, checkpoint_files, adapter, config, tokenizer, quantize_linear, 
     rotary = work.model.rotary_emb
     with torch.device(device):
         work.model.rotary_emb = type(rotary)(config=work.config)
-    tokens = calibration_tokens(config.dataset, tokenizer, config.nsamples, config.seqlen)
+    seqlen = window_length(config.seqlen, model.config)
+    tokens = calibration_tokens(config.dataset, tokenizer, config.nsamples, seqlen)
     layers = work.model.layers
     cached = _first_layer_inputs(work, layers[0], tokens)
     report, packed = GptqReport(), {}

@@ -1,4 +1,4 @@
-"""The ``moeq`` command: allocate, quantize, eval, push, card, demo."""
+"""The ``moeq`` command: allocate, quantize, eval, push, card, verify, demo."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def _quantize(args) -> int:
     from .commands import quantize_to_folder
 
     out = quantize_to_folder(args.model, args.out, _config(args), overwrite=args.overwrite)
-    print(f"wrote {out} (model, allocation, model card)")
+    tokenizer = "tokenizer" if (out / "tokenizer_config.json").is_file() else f"no tokenizer: {args.model} has none"
+    print(f"wrote {out} (model, allocation, model card; {tokenizer})")
     return 0
 
 
@@ -54,6 +55,13 @@ def _push(args) -> int:
 
     commit = push_command(args.folder, args.repo_id, private=args.private, token=args.token)
     print(f"pushed {args.folder} to {getattr(commit, 'commit_url', args.repo_id)}")
+    return 0
+
+
+def _verify(args) -> int:
+    from .commands import verify_command
+
+    print(verify_command(args.folder))
     return 0
 
 
@@ -137,6 +145,12 @@ def build_parser(prog: str = "moeq") -> argparse.ArgumentParser:
     card.add_argument("folder", metavar="OUT")
     card.add_argument("--base-model", help="Hub id of the model it was quantized from")
     card.set_defaults(run=_card)
+
+    verify = commands.add_parser(
+        "verify", parents=[verbose], help="check every packed tensor of OUT against the digests recorded at save"
+    )
+    verify.add_argument("folder", metavar="OUT")
+    verify.set_defaults(run=_verify)
 
     demo = commands.add_parser(
         "demo", parents=[verbose], help="quantize a small Mixtral built on the spot (no download) and report"

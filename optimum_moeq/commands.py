@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .allocate import allocate, check_location
 from .allocation import Allocation
 from .config import RouterNormConfig
 from .hub import push_folder, write_model_card
+from .output_folder import OutputFolder
 
 
 def auto_model_class(model_id: str):
@@ -24,6 +23,10 @@ def allocate_command(model_id: str, config: RouterNormConfig, json_path=None, pl
     for path in (json_path, plot_path):  # before the checkpoint is read
         if path and not Path(path).resolve().parent.is_dir():
             raise FileNotFoundError(f"cannot write {path}: folder {Path(path).resolve().parent} does not exist.")
+    if plot_path:
+        from .plots import check_plot_path
+
+        check_plot_path(plot_path)
     allocation = allocate(model_id, config)
     if json_path:
         Path(json_path).write_text(allocation.to_json())
@@ -37,26 +40,22 @@ def allocate_command(model_id: str, config: RouterNormConfig, json_path=None, pl
 def quantize_to_folder(
     model_id: str, out: str | os.PathLike, config: RouterNormConfig, overwrite: bool = False
 ) -> Path:
-    """Quantize ``model_id`` into ``out`` with its tokenizer and model card, atomically: everything is
-    written to a hidden sibling folder that replaces ``out`` only once complete."""
+    """Quantize ``model_id`` into ``out`` with its tokenizer and model card. OUT is replaced only once
+    the new folder is complete, atomically, and is whole whenever the run is stopped (see
+    ``output_folder``)."""
     out = check_output_folder(out, overwrite, model_id)
     check_location(model_id)
     _refuse_quantized_input(model_id)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        partial.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
+    tokenizer = load_tokenizer(model_id)  # a broken one fails now, not after the quantization
+    folder = OutputFolder(out, overwrite)
+    with folder as partial:
         model = auto_model_class(model_id).from_pretrained(model_id, quantization_config=config, dtype="auto")
         model.save_pretrained(partial)
-        _save_tokenizer(model_id, partial)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
         base_model = None if os.path.isdir(model_id) else model_id
         write_model_card(partial, base_model=base_model, name=out.name, allocation=model.hf_quantizer.allocation)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        folder.commit()
     return out
 
 
@@ -64,8 +63,11 @@ def check_output_folder(out: str | os.PathLike, overwrite: bool, model_id: str |
     """``out`` as an absolute path, or an error, before any work: a folder --overwrite may replace must
     hold neither the current directory nor the input model, and nothing on its way may be a file."""
     out = Path(out).resolve()
-    if model_id is not None and os.path.isdir(model_id) and Path(model_id).resolve().is_relative_to(out):
-        raise ValueError(f"OUT={out} is the input MODEL={model_id} or holds it: choose another OUT.")
+    if model_id is not None and os.path.isdir(model_id):
+        if Path(model_id).resolve().is_relative_to(out):
+            raise ValueError(f"OUT={out} is the input MODEL={model_id} or holds it: choose another OUT.")
+        if out.is_relative_to(Path(model_id).resolve()):
+            raise ValueError(f"OUT={out} is inside the input MODEL={model_id}: choose an OUT outside it.")
     if out.exists():
         if not out.is_dir():
             raise FileExistsError(f"{out} exists and is not a folder: choose another OUT.")
@@ -92,30 +94,40 @@ def _refuse_quantized_input(model_id: str) -> None:
         )
 
 
-def _umask() -> int:
-    try:  # read without changing it: os.umask would, for a moment, for every thread
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
-def _save_tokenizer(model_id: str, folder: Path) -> None:
+def load_tokenizer(model_id: str):
+    """MODEL's tokenizer; None when it has none. A local folder with tokenizer files that fail to
+    load is an error (a quantized model silently without its tokenizer is not usable as is)."""
     from transformers import AutoTokenizer
 
+    has_files = os.path.isdir(model_id) and any((Path(model_id) / name).is_file() for name in _TOKENIZER_FILES)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
-    except (OSError, ValueError, TypeError):  # checkpoints without a tokenizer (tiny test models)
-        return
-    tokenizer.save_pretrained(folder)
+        return AutoTokenizer.from_pretrained(model_id)
+    except Exception as err:  # noqa: BLE001  (tokenizer code raises anything: OSError, ValueError, KeyError...)
+        if has_files:
+            reason = " ".join(str(err).split())[:200]
+            raise ValueError(
+                f"the tokenizer in {model_id} fails to load ({type(err).__name__}: {reason}): fix or "
+                "remove its tokenizer files; the quantized model would otherwise be written without one."
+            ) from err
+        return None
 
 
 def card_command(folder: str, base_model: str | None = None) -> Path:
     if not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a saved model folder (no config.json).")
     return write_model_card(folder, base_model=base_model)
+
+
+def verify_command(folder: str) -> str:
+    from .saved_checkpoint import verify_checkpoint
+
+    checked = verify_checkpoint(folder)
+    if checked == 0:
+        return f"{folder}: no digests recorded (saved by an older optimum-moeq): the allocation record checks out"
+    return f"{folder}: all {checked} packed tensors match the digests recorded at save"
 
 
 def push_command(folder: str, repo_id: str, private: bool = False, token: str | None = None):

@@ -116,7 +116,7 @@ class RouterNormConfig(QuantizationConfigMixin):
         self.min_expert_tokens = _as_int(min_expert_tokens)
         self.expert_hessian = expert_hessian
         self.allocation = (
-            {k: [_as_int(b) for b in _as_list(v)] for k, v in allocation.items()}
+            {k: [_as_int(b) for b in _as_list(v)] if _is_list_like(v) else v for k, v in allocation.items()}
             if isinstance(allocation, Mapping)
             else allocation
         )
@@ -227,6 +227,11 @@ def _as_int(value):
     """numpy and torch integers as int; anything else unchanged for the checks to name."""
     number = _as_number(value)
     return number if isinstance(number, int) and not isinstance(number, bool) else value
+
+
+def _is_list_like(value) -> bool:
+    """A list, tuple, array or tensor of bits (a mapping or string is left for the checks to name)."""
+    return hasattr(value, "tolist") or (isinstance(value, Sequence) and not isinstance(value, str))
 
 
 def _as_list(value):

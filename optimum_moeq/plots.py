@@ -54,3 +54,17 @@ def plot_allocation(allocation: Allocation, path: str | os.PathLike) -> str:
 
 def _short(name: str) -> str:
     return name.replace("model.layers.", "L").replace(".mlp.experts", "").replace(".layer.", ".")
+
+
+def check_plot_path(path: str | os.PathLike) -> None:
+    """Before any work: matplotlib can write ``path``'s format (named by its extension)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+    if extension not in formats:
+        shown = extension or "no extension"
+        raise ValueError(f"cannot draw {path}: {shown!r} is not a picture format; use one of {sorted(formats)}.")

@@ -21,7 +21,7 @@ from transformers.utils import is_accelerate_available
 
 from .allocate import allocate_from_files
 from .allocation import Allocation
-from .calibration_data import check_calibration_data, is_token_ids
+from .calibration_data import check_calibration_data, is_token_ids, window_length
 from .calibration_stream import can_stream
 from .config import QUANT_METHOD, RouterNormConfig
 from .dequantize import dequantized_module
@@ -37,7 +37,7 @@ from .offload import (
 )
 from .quant import check_group_size
 from .quant.packing import check_packable
-from .saved_checkpoint import allocation_metadata, check_all_loaded, check_saved_allocation
+from .saved_checkpoint import check_all_loaded, check_checkpoint, checkpoint_metadata, stored_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,8 @@ class RouterNormHfQuantizer(HfQuantizer):
                 model, config, self._dense_linear_filter(model, adapter), placeholders=not self.pre_quantized
             )
         if self.pre_quantized and checkpoint_files:
-            check_saved_allocation(checkpoint_files, config.allocation)
+            expected = stored_tensors(model, QUANTIZED_MODULES)
+            check_checkpoint(checkpoint_files, expected, config.allocation, adapter.checkpoint_aliases)
 
     def _check_before_reading(self, model, adapter, device_map) -> None:
         """What can fail before the allocation scan reads the checkpoint; the default method chosen."""
@@ -127,7 +128,8 @@ class RouterNormHfQuantizer(HfQuantizer):
             from .calibration import check_gptq_supported
 
             check_gptq_supported(adapter, model.config)
-            check_calibration_data(config.dataset, model.config.get_text_config().vocab_size, config.seqlen)
+            vocab_size = model.config.get_text_config().vocab_size
+            check_calibration_data(config.dataset, vocab_size, window_length(config.seqlen, model.config))
 
     def _set_allocation(self, checkpoint_files, adapter, shapes) -> None:
         """A saved (or the user's own) allocation is used as given; otherwise the scan computes it."""
@@ -252,8 +254,8 @@ class RouterNormHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
-        # each shard records the allocation it holds, checked against config.json on reload
-        return None, allocation_metadata(self.quantization_config.allocation)
+        # each shard records the allocation and the packed tensors' digests, checked on reload
+        return None, checkpoint_metadata(model, QUANTIZED_MODULES, self.quantization_config.allocation)
 
     @property
     def is_trainable(self) -> bool:

@@ -1,42 +1,170 @@
 """A pre-quantized checkpoint checked against the model built for it.
 
-transformers reports a missing or mis-shaped tensor and loads on: for packed experts that means
-uninitialised codes and NaN outputs, so the load is refused after it. The packed shapes also only
-say how many experts have each width, not which, so each shard records the allocation it was
-saved with (safetensors metadata), and a config.json whose allocation differs from it (edited, or
-left by a failed re-save) is refused before any weight loads.
+transformers casts a tensor whose stored dtype differs from the parameter's and reports a missing
+or mis-shaped one and loads on: for packed codes that means garbage or uninitialised weights. So
+before any weight is read, every packed tensor's stored dtype and shape (whatever wrote the file)
+must be what the allocation implies. The shapes only say how many experts have each width, not
+which: each shard records the allocation it was saved with and a digest of every packed tensor
+(safetensors metadata, the same in every shard of one save), and a config.json whose allocation
+differs, shards of different saves, or a checkpoint that lost the record while an experts module
+mixes widths, are refused. The digests themselves are checked by ``verify_checkpoint`` (``moeq verify``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Mapping
 
-from safetensors import safe_open
+import torch
 from torch import nn
+
+from .digests import DIGESTS_METADATA_KEY, digests_of, file_digests, read_header
 
 ALLOCATION_METADATA_KEY = "moeq_allocation"
 
+_SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+    torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+}  # fmt: skip
+_RESAVE = (
+    "re-save it with save_pretrained from a model loaded from the original checkpoint (max_shard_size= re-shards "
+    "and keeps the record), or re-quantize the original model"
+)
 
-def allocation_metadata(allocation: dict[str, list[int]]) -> dict[str, str]:
-    """safetensors metadata recording the allocation the shards hold."""
-    return {ALLOCATION_METADATA_KEY: json.dumps(allocation, sort_keys=True)}
+
+def stored_tensors(
+    model: nn.Module, quantized_types: tuple[type, ...]
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every stored tensor of the quantized modules, by full name."""
+    return {
+        f"{module_name}.{name}": spec
+        for module_name, module in model.named_modules()
+        if isinstance(module, quantized_types)
+        for name, spec in module.stored_specs().items()
+    }
 
 
-def check_saved_allocation(checkpoint_files: Iterable[str], allocation: dict[str, list[int]]) -> None:
-    """Before any weight loads: the allocation the shards were saved with (when recorded) must be
-    the one in config.json."""
+def checkpoint_metadata(model: nn.Module, quantized_types: tuple[type, ...], allocation) -> dict[str, str]:
+    """safetensors metadata for a save: the allocation and the packed tensors' digests. Refuses a
+    model whose scales or zeros are not finite (they would load as NaN outputs)."""
+    tensors = {
+        f"{module_name}.{name}": tensor
+        for module_name, module in model.named_modules()
+        if isinstance(module, quantized_types)
+        for name, tensor in module.named_parameters(recurse=False)
+        if name in module.stored_specs()
+    }
+    check_finite(tensors.items(), "cannot save")
+    return {
+        ALLOCATION_METADATA_KEY: json.dumps(allocation, sort_keys=True),
+        DIGESTS_METADATA_KEY: json.dumps(digests_of(tensors, allocation), sort_keys=True),
+    }
+
+
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], action: str) -> None:
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"{action}: {name} holds NaN or infinite values (the weights it was quantized from were not "
+                "finite, or the file was damaged); re-quantize from a finite checkpoint."
+            )
+
+
+def disk_names(names: Iterable[str], header_names: set[str], aliases: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Each model tensor name to its name in the files (as named, or under the family's aliases:
+    transformers saves some families under their original checkpoint names)."""
+    found = {}
+    for name in names:
+        for candidate in [name] + [name.replace(model_part, disk_part) for model_part, disk_part in aliases]:
+            if candidate in header_names:
+                found[name] = candidate
+                break
+    return found
+
+
+def check_checkpoint(
+    checkpoint_files: Iterable[str],
+    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    allocation: Mapping[str, list[int]],
+    aliases: Iterable[tuple[str, str]] = (),
+) -> None:
+    """Before any weight loads: dtypes, shapes and the recorded allocation (see the module's doc)."""
+    headers, records = {}, []
     for path in checkpoint_files:
         if not str(path).endswith(".safetensors"):
+            records.append(None)
             continue
-        with safe_open(path, framework="pt") as f:
-            saved = (f.metadata() or {}).get(ALLOCATION_METADATA_KEY)
-        if saved is not None and json.loads(saved) != allocation:
+        header, metadata = read_header(path)
+        headers.update(header)
+        records.append((metadata.get(ALLOCATION_METADATA_KEY), metadata.get(DIGESTS_METADATA_KEY)))
+    on_disk = disk_names(expected, set(headers), aliases)
+    for name, disk_name in on_disk.items():
+        shape, dtype = expected[name]
+        info = headers[disk_name]
+        if info["dtype"] != _SAFETENSORS_DTYPES.get(dtype) or tuple(info["shape"]) != tuple(shape):
             raise ValueError(
-                "config.json's allocation does not match the one the packed weights were saved with "
-                "(config.json edited, or left by a failed save over this folder): re-quantize, or restore "
-                "the config.json saved with these weights."
+                f"{disk_name} is stored as {info['dtype']} {info['shape']}, but the allocation in config.json "
+                f"implies {_SAFETENSORS_DTYPES.get(dtype)} {list(shape)}: the file was converted (a dtype cast of "
+                f"every tensor?) or does not belong to this config.json; {_RESAVE}."
             )
+    _check_records(records, allocation)
+
+
+def _check_records(records: list, allocation: Mapping[str, list[int]]) -> None:
+    recorded = {r for r in records if r is not None and r[0] is not None}
+    if len(recorded) > 1:
+        raise ValueError(
+            "the checkpoint's shards come from different saves (their recorded allocations or digests differ): "
+            f"restore the shards saved together, or {_RESAVE}."
+        )
+    if not recorded:
+        mixed = sorted(name for name, bits in allocation.items() if len(set(bits)) > 1)
+        if mixed:
+            raise ValueError(
+                "the checkpoint records no allocation (its shards lack optimum-moeq's safetensors metadata: "
+                "re-sharded or converted by a tool that drops it, or not safetensors), and the packed shapes fix "
+                f"only how many experts have each width, not which, so config.json's allocation of {mixed[0]} cannot "
+                f"be checked: {_RESAVE}."
+            )
+        return
+    ((saved_allocation, _),) = recorded
+    if json.loads(saved_allocation) != allocation:
+        raise ValueError(
+            "config.json's allocation does not match the one the packed weights were saved with "
+            "(config.json edited, or left by a failed save over this folder): re-quantize, or restore "
+            "the config.json saved with these weights."
+        )
+
+
+def verify_digests(
+    checkpoint_files: Iterable[str], allocation: Mapping[str, list[int]], aliases: Iterable[tuple[str, str]] = ()
+) -> int:
+    """Hash every packed tensor in the files and compare with the digests recorded at save; the
+    first that differs is named. Returns how many were checked (0: no digests recorded, a save by
+    an older optimum-moeq)."""
+    files = [str(p) for p in checkpoint_files if str(p).endswith(".safetensors")]
+    recorded = None
+    for path in files:
+        digests = read_header(path)[1].get(DIGESTS_METADATA_KEY)
+        if digests is not None:
+            recorded = json.loads(digests)
+            break
+    if recorded is None:
+        return 0
+    checked = {}
+    for path in files:
+        header_names = set(read_header(path)[0])
+        mapping = disk_names(recorded, header_names, aliases)
+        checked.update(file_digests(path, list(mapping), allocation, mapping))
+    for name, digest in recorded.items():
+        if checked.get(name) != digest:
+            problem = "is missing" if name not in checked else "does not match the digest recorded when it was saved"
+            raise ValueError(
+                f"{name} {problem}: the file was damaged or edited, a shard replaced, or config.json's allocation "
+                f"changed; re-download or {_RESAVE}."
+            )
+    return len(recorded)
 
 
 def check_all_loaded(
@@ -44,8 +172,8 @@ def check_all_loaded(
 ) -> None:
     """After loading: every stored tensor of the quantized modules (and of the modules ``also``
     names) came from the checkpoint (transformers flags what it loads; a missing or mis-shaped
-    tensor stays uninitialised). Tensors a device map offloaded to disk or CPU sit on the meta
-    device and are not checked."""
+    tensor stays uninitialised), and none of their scales or zeros is NaN or infinite. Tensors a
+    device map offloaded to disk or CPU sit on the meta device and are not checked."""
     missing = [
         f"{module_name}.{param_name}"
         for module_name, module in model.named_modules()
@@ -60,3 +188,34 @@ def check_all_loaded(
             f"({shown}): it is incomplete or was saved with another allocation or group size; re-quantize the "
             "original model."
         )
+    check_finite(
+        (
+            (f"{module_name}.{name}", tensor)
+            for module_name, module in model.named_modules()
+            if isinstance(module, quantized_types)
+            for name, tensor in module.named_parameters(recurse=False)
+            if name in module.stored_specs()
+        ),
+        "refusing to load",
+    )
+
+
+def verify_checkpoint(folder: str | os.PathLike) -> int:
+    """``moeq verify OUT``: every packed tensor of a saved folder against the digests recorded at
+    save (``verify_digests``); returns how many were checked."""
+    from transformers import AutoConfig
+
+    from .allocation.checkpoint import safetensors_files
+    from .models import get_adapter
+
+    config = AutoConfig.from_pretrained(folder)
+    quantization = getattr(config, "quantization_config", None) or {}
+    quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    if quantization.get("quant_method") != "moeq" or not quantization.get("allocation"):
+        raise ValueError(f"{folder} is not an optimum-moeq checkpoint (its config has no moeq quantization_config).")
+    files = safetensors_files(folder)
+    aliases = get_adapter(config).checkpoint_aliases
+    metadata = [read_header(path)[1] for path in files]
+    records = [(m.get(ALLOCATION_METADATA_KEY), m.get(DIGESTS_METADATA_KEY)) for m in metadata]
+    _check_records(records, quantization["allocation"])
+    return verify_digests(files, quantization["allocation"], aliases)

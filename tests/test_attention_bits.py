@@ -110,6 +110,7 @@ def test_switch_with_dense_ffn_layers_runs_with_quantized_attention(tmp_path, at
 def test_switch_checkpoint_without_the_kept_wo_is_refused(tmp_path):
     """Saves by an older optimum-moeq packed the dense FFN's wo; it now stays an nn.Linear, so a
     checkpoint without `wo.weight` would leave it uninitialised: refused instead."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     save_tiny_switch(tmp_path / "base", encoder_sparse_step=2, decoder_sparse_step=2)
@@ -118,8 +119,10 @@ def test_switch_checkpoint_without_the_kept_wo_is_refused(tmp_path):
     )
     model.save_pretrained(tmp_path / "q")
     tensors = load_file(tmp_path / "q" / "model.safetensors")
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        metadata = f.metadata()  # a writer that keeps optimum-moeq's record
     del tensors["encoder.block.0.layer.1.mlp.wo.weight"]
-    save_file(tensors, tmp_path / "q" / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, tmp_path / "q" / "model.safetensors", metadata=metadata)
     with pytest.raises(ValueError, match=r"lacks weights .*encoder.block.0.layer.1.mlp.wo.weight.*re-quantize"):
         AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "q")
 

@@ -61,7 +61,7 @@ def test_calibration_tokens_from_strings_file_and_ids(tmp_path):
     assert from_file.shape == (4, 16) and torch.equal(from_file, from_strings)
     assert calibration_tokens([[1, 2, 3, 4, 5]], None, nsamples=2, seqlen=5).tolist() == [[1, 2, 3, 4, 5]] * 2
     assert calibration_tokens([1, 2, 3, 4, 5], None, nsamples=2, seqlen=5).tolist() == [[1, 2, 3, 4, 5]] * 2
-    with pytest.raises(ValueError, match="fewer than seqlen=64"):
+    with pytest.raises(ValueError, match="fewer than one window of 64"):
         calibration_tokens([[1, 2, 3]], None, nsamples=2, seqlen=64)
     with pytest.raises(ValueError, match="needs a tokenizer"):
         calibration_tokens(["some text"], None, nsamples=1, seqlen=2)
@@ -186,7 +186,7 @@ def test_named_hub_dataset_offline_says_what_to_do(monkeypatch):
     ("dataset", "message"),
     [
         ([500] * 600, r"calibration token ids span 500..500; this model's vocabulary is 0..127"),
-        ([[1, 2, 3]], r"the calibration data has 3 tokens, fewer than seqlen=512"),
+        ([[1, 2, 3]], r"the calibration data has 3 tokens, fewer than one window of 64 \(seqlen"),
         ([[0] * 300, [200] * 300], r"calibration token ids span 0..200; this model's vocabulary is 0..127"),
         ("missing.txt", r"dataset='missing.txt' is not a local text file"),
     ],

@@ -32,6 +32,12 @@ def safetensors_files(folder: str | os.PathLike) -> list[str]:
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
+        root = os.path.realpath(folder)
+        outside = [s for s in shards if os.path.commonpath([root, os.path.realpath(os.path.join(root, s))]) != root]
+        if outside:
+            raise ValueError(
+                f"{index} names shard {outside[0]!r}, outside the model folder: the index is damaged or hostile."
+            )
         return [os.path.join(folder, s) for s in shards]
     single = os.path.join(folder, SAFE_WEIGHTS_NAME)
     if os.path.isfile(single):
