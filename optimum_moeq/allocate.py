@@ -12,7 +12,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .allocation import Allocation, LayerSignals, allocate_layers, read_layer_signals, safetensors_files
-from .allocation.checkpoint import read_router_norms
+from .allocation.checkpoint import read_router_norms, router_shapes
 from .config import RouterNormConfig
 from .models import MoEAdapter, get_adapter
 
@@ -43,6 +43,7 @@ def allocate_from_files(
     reference_files = None
     if config.reference_model is not None:  # resolved first: a bad reference fails before the scan
         check_location(config.reference_model, "reference_model")
+        check_same_family(config.reference_model, adapter)
         reference_files = resolve_checkpoint(config.reference_model, adapter, routers_only=True)
     signals = {
         name: layer
@@ -51,6 +52,7 @@ def allocate_from_files(
         and (experts_modules is None or name in experts_modules)
     }
     if reference_files is not None:
+        check_same_routers(router_shapes(files, adapter), router_shapes(reference_files, adapter))
         signals = subtract_reference(signals, read_router_norms(reference_files, adapter, progress=progress))
     return allocate_layers(signals, config.avg_bits, config.bit_levels, config.ranking, config.zeta)
 
@@ -69,6 +71,26 @@ def check_location(path_or_repo: str | os.PathLike, what: str = "model") -> None
         validate_repo_id(text)
     except HFValidationError:
         raise FileNotFoundError(f"{what} {text!r}: no such local folder, and not a Hub id (org/name).") from None
+
+
+def check_same_family(reference_model: str, adapter: MoEAdapter) -> None:
+    """reference_model is a checkpoint of the model's own family (its config.json says so)."""
+    reference = AutoConfig.from_pretrained(reference_model)
+    if reference.model_type not in adapter.model_types:
+        raise ValueError(
+            f"reference_model {reference_model!r} is a {reference.model_type!r} checkpoint, the model a "
+            f"{'/'.join(adapter.model_types)!r} one: give the model's own checkpoint before fine-tuning."
+        )
+
+
+def check_same_routers(model: dict[str, tuple[int, ...]], reference: dict[str, tuple[int, ...]]) -> None:
+    """Every router of the model has a reference router of the same [experts, hidden] shape."""
+    for name, shape in model.items():
+        if name in reference and reference[name] != shape:
+            raise ValueError(
+                f"reference_model's router for {name} is {list(reference[name])}, the model's {list(shape)}: "
+                "reference_model must be the same architecture (experts and hidden size) before fine-tuning."
+            )
 
 
 def subtract_reference(signals: dict[str, LayerSignals], reference: dict[str, list[float]]) -> dict[str, LayerSignals]:

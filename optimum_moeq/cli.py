@@ -53,8 +53,11 @@ def _card(args) -> int:
 def _push(args) -> int:
     from .commands import push_command
 
-    commit = push_command(args.folder, args.repo_id, private=args.private, token=args.token)
-    print(f"pushed {args.folder} to {getattr(commit, 'commit_url', args.repo_id)}")
+    commit = push_command(
+        args.folder, args.repo_id, private=args.private, token=args.token, include=args.include, dry_run=args.dry_run
+    )
+    if commit is not None:
+        print(f"pushed {args.folder} to {getattr(commit, 'commit_url', args.repo_id)}")
     return 0
 
 
@@ -139,6 +142,11 @@ def build_parser(prog: str = "moeq") -> argparse.ArgumentParser:
     push.add_argument("repo_id", metavar="REPO_ID")
     push.add_argument("--private", action="store_true")
     push.add_argument("--token", help="Hub token (default: the one huggingface-cli login saved)")
+    push.add_argument(
+        "--include", action="append", default=[], metavar="PATTERN",
+        help="also upload the files matching PATTERN (relative to OUT, e.g. 'notes/*.md'); repeatable",
+    )  # fmt: skip
+    push.add_argument("--dry-run", action="store_true", help="print what would be uploaded, upload nothing")
     push.set_defaults(run=_push)
 
     card = commands.add_parser("card", parents=[verbose], help="(re-)render OUT/README.md, e.g. after evaluation")

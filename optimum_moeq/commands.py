@@ -130,7 +130,19 @@ def verify_command(folder: str) -> str:
     return f"{folder}: all {checked} packed tensors match the digests recorded at save"
 
 
-def push_command(folder: str, repo_id: str, private: bool = False, token: str | None = None):
+def push_command(
+    folder: str, repo_id: str, private: bool = False, token: str | None = None, include=(), dry_run: bool = False
+):
+    """Print what will be uploaded (and what is left out), then push it, unless ``dry_run``."""
+    from .hub import upload_plan
+
     if not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a saved model folder (no config.json).")
-    return push_folder(folder, repo_id, private=private, token=token)
+    files, left_out = upload_plan(folder, include)
+    print(f"{'would upload' if dry_run else 'uploading'} to {repo_id}: README.md (the model card), "
+          + ", ".join(path.relative_to(folder).as_posix() for path in files))  # fmt: skip
+    if left_out:
+        print("not uploaded (name them with --include to add them): " + ", ".join(left_out))
+    if dry_run:
+        return None
+    return push_folder(folder, repo_id, private=private, token=token, include=include)

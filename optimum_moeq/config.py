@@ -8,6 +8,7 @@ import inspect
 import logging
 import math
 import numbers
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -189,10 +190,14 @@ class RouterNormConfig(QuantizationConfigMixin):
             validate_bits_mapping(self.allocation)
 
     def to_dict(self) -> dict[str, Any]:
-        """What config.json keeps: no tokenizer object, and calibration data only as a file name."""
+        """What config.json keeps: no tokenizer object, calibration data only as a name, and local
+        paths (dataset, reference_model) without their folders: config.json goes to the Hub."""
         data = {k: v for k, v in self.__dict__.items() if k != "tokenizer"}
         if not isinstance(data.get("dataset"), str) or data.get("method") != "gptq":
             data["dataset"] = None
+        for name in ("dataset", "reference_model"):
+            if isinstance(data[name], str) and (os.path.isabs(data[name]) or os.path.exists(data[name])):
+                data[name] = os.path.basename(os.path.normpath(data[name]))
         return copy.deepcopy(data)
 
 

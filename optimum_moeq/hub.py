@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
+from fnmatch import fnmatch
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
@@ -136,11 +138,58 @@ def _local_free(name: str | None) -> str | None:
 
 
 def write_model_card(folder: str | os.PathLike, **card_options) -> Path:
-    """Render the card (``render_model_card``'s options) into ``folder/README.md``."""
+    """Render the card (``render_model_card``'s options) into ``folder/README.md``: a new file put in
+    place atomically, so a README.md that is a link (a Hub cache snapshot's) is replaced, not written
+    through."""
     card = render_model_card(folder, **card_options)
     path = Path(folder) / "README.md"
-    card.save(path)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=folder, prefix=".README.", delete=False) as f:
+        f.write(str(card))
+    os.replace(f.name, path)
     return path
+
+
+# What a quantized model needs on the Hub; anything else in the folder is uploaded only when named.
+MODEL_FILES = (
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "*.tiktoken", "chat_template.jinja",
+    "chat_template.json", "allocation.png", EVAL_RESULTS_FILE,
+)  # fmt: skip
+_REQUIRED = ("config.json", "*.safetensors", "model.safetensors.index.json")
+
+
+def upload_plan(folder: str | os.PathLike, include: Sequence[str] = ()) -> tuple[list[Path], list[str]]:
+    """(files to upload, relative names left out): the folder's model files and those matching an
+    ``include`` pattern (fnmatch, on the path relative to the folder); never hidden files, never
+    README.md (the card is rendered for the commit), never a link that leads out of the folder."""
+    folder = Path(folder)
+    root = folder.resolve()
+    chosen, left_out = [], []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if any(part.startswith(".") for part in path.relative_to(folder).parts) or relative == "README.md":
+            continue
+        if path.is_dir() and not path.is_symlink():
+            continue
+        wanted = ("/" not in relative and any(fnmatch(relative, p) for p in MODEL_FILES)) or any(
+            fnmatch(relative, p) for p in include
+        )
+        if not wanted:
+            left_out.append(relative)
+            continue
+        if not path.resolve().is_relative_to(root):
+            if any(fnmatch(relative, p) for p in _REQUIRED):
+                raise ValueError(
+                    f"{path} is a link to {path.resolve()}, outside the folder: links out of it are never uploaded; "
+                    "copy the file in (cp -L) to upload it."
+                )
+            left_out.append(f"{relative} (a link out of the folder)")
+            continue
+        if path.is_file():
+            chosen.append(path)
+    collapsed = dict.fromkeys(name if "/" not in name else name.split("/", 1)[0] + "/" for name in left_out)
+    return chosen, list(collapsed)  # a folder left out is named once
 
 
 def push_folder(
@@ -156,25 +205,17 @@ def push_folder(
     base_model: str | None = None,
     allocation: Allocation | None = None,
     tags: list[str] | None = None,
+    include: Sequence[str] = (),
 ):
-    """Upload ``folder`` to ``repo_id`` in one commit, with the card rendered for it as README.md.
-
-    Hidden files and folders (``.git``, ``.cache``, ``.env``, ...) stay out, and the folder's own
-    README.md is neither uploaded nor overwritten: the card goes straight into the commit.
-    """
+    """Upload ``folder`` to ``repo_id`` in one commit: the files of ``upload_plan`` (the model's own,
+    and those ``include`` names), with the card rendered for it as README.md."""
     folder = Path(folder)
     card = render_model_card(folder, repo_id=repo_id, base_model=base_model, allocation=allocation, tags=tags)
+    files, _ = upload_plan(folder, include)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # "name" becomes "user/name"
     if revision is not None and not revision.startswith("refs/pr"):
         api.create_branch(repo_id, branch=revision, exist_ok=True)  # as transformers' push does
-    files = [
-        path
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-        and path.relative_to(folder) != Path("README.md")
-    ]
     operations = [CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
                   for path in files]  # fmt: skip
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))

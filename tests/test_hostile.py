@@ -358,3 +358,112 @@ def test_an_index_naming_a_shard_outside_the_folder_is_refused(tiny_mixtral_path
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"names shard '../x.safetensors', outside the model folder"):
         allocate(str(model), RouterNormConfig(), progress=False)
+
+
+# 5. push uploads the model's files only, never through a link out of the folder
+
+
+@pytest.fixture
+def captured_pushes(monkeypatch):
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+
+    commits = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **k: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, operations, **k: commits.append(
+        {op.path_in_repo for op in operations}))  # fmt: skip
+    return commits
+
+
+def test_push_uploads_only_the_model_files_and_lists_them(copy, tmp_path, captured_pushes, capsys):
+    from optimum_moeq.cli import main
+
+    key = tmp_path / "id_rsa"
+    key.write_text("PRIVATE KEY")
+    (copy / "id_rsa").symlink_to(key)
+    (copy / "secrets.txt").write_text("password")
+    (copy / "credentials.json").write_text("{}")
+    (copy / "offload").mkdir()
+    (copy / "offload" / "layer.dat").write_bytes(b"\0" * 8)
+    (copy / "notes").mkdir()
+    (copy / "notes" / "eval.md").write_text("my notes")
+    assert main(["push", str(copy), "me/q", "--dry-run"]) == 0
+    assert captured_pushes == []  # nothing uploaded
+    out = capsys.readouterr().out
+    assert (
+        "would upload to me/q: README.md (the model card), config.json, generation_config.json, model.safetensors\n"
+        in out
+    )
+    assert "not uploaded (name them with --include to add them): credentials.json, id_rsa, notes/, offload/, " in out
+    assert main(["push", str(copy), "me/q", "--include", "notes/*.md", "--include", "id_rsa"]) == 0
+    (files,) = captured_pushes
+    expected = {"README.md", "config.json", "generation_config.json", "model.safetensors", "notes/eval.md"}
+    assert files == expected | {"allocation.png"}  # the picture the card embeds, drawn for it
+    assert "id_rsa (a link out of the folder)" in capsys.readouterr().out
+
+
+def test_push_refuses_weights_that_are_a_link_out_of_the_folder(copy, tmp_path, captured_pushes, capsys):
+    from optimum_moeq.cli import main
+
+    (copy / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (copy / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    assert main(["push", str(copy), "me/q"]) == 2
+    assert "is a link to" in capsys.readouterr().err and captured_pushes == []
+
+
+# 6. a reference model of another architecture
+
+
+def test_a_reference_model_of_another_family_or_shape_is_refused(tiny_mixtral_path, tmp_path):
+    from conftest import tiny_mixtral_config
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from optimum_moeq import allocate
+
+    qwen_config = Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+    )  # fmt: skip
+    qwen = Qwen3MoeForCausalLM(qwen_config)
+    qwen.save_pretrained(tmp_path / "qwen")
+    with pytest.raises(ValueError, match=r"reference_model .* is a 'qwen3_moe' checkpoint, the model a 'mixtral' one"):
+        allocate(str(tiny_mixtral_path), RouterNormConfig(reference_model=str(tmp_path / "qwen")), progress=False)
+    from transformers import MixtralForCausalLM
+
+    MixtralForCausalLM(tiny_mixtral_config(hidden_size=32, intermediate_size=64)).save_pretrained(tmp_path / "narrow")
+    with pytest.raises(ValueError, match=r"router for model.layers.0.mlp.experts is \[8, 32\], the model's \[8, 64\]"):
+        allocate(str(tiny_mixtral_path), RouterNormConfig(reference_model=str(tmp_path / "narrow")), progress=False)
+
+
+# 8, 9. the card never writes through a link; config.json holds no local folders
+
+
+def test_card_replaces_a_symlinked_readme_instead_of_writing_through_it(copy, tmp_path):
+    from optimum_moeq.cli import main
+
+    blob = tmp_path / "blob"
+    blob.write_text("cached blob")
+    (copy / "README.md").symlink_to(blob)
+    assert main(["card", str(copy)]) == 0
+    assert blob.read_text() == "cached blob"
+    assert not (copy / "README.md").is_symlink() and "optimum-moeq" in (copy / "README.md").read_text()
+
+
+def test_config_json_keeps_no_local_folders(tiny_mixtral_path, tmp_path):
+    data = tmp_path / "private" / "calibration.txt"
+    data.parent.mkdir()
+    data.write_text("some text to calibrate on " * 200)
+    config = RouterNormConfig(group_size=32, method="gptq", dataset=str(data), tokenizer=_ByteTokenizer(),
+                              nsamples=4, seqlen=32, reference_model=str(tiny_mixtral_path))  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
+    model.save_pretrained(tmp_path / "q")
+    text = (tmp_path / "q" / "config.json").read_text()
+    assert str(tmp_path) not in text and str(tiny_mixtral_path) not in text
+    saved = json.loads(text)["quantization_config"]
+    assert saved["dataset"] == "calibration.txt" and saved["reference_model"] == tiny_mixtral_path.name
+
+
+class _ByteTokenizer:
+    def __call__(self, text, **kwargs):
+        return {"input_ids": [b % 128 for b in text.encode()]}

@@ -198,8 +198,22 @@ def read_router_norms(files: Iterable[str], adapter: MoEAdapter, *, progress: bo
             for match in routers:
                 norms[adapter.experts_module_name(match)] = router_norm_change(f.get_tensor(match.string)).tolist()
     if not norms:
-        raise ValueError(f"no router weights found in the reference checkpoint files {files}.")
+        raise ValueError(
+            f"no router weights found in the reference checkpoint files {files}: its tensors are not named as this "
+            "model's routers are; reference_model must be this model's own architecture before fine-tuning."
+        )
     return norms
+
+
+def router_shapes(files: Iterable[str], adapter: MoEAdapter) -> dict[str, tuple[int, ...]]:
+    """Each router's [experts, hidden] shape by experts module, from the headers alone."""
+    shapes = {}
+    for path in files:
+        routers = [match for kind, match in _matches_in(os.fspath(path), adapter) if kind == "router"]
+        with safe_open(os.fspath(path), framework="pt") as f:
+            for match in routers:
+                shapes[adapter.experts_module_name(match)] = tuple(f.get_slice(match.string).get_shape())
+    return shapes
 
 
 def _assemble(routers: dict[str, list[float]], maxvar: dict[str, dict[int, float]]) -> dict[str, LayerSignals]:
