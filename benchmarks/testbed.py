@@ -283,21 +283,25 @@ def main() -> None:
     def cost(value: float, reference: float) -> str:
         return f"{value:.2f} ({100 * (value / reference - 1):+.1f}%)" if value < 1e4 else f"{value:.1e}"
 
-    measured = {}
-    for bits in (2, 3):
-        uniform = dict(avg_bits=float(bits), bit_levels=(bits, bits + 1))
-        measured[f"rtn {bits}-bit"] = ppl(**uniform, method="rtn")
-        measured[f"hqq {bits}-bit"] = ppl(**uniform, method="hqq")
-        measured[f"gptq {bits}-bit"] = ppl(**uniform, **bed.gptq_held_in())
-    columns = list(measured)
-    rows = [["this testbed", f"{fp:.2f}", *(cost(measured[c], fp) for c in columns)]]
+    rows, columns = [], ["rtn 2-bit", "hqq 2-bit", "gptq 2-bit", "rtn 3-bit", "hqq 3-bit", "gptq 3-bit"]
+    for label, every_linear in (("this testbed, experts", False), ("this testbed, every linear", True)):
+        measured = {}
+        for column in columns:
+            method, bits = column.split()[0], int(column.split()[1][0])
+            uniform = dict(
+                avg_bits=float(bits), bit_levels=(bits, bits + 1), attention_bits=bits if every_linear else None
+            )
+            options = bed.gptq_held_in() if method == "gptq" else dict(method=method)
+            measured[column] = ppl(**uniform, **options)
+        rows.append([label, f"{fp:.2f}", *(cost(measured[c], fp) for c in columns)])
     for label, reference, figures in ANCHORS:
         cells = [cost(figures[c], reference) if c in figures else "-" for c in columns]
         rows.append([label, f"{reference:.2f}", *cells])
     write_table(
         args.out, "Testbed sensitivity: uniform quantization against real models", ["model", "fp", *columns], rows,
-        f"{bed.description} Uniform widths over every expert, group {GROUP} as the anchors; gptq "
-        "calibrated on 32 held-in windows. Anchors are published WikiText-2 figures. "
+        f"{bed.description} Uniform widths over every expert (and, in the second row, every attention linear too, "
+        f"as the anchors quantize every linear), group {GROUP} as the anchors; gptq calibrated on 32 held-in "
+        "windows. Anchors are published WikiText-2 figures. "
         f"Command: python benchmarks/testbed.py{' --smoke' if args.smoke else ''}",
     )  # fmt: skip
 
