@@ -32,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=T.STEPS, help="the testbed's training steps")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[2.5, 2.25, 2.0], help="average bits to run")
     parser.add_argument("--out")
     args = parser.parse_args()
     args.out = args.out or results_path("measured_ranking.md", args.smoke)
@@ -49,7 +50,8 @@ def main() -> None:
     def ppl(**options) -> float:
         return T.quantized_perplexity(trained, RouterNormConfig(**gptq, **options), windows)
 
-    budgets = [(2.5, (2, 3)), (2.25, (2, 3))] if args.smoke else [(2.5, (2, 3)), (2.25, (2, 3)), (2.0, (1, 2, 3))]
+    every = [(2.5, (2, 3)), (2.25, (2, 3)), (2.0, (1, 2, 3))]
+    budgets = every[:2] if args.smoke else [(avg, levels) for avg, levels in every if avg in args.budgets]
     rows = []
     for avg, levels in budgets:
         budget = dict(avg_bits=avg, bit_levels=levels)

@@ -52,6 +52,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=T.STEPS, help="the testbed's training steps")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument(
+        "--budgets", type=float, nargs="+", default=[avg for avg, _ in BUDGETS], help="average bits (default: all)"
+    )
+    parser.add_argument(
         "--out", help="table path (default: benchmarks/results/replication.md; --smoke: benchmarks/.smoke/)"
     )
     args = parser.parse_args()
@@ -61,7 +64,7 @@ def main() -> None:
     bed = T.build(args.smoke, args.steps)
     init_path, trained_path = bed.init_path, bed.trained_path
     methods = ["rtn", "hqq"] if args.smoke else METHODS
-    budgets = BUDGETS[:1] if args.smoke else BUDGETS
+    budgets = BUDGETS[:1] if args.smoke else [(avg, levels) for avg, levels in BUDGETS if avg in args.budgets]
     seeds = 2 if args.smoke else 3
     windows = bed.windows()
 
@@ -132,6 +135,7 @@ def main() -> None:
         f"{bed.description} Group {T.GROUP}; gptq calibrated on 32 held-in windows. Expert kB/token: expected "
         "expert bytes read per token (codes, scales and zeros) under the routing measured on the held-out text. "
         f"Command: python benchmarks/replication.py{' --smoke' if args.smoke else ''}"
+        + ("" if args.smoke or len(budgets) == len(BUDGETS) else f" --budgets {' '.join(str(a) for a, _ in budgets)}")
     )
     header = ["budget (avg, levels)", "allocation", *[f"ppl {m}" for m in methods], "expert kB/token"]
     write_table(args.out, "Replication: allocation strategies at equal average bits", header, rows, notes)
