@@ -281,16 +281,23 @@ class QuantizeExperts(ConversionOps):
         value = value[0] if isinstance(value, list) else value
         module, proj = get_module_from_name(model, full_layer_name)
         prefix = full_layer_name.rsplit(".", 1)[0]
-        streamed = self.hf_quantizer._streamed
-        if streamed is not None:  # quantized already, by streaming GPTQ
-            names = [n for n in module.stored_specs() if module.layout.field_of(n)[0] == proj]
-            packed = {n: streamed.pop(f"{prefix}.{n}") for n in names}
-        else:
+        packed = self._streamed_tensors(module, proj, prefix)
+        if packed is None:  # rtn / hqq, and bitsandbytes' dense linears, quantize as they load
             packed = module.quantize_projection(proj, value)
         module.drop_placeholder(proj)
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
         return {f"{prefix}.{name}": tensor for name, tensor in packed.items()}
+
+    def _streamed_tensors(self, module, proj: str, prefix: str) -> dict | None:
+        """The packed tensors streaming GPTQ made for this projection, if it made them."""
+        streamed, layout = self.hf_quantizer._streamed, getattr(module, "layout", None)
+        if streamed is None or layout is None:
+            return None
+        names = [n for n in module.stored_specs() if layout.field_of(n)[0] == proj]
+        if f"{prefix}.{names[0]}" not in streamed:
+            return None
+        return {n: streamed.pop(f"{prefix}.{n}") for n in names}
 
 
 def _check_packable(shapes: dict, config: RouterNormConfig) -> None:

@@ -46,6 +46,19 @@ def test_bnb_attention_quantizes_runs_saves_and_reloads(tiny_mixtral_path, tmp_p
     assert model_footprint(model).packed_linear_bytes == stored
 
 
+def test_streaming_gptq_experts_with_nf4_attention(tiny_mixtral_path):
+    """GPTQ streams the experts' packed tensors; the NF4 linears still quantize as they load."""
+    config = RouterNormConfig(method="gptq", dataset=TOKENS.repeat(1, 40), nsamples=4, seqlen=32, group_size=32,
+                              attention_method="bnb_nf4")  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config, dtype=torch.float32)
+    assert model.hf_quantizer._streamed == {}  # every streamed tensor was used
+    original = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, dtype=torch.float32)
+    packed, state = functional.quantize_4bit(original.model.layers[0].self_attn.q_proj.weight.detach(), blocksize=64,
+                                             quant_type="nf4")  # fmt: skip
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.dequantized(), functional.dequantize_4bit(packed, state))
+    assert torch.isfinite(_logits(model)).all()
+
+
 def test_nf4_stores_half_a_byte_per_weight_plus_block_scales(tiny_mixtral_path):
     config = RouterNormConfig(method="rtn", avg_bits=2.5, group_size=32, attention_method="bnb_nf4")
     model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
