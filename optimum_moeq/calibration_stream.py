@@ -54,7 +54,7 @@ def can_stream(model: nn.Module, adapter) -> bool:
 def _checkpoint_tensor(reader: _CheckpointReader, adapter, key: str) -> torch.Tensor:
     """The model tensor ``key`` from the checkpoint: as named, under the family's aliases, or fused
     from the per-expert tensors."""
-    names = [key] + [key.replace(model_part, disk_part) for model_part, disk_part in adapter.checkpoint_aliases]
+    names = adapter.checkpoint_names(key)
     for name in names:
         if name in reader:
             return reader[name]

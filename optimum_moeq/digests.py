@@ -13,10 +13,12 @@ import hashlib
 import json
 import mmap
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from .safetensors_header import SafetensorsHeader
 
 DIGESTS_METADATA_KEY = "moeq_digests"
 
@@ -45,36 +47,22 @@ def digests_of(tensors: Mapping[str, torch.Tensor], allocation: Mapping[str, lis
         return dict(pool.map(one, tensors.items()))
 
 
-def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
-    """A safetensors file's tensor entries (dtype, shape, data_offsets) and its metadata."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    metadata = header.pop("__metadata__", None) or {}
-    return header, metadata
-
-
 def file_digests(
-    path: str | os.PathLike, names: Iterable[str], allocation: Mapping[str, list[int]], aliases: Mapping[str, str]
+    path: str | os.PathLike, header: SafetensorsHeader, on_disk: Mapping[str, str], allocation: Mapping[str, list[int]]
 ) -> dict[str, str]:
-    """Digests of the tensors ``names`` (model names; ``aliases`` maps each to its name in the file)
-    present in the safetensors file ``path``, hashed from the file's bytes."""
-    header, _ = read_header(path)
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        start = 8 + size
-        present = [n for n in names if aliases.get(n, n) in header]
-        if not present:
-            return {}
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            view = memoryview(mapped)
-            try:
+    """Digests of the tensors ``on_disk`` names (model name -> name in the file ``path``, whose
+    ``header`` is given), hashed from the file's bytes."""
+    if not on_disk:
+        return {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        try:
 
-                def one(name):
-                    lo, hi = header[aliases.get(name, name)]["data_offsets"]
-                    return name, tensor_digest(name, module_bits(name, allocation), view[start + lo : start + hi])
+            def one(name):
+                start, end = header.byte_range(on_disk[name])
+                return name, tensor_digest(name, module_bits(name, allocation), view[start:end])
 
-                with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                    return dict(pool.map(one, present))
-            finally:
-                view.release()
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                return dict(pool.map(one, on_disk))
+        finally:
+            view.release()

@@ -110,7 +110,7 @@ class RouterNormHfQuantizer(HfQuantizer):
             )
         if self.pre_quantized and checkpoint_files:
             expected = stored_tensors(model, QUANTIZED_MODULES)
-            check_checkpoint(checkpoint_files, expected, config.allocation, adapter.checkpoint_aliases)
+            check_checkpoint(checkpoint_files, expected, config.allocation, adapter)
 
     def _check_before_reading(self, model, adapter, device_map) -> None:
         """What can fail before the allocation scan reads the checkpoint; the default method chosen."""

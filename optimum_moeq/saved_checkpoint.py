@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .digests import DIGESTS_METADATA_KEY, digests_of, file_digests, read_header
+from .digests import DIGESTS_METADATA_KEY, digests_of, file_digests
+from .safetensors_header import SafetensorsHeader, read_header
 
 ALLOCATION_METADATA_KEY = "moeq_allocation"
 
@@ -71,48 +72,48 @@ def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], action: str) -> No
             )
 
 
-def disk_names(names: Iterable[str], header_names: set[str], aliases: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Each model tensor name to its name in the files (as named, or under the family's aliases:
-    transformers saves some families under their original checkpoint names)."""
+def disk_names(names: Iterable[str], header_names: set[str], adapter) -> dict[str, str]:
+    """Each model tensor name found in the files to its name there (``adapter.checkpoint_names``)."""
     found = {}
     for name in names:
-        for candidate in [name] + [name.replace(model_part, disk_part) for model_part, disk_part in aliases]:
-            if candidate in header_names:
-                found[name] = candidate
-                break
+        candidate = next((c for c in adapter.checkpoint_names(name) if c in header_names), None)
+        if candidate is not None:
+            found[name] = candidate
     return found
+
+
+def read_headers(checkpoint_files: Iterable[str]) -> dict[str, SafetensorsHeader | None]:
+    """Each checkpoint file's safetensors header (None for a file of another format)."""
+    return {str(p): read_header(p) if str(p).endswith(".safetensors") else None for p in checkpoint_files}
 
 
 def check_checkpoint(
     checkpoint_files: Iterable[str],
     expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
     allocation: Mapping[str, list[int]],
-    aliases: Iterable[tuple[str, str]] = (),
+    adapter,
 ) -> None:
     """Before any weight loads: dtypes, shapes and the recorded allocation (see the module's doc)."""
-    headers, records = {}, []
-    for path in checkpoint_files:
-        if not str(path).endswith(".safetensors"):
-            records.append(None)
-            continue
-        header, metadata = read_header(path)
-        headers.update(header)
-        records.append((metadata.get(ALLOCATION_METADATA_KEY), metadata.get(DIGESTS_METADATA_KEY)))
-    on_disk = disk_names(expected, set(headers), aliases)
-    for name, disk_name in on_disk.items():
+    headers = read_headers(checkpoint_files)
+    tensors = {name: info for h in headers.values() if h is not None for name, info in h.tensors.items()}
+    for name, disk_name in disk_names(expected, set(tensors), adapter).items():
         shape, dtype = expected[name]
-        info = headers[disk_name]
-        if info["dtype"] != _SAFETENSORS_DTYPES.get(dtype) or tuple(info["shape"]) != tuple(shape):
+        info, implied = tensors[disk_name], _SAFETENSORS_DTYPES.get(dtype)
+        if info["dtype"] != implied or tuple(info["shape"]) != tuple(shape):
             raise ValueError(
                 f"{disk_name} is stored as {info['dtype']} {info['shape']}, but the allocation in config.json "
-                f"implies {_SAFETENSORS_DTYPES.get(dtype)} {list(shape)}: the file was converted (a dtype cast of "
-                f"every tensor?) or does not belong to this config.json; {_RESAVE}."
+                f"implies {implied} {list(shape)}: the file was converted (a dtype cast of every tensor?) or does "
+                f"not belong to this config.json; {_RESAVE}."
             )
-    _check_records(records, allocation)
+    _check_records(headers, allocation)
 
 
-def _check_records(records: list, allocation: Mapping[str, list[int]]) -> None:
-    recorded = {r for r in records if r is not None and r[0] is not None}
+def _check_records(headers: Mapping[str, SafetensorsHeader | None], allocation: Mapping[str, list[int]]) -> None:
+    recorded = {
+        (h.metadata.get(ALLOCATION_METADATA_KEY), h.metadata.get(DIGESTS_METADATA_KEY))
+        for h in headers.values()
+        if h is not None and h.metadata.get(ALLOCATION_METADATA_KEY) is not None
+    }
     if len(recorded) > 1:
         raise ValueError(
             "the checkpoint's shards come from different saves (their recorded allocations or digests differ): "
@@ -138,25 +139,21 @@ def _check_records(records: list, allocation: Mapping[str, list[int]]) -> None:
 
 
 def verify_digests(
-    checkpoint_files: Iterable[str], allocation: Mapping[str, list[int]], aliases: Iterable[tuple[str, str]] = ()
+    headers: Mapping[str, SafetensorsHeader | None], allocation: Mapping[str, list[int]], adapter
 ) -> int:
     """Hash every packed tensor in the files and compare with the digests recorded at save; the
     first that differs is named. Returns how many were checked (0: no digests recorded, a save by
     an older optimum-moeq)."""
-    files = [str(p) for p in checkpoint_files if str(p).endswith(".safetensors")]
-    recorded = None
-    for path in files:
-        digests = read_header(path)[1].get(DIGESTS_METADATA_KEY)
-        if digests is not None:
-            recorded = json.loads(digests)
-            break
-    if recorded is None:
+    headers = {path: h for path, h in headers.items() if h is not None}
+    digests = next(
+        (h.metadata[DIGESTS_METADATA_KEY] for h in headers.values() if DIGESTS_METADATA_KEY in h.metadata), None
+    )
+    if digests is None:
         return 0
+    recorded = json.loads(digests)
     checked = {}
-    for path in files:
-        header_names = set(read_header(path)[0])
-        mapping = disk_names(recorded, header_names, aliases)
-        checked.update(file_digests(path, list(mapping), allocation, mapping))
+    for path, header in headers.items():
+        checked.update(file_digests(path, header, disk_names(recorded, set(header.tensors), adapter), allocation))
     for name, digest in recorded.items():
         if checked.get(name) != digest:
             problem = "is missing" if name not in checked else "does not match the digest recorded when it was saved"
@@ -213,9 +210,6 @@ def verify_checkpoint(folder: str | os.PathLike) -> int:
     quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
     if quantization.get("quant_method") != "moeq" or not quantization.get("allocation"):
         raise ValueError(f"{folder} is not an optimum-moeq checkpoint (its config has no moeq quantization_config).")
-    files = safetensors_files(folder)
-    aliases = get_adapter(config).checkpoint_aliases
-    metadata = [read_header(path)[1] for path in files]
-    records = [(m.get(ALLOCATION_METADATA_KEY), m.get(DIGESTS_METADATA_KEY)) for m in metadata]
-    _check_records(records, quantization["allocation"])
-    return verify_digests(files, quantization["allocation"], aliases)
+    headers = read_headers(safetensors_files(folder))
+    _check_records(headers, quantization["allocation"])
+    return verify_digests(headers, quantization["allocation"], get_adapter(config))

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..models.adapter import MoEAdapter
+from ..safetensors_header import read_header
 from .allocation import LayerSignals
 from .signals import max_neuron_variance, router_norm_change
 
@@ -58,18 +59,6 @@ def _matches_in(path: str, adapter: MoEAdapter) -> list[tuple[str, re.Match]]:
     with safe_open(path, framework="pt") as f:
         keys = list(f.keys())
     return [(kind, m) for key in keys for kind, pattern in patterns if pattern and (m := pattern.match(key))]
-
-
-def _data_ranges(path: str) -> dict[str, tuple[int, int]]:
-    """Byte range in the file of each tensor, from the safetensors header (8-byte length + JSON)."""
-    with open(path, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_size))
-    return {
-        key: (8 + header_size + info["data_offsets"][0], 8 + header_size + info["data_offsets"][1])
-        for key, info in header.items()
-        if key != "__metadata__"
-    }
 
 
 def _advise_will_need(fd: int, byte_range: tuple[int, int]) -> None:
@@ -112,9 +101,9 @@ class _OneShardOpen:
 def _read_jobs(files: list[str], adapter: MoEAdapter) -> list[_Job]:
     jobs = []
     for path in files:
-        ranges = _data_ranges(path)
+        header = read_header(path)
         for kind, match in _matches_in(path, adapter):
-            start, end = ranges[match.string]
+            start, end = header.byte_range(match.string)
             if kind != "fused":
                 jobs.append(_Job(path, kind, match, None, (start, end)))
                 continue

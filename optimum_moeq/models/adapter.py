@@ -57,6 +57,11 @@ class MoEAdapter:
     def experts_module_name(self, match: re.Match) -> str:
         return self.experts_module.format(prefix=match["prefix"])
 
+    def checkpoint_names(self, name: str) -> list[str]:
+        """Where model tensor ``name`` may sit in a checkpoint: as named, or under the family's aliases
+        (transformers saves some families under their original checkpoint names)."""
+        return [name] + [name.replace(model_part, disk_part) for model_part, disk_part in self.checkpoint_aliases]
+
     def input_rows(self, rows: int) -> int:
         """Rows of a fused input projection that the method reads: the gate rows, which come first."""
         return rows // 2 if self.gated else rows
