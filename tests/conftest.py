@@ -56,6 +56,12 @@ def tiny_mixtral_path(tmp_path_factory):
     return path
 
 
+def quantize_argv(model, out, *extra, method="rtn", group_size=32) -> list[str]:
+    """``moeq quantize`` arguments for the tiny models: 2.5 bits, a group size their widths divide."""
+    return ["quantize", str(model), str(out), "--avg-bits", "2.5", "--group-size", str(group_size), "--method", method,
+            *extra]  # fmt: skip
+
+
 def tiny_switch(**changes):
     """A random Switch Transformers model, every encoder and decoder layer sparse."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM

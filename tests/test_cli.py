@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import quantize_argv
 
 from optimum_moeq.cli import main
 from optimum_moeq.demo import run_demo
@@ -48,23 +49,7 @@ def test_overwriting_the_current_directory_is_refused_before_anything_is_touched
 ):
     (tmp_path / "precious.txt").write_text("keep me")
     monkeypatch.chdir(tmp_path)
-    assert (
-        main(
-            [
-                "quantize",
-                "--method",
-                "rtn",
-                str(tiny_mixtral_path),
-                ".",
-                "--avg-bits",
-                "2.5",
-                "--group-size",
-                "32",
-                "--overwrite",
-            ]
-        )
-        == 2
-    )
+    assert main(quantize_argv(str(tiny_mixtral_path), ".", "--overwrite")) == 2
     assert (
         _error(capsys)
         == f"moeq: error: OUT={tmp_path} is the current directory or holds it: --overwrite would delete it."
@@ -81,23 +66,7 @@ def test_an_out_that_is_or_holds_the_input_model_is_refused(tiny_mixtral_path, t
     model = workspace / "base" if inside else workspace
     shutil.copytree(tiny_mixtral_path, model)
     before = sorted(os.listdir(model))
-    assert (
-        main(
-            [
-                "quantize",
-                "--method",
-                "rtn",
-                str(model),
-                str(workspace),
-                "--avg-bits",
-                "2.5",
-                "--group-size",
-                "32",
-                "--overwrite",
-            ]
-        )
-        == 2
-    )
+    assert main(quantize_argv(str(model), str(workspace), "--overwrite")) == 2
     assert (
         _error(capsys) == f"moeq: error: OUT={workspace} is the input MODEL={model} or holds it: choose another OUT."
     )
@@ -179,17 +148,7 @@ def test_sigterm_unwinds_so_no_partial_output_is_left(tiny_mixtral_path, tmp_pat
 
     monkeypatch.setattr(commands, "write_model_card", killed)  # the signal lands after the weights are written
     previous = signal.getsignal(signal.SIGTERM)
-    args = [
-        "quantize",
-        "--method",
-        "rtn",
-        str(tiny_mixtral_path),
-        str(tmp_path / "out"),
-        "--avg-bits",
-        "2.5",
-        "--group-size",
-        "32",
-    ]
+    args = quantize_argv(str(tiny_mixtral_path), str(tmp_path / "out"))
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert signal.getsignal(signal.SIGTERM) is previous  # the caller's handler is back

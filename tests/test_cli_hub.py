@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import quantize_argv
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForCausalLM
 
@@ -59,17 +60,7 @@ def test_quantize_writes_a_complete_folder_atomically(tiny_mixtral_path, tmp_pat
     assert capsys.readouterr().err.strip().endswith("already exists: pass --overwrite to replace it.")
     assert sorted(p.name for p in out.iterdir()) == before
     # a failure after loading began leaves neither OUT nor a partial folder
-    bad = [
-        "quantize",
-        "--method",
-        "rtn",
-        str(tiny_mixtral_path),
-        str(tmp_path / "bad"),
-        "--avg-bits",
-        "2.5",
-        "--group-size",
-        "48",
-    ]
+    bad = quantize_argv(str(tiny_mixtral_path), str(tmp_path / "bad"), group_size=48)
     assert main(bad) == 2
     assert "group_size=48 does not divide" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -152,22 +143,7 @@ def test_push_to_hub_takes_transformers_arguments(tiny_mixtral_path, captured_co
 
 def test_push_leaves_hidden_files_and_the_folders_readme_alone(tiny_mixtral_path, tmp_path, captured_commits):
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "quantize",
-                "--method",
-                "rtn",
-                str(tiny_mixtral_path),
-                str(out),
-                "--avg-bits",
-                "2.5",
-                "--group-size",
-                "32",
-            ]
-        )
-        == 0
-    )
+    assert main(quantize_argv(str(tiny_mixtral_path), str(out))) == 0
     (out / "README.md").write_text("my own notes")
     (out / ".env").write_text("HF_TOKEN=secret")
     (out / ".git").mkdir()
@@ -200,22 +176,7 @@ def test_card_names_the_right_class_and_attention(tmp_path):
 
 def test_card_carries_eval_results_as_model_index(tiny_mixtral_path, tmp_path, capsys):
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "quantize",
-                "--method",
-                "rtn",
-                str(tiny_mixtral_path),
-                str(out),
-                "--avg-bits",
-                "2.5",
-                "--group-size",
-                "32",
-            ]
-        )
-        == 0
-    )
+    assert main(quantize_argv(str(tiny_mixtral_path), str(out))) == 0
     results = {"results": {"piqa": {"alias": "piqa", "acc,none": 0.61, "acc_stderr,none": 0.01, "sample_len": 1838}}}
     (out / "eval_results.json").write_text(json.dumps(results))
     assert main(["card", str(out), "--base-model", "mistralai/Mixtral-8x7B-v0.1"]) == 0

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import quantize_argv
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -198,10 +199,6 @@ def _method_in(folder):
     return json.loads((folder / "config.json").read_text())["quantization_config"]["method"]
 
 
-def _quantize_args(model, out, method):
-    return ["quantize", str(model), str(out), "--avg-bits", "2.5", "--group-size", "32", "--method", method]
-
-
 def _start_paused_run(tmp_path, point, args):
     import subprocess
     import sys
@@ -226,7 +223,7 @@ def first_out(tiny_mixtral_path, tmp_path):
     from optimum_moeq.cli import main
 
     out = tmp_path / "out"
-    assert main(_quantize_args(tiny_mixtral_path, out, "rtn")) == 0
+    assert main(quantize_argv(tiny_mixtral_path, out, method="rtn")) == 0
     return out
 
 
@@ -238,7 +235,7 @@ def test_a_run_stopped_during_overwrite_leaves_out_whole(tiny_mixtral_path, firs
 
     from optimum_moeq.cli import main
 
-    args = [*_quantize_args(tiny_mixtral_path, first_out, "hqq"), "--overwrite"]
+    args = quantize_argv(tiny_mixtral_path, first_out, "--overwrite", method="hqq")
     process = _start_paused_run(tmp_path, point, args)
     process.send_signal(getattr(signal, signal_name))
     assert process.wait(timeout=60) != 0
@@ -251,7 +248,7 @@ def test_a_run_stopped_during_overwrite_leaves_out_whole(tiny_mixtral_path, firs
         assert any(".moeq-lock" in name for name in leftovers)
     # the next run recognises what a killed run left, names it and removes it
     with caplog.at_level("WARNING", logger="optimum_moeq.output_folder"):
-        assert main([*_quantize_args(tiny_mixtral_path, first_out, "rtn"), "--overwrite"]) == 0
+        assert main(quantize_argv(tiny_mixtral_path, first_out, "--overwrite", method="rtn")) == 0
     assert _hidden_leftovers(first_out) == []
     for name in leftovers:
         if ".moeq-lock" not in name:
@@ -263,7 +260,7 @@ def test_a_second_run_to_the_same_out_is_refused_while_the_first_runs(tiny_mixtr
     from optimum_moeq.commands import quantize_to_folder
 
     out = tmp_path / "shared-out"
-    process = _start_paused_run(tmp_path, "before-commit", _quantize_args(tiny_mixtral_path, out, "rtn"))
+    process = _start_paused_run(tmp_path, "before-commit", quantize_argv(tiny_mixtral_path, out, method="rtn"))
     try:
         with pytest.raises(FileExistsError, match=rf"another run \(pid {process.pid} .*\) is writing .*shared-out"):
             quantize_to_folder(str(tiny_mixtral_path), out, RouterNormConfig(group_size=32, method="rtn"))
