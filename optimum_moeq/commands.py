@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def quantize_to_folder(
     check_location(model_id)
     _refuse_quantized_input(model_id)
     tokenizer = load_tokenizer(model_id)  # a broken one fails now, not after the quantization
+    if tokenizer is not None and config.tokenizer is None:  # GPTQ calibrates with it: loaded once
+        config = copy.copy(config)
+        config.tokenizer = tokenizer
     folder = OutputFolder(out, overwrite)
     with folder as partial:
         model = auto_model_class(model_id).from_pretrained(model_id, quantization_config=config, dtype="auto")
