@@ -308,12 +308,17 @@ def main() -> None:
     rtn = ppl(avg_bits=2.5, method="rtn")
     held_in = ppl(avg_bits=2.5, **bed.gptq_held_in(128))  # as many windows as the default takes
     default = ppl(avg_bits=2.5)
-    recovered = (rtn - default) / (rtn - fp) if rtn > fp else float("nan")
+    in_order = ppl(avg_bits=2.5, desc_act=False)  # what desc_act (on by default) earns
+
+    def against_targets(value: float) -> str:
+        recovered = (rtn - value) / (rtn - fp) if rtn > fp else float("nan")
+        return f"{100 * (value / held_in - 1):+.2f}% vs held-in; {100 * recovered:.0f}% of rtn's cost recovered"
+
     target_rows = [
         ["rtn (method='rtn')", f"{rtn:.3f}", "-"],
         ["gptq on held-in text (128 windows)", f"{held_in:.3f}", "-"],
-        ["default (no data: gptq on 128 windows of the built-in text)", f"{default:.3f}",
-         f"{100 * (default / held_in - 1):+.2f}% vs held-in; {100 * recovered:.0f}% of rtn's cost recovered"],
+        ["default (no data: gptq on 128 windows of the built-in text)", f"{default:.3f}", against_targets(default)],
+        ["default with desc_act=False (columns in order)", f"{in_order:.3f}", against_targets(in_order)],
     ]  # fmt: skip
     write_table(
         args.out.replace(".md", "_default.md"), "The default config at 2.5 bits", ["config", "ppl", "target"],

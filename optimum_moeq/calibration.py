@@ -148,7 +148,14 @@ def _quantize_dense_linears(model, prefix: str, layer, cached, config: RouterNor
             replacement = build_dense_linear(linear, config, name=name, placeholders=False)
 
         def quantize(weight, bits, _, hessian=hessians[name]):
-            return quantize_gptq(weight.float(), hessian, bits, config.group_size, damp_percent=config.damp_percent)
+            return quantize_gptq(
+                weight.float(),
+                hessian,
+                bits,
+                config.group_size,
+                damp_percent=config.damp_percent,
+                act_order=config.desc_act,
+            )
 
         replacement.store(replacement.quantize_projection("weight", linear.weight.detach(), quantize))
         if linear.bias is not None:
@@ -321,7 +328,8 @@ def _gptq_with(inputs, weights: list[torch.Tensor], config: RouterNormConfig):
             chunk = experts[start : start + per_batch]
             hessians = torch.stack([_weighted_hessian(_rows(inputs, weights, e), weights[e]) for e in chunk])
             parts.append(quantize_gptq(expert_weights[start : start + per_batch].float(), hessians, bits,
-                                       config.group_size, damp_percent=config.damp_percent))  # fmt: skip
+                                       config.group_size, damp_percent=config.damp_percent,
+                                 act_order=config.desc_act))  # fmt: skip
         return GroupQuantized(
             torch.cat([q.codes for q in parts]), torch.cat([q.scale for q in parts]),
             torch.cat([q.zero for q in parts]), bits, config.group_size,

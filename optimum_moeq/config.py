@@ -55,6 +55,10 @@ class RouterNormConfig(QuantizationConfigMixin):
         tokenizer: tokenizer for text calibration data (default: the model's own).
         nsamples, seqlen: GPTQ draws ``nsamples`` windows of ``seqlen`` tokens from ``dataset``.
         damp_percent: GPTQ's Hessian damping, as a fraction of its mean diagonal.
+        desc_act: GPTQ quantizes each weight's input columns in order of decreasing activation
+            (Hessian diagonal), as transformers' GPTQConfig names it; groups keep their columns
+            (static groups), so the checkpoint format does not change. On by default: it recovered a
+            third more of rtn's perplexity cost on the testbed (benchmarks/results/testbed_default.md).
         expert_hessian: whose tokens build each expert's GPTQ Hessian: "weighted" (the default:
             every token reaching the layer, weighted by the router's softmax probability for the
             expert; the best measured, benchmarks/results/expert_hessians.md), "routed" (those its
@@ -90,6 +94,7 @@ class RouterNormConfig(QuantizationConfigMixin):
         nsamples: int = 128,
         seqlen: int = 512,
         damp_percent: float = 0.01,
+        desc_act: bool = True,
         min_expert_tokens: int = 32,
         expert_hessian: str = "weighted",
         allocation: Mapping[str, Sequence[int]] | None = None,
@@ -114,6 +119,7 @@ class RouterNormConfig(QuantizationConfigMixin):
         self.tokenizer = tokenizer
         self.nsamples, self.seqlen = _as_int(nsamples), _as_int(seqlen)
         self.damp_percent = _as_number(damp_percent)
+        self.desc_act = desc_act
         self.min_expert_tokens = _as_int(min_expert_tokens)
         self.expert_hessian = expert_hessian
         self.allocation = (
@@ -165,6 +171,8 @@ class RouterNormConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
         if not (_is_real(self.damp_percent) and 0 <= self.damp_percent < 1):
             raise ValueError(f"damp_percent={self.damp_percent!r} must be a number in [0, 1), e.g. 0.01.")
+        if not isinstance(self.desc_act, bool):
+            raise ValueError(f"desc_act={self.desc_act!r} must be True or False.")
         if self.ranking == "measured" and self.method not in (None, "gptq") and self.allocation is None:
             raise ValueError(
                 f"ranking='measured' measures each expert on calibration data: it needs method='gptq', got "

@@ -27,6 +27,7 @@ from optimum_moeq import RouterNormConfig
         ({"allocation": {"m": []}}, r"allocation\['m'\]=\[\] must be a non-empty list"),
         ({"format_version": 2}, r"format_version=2 is not readable"),
         ({"damp_percent": "0.01"}, r"damp_percent='0.01' must be a number in \[0, 1\)"),
+        ({"desc_act": "yes"}, r"desc_act='yes' must be True or False"),
         ({"dataset": 42}, r"dataset=42 is not calibration data: give a local text file, a non-empty list"),
         ({"dataset": []}, r"dataset=\[\] is not calibration data"),
         ({"modules_to_not_convert": "model.layers.0"}, r"modules_to_not_convert='model.layers.0' must be a list"),

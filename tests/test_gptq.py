@@ -49,6 +49,64 @@ def test_gptq_is_exact_on_weights_already_on_the_grid():
     assert torch.equal(dequantize(q.codes, q.scale, q.zero), weight)
 
 
+def _textbook_gptq(weight, hessian, order, bits, group_size, damp_percent=0.01):
+    """GPTQ as first written (Frantar et al., eq. 3), float64, unblocked: quantize the columns in
+    ``order`` on grids fitted to the original weights; after each, spread its error over the
+    columns left and remove it from the inverse Hessian."""
+    w = weight.double().clone()
+    h = hessian.double().clone()
+    h += damp_percent * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    h_inv = torch.linalg.inv(h[order][:, order])
+    w = w[:, order]
+    grid = quantize_rtn(weight, bits, group_size)
+    scale = grid.scale.double().repeat_interleave(group_size, 1)[:, order]
+    zero = grid.zero.double().repeat_interleave(group_size, 1)[:, order]
+    codes = torch.zeros_like(w, dtype=torch.int32)
+    for j in range(w.shape[1]):
+        q = torch.round(w[:, j] / scale[:, j] + zero[:, j]).clamp(0, 2**bits - 1)
+        codes[:, j] = q.int()
+        error = (w[:, j] - (q - zero[:, j]) * scale[:, j]) / h_inv[j, j]
+        w[:, j:] -= error[:, None] * h_inv[j, j:][None]
+        h_inv = h_inv - h_inv[:, j : j + 1] @ h_inv[j : j + 1, :] / h_inv[j, j]
+    restored = torch.empty_like(codes)
+    restored[:, order] = codes
+    return restored
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_act_order_is_textbook_gptq_in_order_of_decreasing_activation(bits):
+    generator = torch.Generator().manual_seed(10 + bits)
+    weight = torch.randn(16, 64, generator=generator) * 0.02
+    x = _correlated_inputs(256, 64, generator) * torch.rand(64, generator=generator) * 3
+    hessian = input_hessian(x)
+    q = quantize_gptq(weight, hessian, bits, group_size=32, block_size=16, act_order=True)
+    order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+    assert not torch.equal(order, torch.arange(64))
+    assert torch.equal(q.codes, _textbook_gptq(weight, hessian, order, bits, 32))
+    grid = quantize_rtn(weight, bits, 32)  # static groups: grids from the weights before any update
+    assert torch.equal(q.scale, grid.scale) and torch.equal(q.zero, grid.zero)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_act_order_lowers_the_output_error_when_inputs_differ_in_size(bits):
+    generator = torch.Generator().manual_seed(20 + bits)
+    weight = torch.randn(64, 256, generator=generator) * 0.02
+    x = torch.randn(1024, 256, generator=generator) * torch.rand(256, generator=generator).pow(4) * 10
+    hessian = input_hessian(x)
+    in_order = _output_error(weight, x, quantize_gptq(weight, hessian, bits, 128))
+    by_activation = _output_error(weight, x, quantize_gptq(weight, hessian, bits, 128, act_order=True))
+    assert by_activation < 0.97 * in_order
+
+
+def test_act_order_on_a_diagonal_hessian_is_rtn():
+    """Uncorrelated inputs: no column's error can be spread, so GPTQ in any order is rtn."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(8, 64, generator=generator)
+    hessian = torch.diag(torch.rand(64, generator=generator, dtype=torch.float64) + 0.1)
+    q, rtn = quantize_gptq(weight, hessian, 2, 32, act_order=True), quantize_rtn(weight, 2, 32)
+    assert torch.equal(q.codes, rtn.codes) and torch.equal(q.scale, rtn.scale)
+
+
 def test_calibration_tokens_from_strings_file_and_ids(tmp_path):
     class CharTokenizer:
         def __call__(self, text, add_special_tokens=False):
@@ -210,8 +268,9 @@ def test_gptq_on_an_encoder_decoder_is_refused_before_weights_load(tmp_path):
         AutoModelForSeq2SeqLM.from_pretrained(tmp_path, quantization_config=quantization)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("bits", [1, 2, 3])
-def test_batched_gptq_equals_one_expert_at_a_time(bits):
+def test_batched_gptq_equals_one_expert_at_a_time(bits, act_order):
     """All experts of a width at once ([E, N, K] weights, [E, K, K] Hessians) give each expert's
     own GPTQ result, a dead input (never active) included."""
     generator = torch.Generator().manual_seed(bits)
@@ -219,10 +278,10 @@ def test_batched_gptq_equals_one_expert_at_a_time(bits):
     inputs = torch.randn(3, 200, 64, generator=generator)
     inputs[1, :, 5] = 0.0
     hessians = torch.stack([input_hessian(x) for x in inputs])
-    batched = quantize_gptq(weights, hessians, bits, group_size=32)
+    batched = quantize_gptq(weights, hessians, bits, group_size=32, act_order=act_order)
     assert batched.codes.shape == (3, 24, 64) and batched.scale.shape == (3, 24, 2)
     for e in range(3):
-        single = quantize_gptq(weights[e], hessians[e], bits, group_size=32)
+        single = quantize_gptq(weights[e], hessians[e], bits, group_size=32, act_order=act_order)
         assert torch.equal(batched.codes[e], single.codes)
         assert torch.equal(batched.scale[e], single.scale) and torch.equal(batched.zero[e], single.zero)
     with pytest.raises(ValueError, match=r"hessian has shape \(2, 64, 64\), expected \(3, 64, 64\)"):

@@ -32,24 +32,32 @@ def quantize_gptq(
     damp_percent: float = 0.01,
     block_size: int = 128,
     grid: str = "auto",
+    act_order: bool = False,
 ) -> GroupQuantized:
     """GPTQ codes, scales and zeros for ``weight`` [N, K] given ``hessian`` [K, K], or for a batch
     of weights [E, N, K] with one Hessian each [E, K, K] (all experts of a width at once: batched
-    Cholesky and updates, one pass over the columns)."""
+    Cholesky and updates, one pass over the columns).
+
+    ``act_order``: quantize the columns in order of decreasing Hessian diagonal (the most active
+    inputs first, while the most columns are left to absorb their error), each expert in its own
+    order. The groups stay contiguous columns, with grids fitted before any update ("static
+    groups"), so the packed format is the same either way."""
     check_bits(bits)
     if weight.dim() == 2:
         q = quantize_gptq(weight[None], hessian[None], bits, group_size, damp_percent=damp_percent,
-                          block_size=block_size, grid=grid)  # fmt: skip
+                          block_size=block_size, grid=grid, act_order=act_order)  # fmt: skip
         return GroupQuantized(q.codes[0], q.scale[0], q.zero[0], bits, group_size)
     e, n, k = weight.shape
     if tuple(hessian.shape) != (e, k, k):
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected {(e, k, k)} for weights {(e, n, k)}.")
     check_group_size(group_size, k)
+    use_hqq = grid == "hqq" or (grid == "auto" and bits == 1)
+    if act_order:
+        return _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size, use_hqq)
     w, h_inv = _prepared(weight, hessian, damp_percent)
     codes = torch.zeros(e, n, k, dtype=torch.int32, device=weight.device)
     scales = torch.zeros(e, n, k // group_size, dtype=METADATA_DTYPE, device=weight.device)
     zeros = torch.zeros_like(scales)
-    use_hqq = grid == "hqq" or (grid == "auto" and bits == 1)
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
         block = w[..., start:end].clone()
@@ -70,6 +78,38 @@ def quantize_gptq(
             errors[..., i] = error
         w[..., end:] -= errors @ h_inv[:, start:end, end:]
     return GroupQuantized(codes, scales, zeros, bits, group_size)
+
+
+def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size, use_hqq) -> GroupQuantized:
+    """GPTQ over each expert's columns permuted by decreasing Hessian diagonal, with every group's
+    grid fitted up front on the (dead-input-zeroed) weights; codes are put back in column order."""
+    e, n, k = weight.shape
+    order = torch.argsort(torch.diagonal(hessian, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
+    rows = order[:, None, :].expand(e, n, k)
+    permuted_hessian = hessian.gather(1, order[:, :, None].expand(e, k, k)).gather(
+        2, order[:, None, :].expand(e, k, k)
+    )
+    w, h_inv = _prepared(weight.gather(-1, rows), permuted_hessian, damp_percent)
+    fitted = (quantize_hqq if use_hqq else quantize_rtn)(w.float().scatter(-1, rows, w.float()), bits, group_size)
+    group_of = (order // group_size)[:, None, :].expand(e, n, k)  # each permuted column's group
+    column_scale = fitted.scale.double().gather(-1, group_of)
+    column_zero = fitted.zero.double().gather(-1, group_of)
+    codes = torch.zeros(e, n, k, dtype=torch.int32, device=weight.device)
+    for start in range(0, k, block_size):
+        end = min(start + block_size, k)
+        block = w[..., start:end].clone()
+        errors = torch.zeros_like(block)
+        h_inv_block = h_inv[:, start:end, start:end]
+        for i in range(end - start):
+            scale, zero = column_scale[..., start + i], column_zero[..., start + i]
+            q = torch.round(block[..., i] / scale + zero).clamp_(0, 2**bits - 1)
+            codes[..., start + i] = q.to(torch.int32)
+            error = (block[..., i] - (q - zero) * scale) / h_inv_block[:, i, i, None]
+            block[..., i:] -= error[..., None] * h_inv_block[:, None, i, i:]
+            errors[..., i] = error
+        w[..., end:] -= errors @ h_inv[:, start:end, end:]
+    codes = torch.zeros_like(codes).scatter_(-1, rows, codes)
+    return GroupQuantized(codes, fitted.scale, fitted.zero, bits, group_size)
 
 
 def _prepared(weight: torch.Tensor, hessian: torch.Tensor, damp_percent: float):
