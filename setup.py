@@ -15,7 +15,11 @@ setup(
         "optimum.commands.register",  # PEP 420 namespace: register_moeq.py, no __init__.py
     ],
     package_dir={"optimum_moeq.model_cards": "model_cards"},
-    package_data={"optimum_moeq.model_cards": ["*.md"], "optimum_moeq.tasks": ["*.jsonl"]},
+    package_data={
+        "optimum_moeq.model_cards": ["*.md"],
+        "optimum_moeq.tasks": ["*.jsonl"],
+        "optimum_moeq.kernels.cpu": ["*.c"],  # compiled on first use (kernels/cpu_build.py)
+    },
     install_requires=[
         "torch>=2.6",
         "transformers>=5.23,<6",

@@ -4,7 +4,8 @@ Experts of one bit-width share one tensor per projection and per stored field, a
 ``layout`` (``quant/layout.py``) names and shapes them. The forward keeps transformers' experts
 contract: ``forward(hidden_states, top_k_index, top_k_weights)`` with hidden_states [T, H],
 top_k_index / top_k_weights [T, k]. CUDA inputs take the Triton kernels (one launch per bit-width
-per projection), CPU inputs the torch reference (see ``PackedModule.kernel``).
+per projection), CPU inputs the compiled CPU kernels (``kernels/cpu``) or, where those cannot
+build, the torch reference (see ``PackedModule.kernel``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from transformers.activations import ACT2FN
 
+from ..kernels.cpu_moe import experts_forward
 from ..kernels.grouped import grouped_experts_forward
 from ..kernels.reference import packed_linear
 from ..quant.layout import PackedLayout
@@ -74,6 +76,12 @@ class MixedBitExperts(PackedModule):
     ) -> torch.Tensor:
         if self._use_triton(hidden_states):
             return grouped_experts_forward(
+                hidden_states, top_k_index, top_k_weights, self.layout, self._parameters,
+                input_projection=self.input_projection, intermediate_dim=self.intermediate_dim,
+                activation=self.hidden_act, gated=self.gated,
+            )  # fmt: skip
+        if self._use_cpu_kernels(hidden_states):
+            return experts_forward(
                 hidden_states, top_k_index, top_k_weights, self.layout, self._parameters,
                 input_projection=self.input_projection, intermediate_dim=self.intermediate_dim,
                 activation=self.hidden_act, gated=self.gated,

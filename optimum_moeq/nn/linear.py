@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.cpu_moe import linear_forward
 from ..kernels.grouped import blocks_for_prefill, mixed_bit_projection
 from ..kernels.reference import dequantize_packed, packed_linear
 from ..quant import PackedProjection
@@ -45,6 +46,8 @@ class PackedLinear(PackedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_triton(x):
             out = self._triton_forward(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        elif self._use_cpu_kernels(x):
+            out = linear_forward(x, self.layout, self._parameters)
         else:
             out = packed_linear(x, self.packed())
         return out + self.bias.to(out.dtype) if self.bias is not None else out

@@ -13,11 +13,12 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from ..kernels import cpu_moe
 from ..kernels.grouped import use_triton
 from ..quant import GroupQuantized, PackedProjection, pack_projection, quantize_weight
 from ..quant.layout import PackedLayout
 
-KERNELS = ("auto", "torch", "triton")
+KERNELS = ("auto", "torch", "triton", "cpu")
 
 # (full-precision weights of the experts sharing a width [E_b, N, K] (or one weight [N, K]), bits,
 # those experts' indices) -> their quantized form. GPTQ supplies one with its Hessians.
@@ -73,9 +74,10 @@ class QuantizedModule(nn.Module):
 
 class PackedModule(QuantizedModule):
     """A module stored in the packed format, described by its ``layout``: quantizes, stores and
-    hands its tensors to the kernels by the layout's names. ``kernel="torch"`` or ``"triton"``
-    forces a compute path (the latter runs on CPU under TRITON_INTERPRET=1); "auto" takes Triton
-    for CUDA inputs."""
+    hands its tensors to the kernels by the layout's names. ``kernel="torch"``, ``"triton"`` or
+    ``"cpu"`` forces a compute path (Triton runs on CPU under TRITON_INTERPRET=1); "auto" takes
+    Triton for CUDA inputs and the compiled CPU kernels for CPU inputs where they build here
+    (else the torch reference)."""
 
     layout: PackedLayout
     method: str
@@ -120,4 +122,18 @@ class PackedModule(QuantizedModule):
     def _use_triton(self, x: torch.Tensor) -> bool:
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel={self.kernel!r} is not supported: allowed are {KERNELS}.")
-        return use_triton(self.kernel, self.group_size, x.is_cuda)
+        return self.kernel != "cpu" and use_triton(self.kernel, self.group_size, x.is_cuda)
+
+    def _use_cpu_kernels(self, x: torch.Tensor) -> bool:
+        """The compiled CPU kernels for this input (after ``_use_triton`` said no)."""
+        if self.kernel == "cpu":
+            if not cpu_moe.supports(self.layout) or x.device.type != "cpu":
+                raise ValueError(
+                    f"kernel='cpu' needs CPU inputs (got {x.device.type}), a group_size that is a multiple of 32 "
+                    f"(got {self.group_size}) and output sizes that are multiples of {cpu_moe.TILE_N} "
+                    f"({self.layout.projections}); use kernel='auto'."
+                )
+            if not cpu_moe.kernels_built():
+                raise RuntimeError("kernel='cpu': the CPU kernels could not be built here (see the warning above).")
+            return True
+        return self.kernel == "auto" and cpu_moe.available(self.layout, x)

@@ -1,0 +1,365 @@
+/* Packed mixed-bit expert projections on CPU: y[r, :] = x[r, :] @ W_e^T for rows r routed to
+ * expert e, read straight from the bit planes (optimum_moeq/quant/packing.py, format version 1).
+ *
+ * Per group g of G inputs and output n:  sum_k W[n,k] x[k] = s[g,n] * (sum_k c[k,n] x[k] - z[g,n] * sum_k x[k]),
+ * so codes are multiplied as small integers and the scale and zero are applied once per group.
+ * A code c = sum_p plane_p << shift_p, so each plane is dotted with x * 2^shift_p. Within a word,
+ * value j is masked in place (word & (mask << width*j)) and its activation is pre-scaled by
+ * 2^-(width*j): both scalings are powers of two, exact in float32. Values of the word's top half
+ * are read from (word >> 16), so that no masked value reaches the sign bit.
+ *
+ * Rows of one expert are processed ROWS at a time so that each decoded code vector serves them
+ * all (decode: 1 row; prefill: blocks of 4). Work is split over (expert segment, output tile)
+ * tasks with OpenMP, in the thread pool torch itself uses (the same libgomp.so.1 soname).
+ */
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+#include <math.h>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(MOEQ_PORTABLE)
+#include <immintrin.h>
+#define MOEQ_AVX2 1
+#endif
+
+#define TILE_N 16          /* outputs per inner tile: two 8-lane vectors */
+#define TASK_N 512         /* outputs per parallel task: 2 KB of each word row, read contiguously */
+#define MAX_ROWS 4         /* rows sharing one decode */
+#define LUT_CHUNKS 11      /* 3-bit lookups per 32-bit word of a 1-bit plane */
+#define MAX_PLANES 5       /* 8 bits: four 2-bit planes; 7 bits: three + a 1-bit plane */
+
+typedef struct {
+    int32_t bits;
+    const int32_t *q2;    /* [bits/2, K/16, N] or NULL */
+    const int32_t *q1;    /* [K/32, N] or NULL */
+    const uint16_t *scale; /* float16 [K/G, N] */
+    const uint16_t *zero;  /* float16 [K/G, N] */
+} moeq_expert;
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) { bits = sign; }
+        else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) { bits = sign | 0x7f800000 | (man << 13); }
+    else { bits = sign | ((exp + 127 - 15) << 23) | (man << 13); }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* One plane of the group starting at input k0: acc[r][n] += sum_k plane[k, n] * xs[r][k]. */
+typedef struct {
+    const int32_t *words; /* plane base, [K/per_word, N] */
+    int width;            /* 2 or 1 */
+    float weight;         /* 2^shift of this plane in the code */
+} plane_ref;
+
+#ifdef MOEQ_AVX2
+/* One word row of a plane over outputs [na, nb): acc[r][n - na] += sum_j value_j(word[n]) * xw[r][j].
+ * The row's words are read contiguously (the layout keeps N contiguous); accumulators for 16
+ * outputs stay in registers while a word's values are decoded, then go back to acc (L1). */
+static inline __attribute__((always_inline)) void word_row_avx2(
+    const int rows, const int width, const int32_t *words, int na, int nb, const float *xw, int K, float *acc, int lda)
+{
+    const int per_word = 32 / width, half = per_word / 2;
+    const __m256i mask = _mm256_set1_epi32(width == 2 ? 3 : 1);
+    /* independent accumulator chains, so the FMA latency is hidden at any row count */
+    const int chains = rows == 1 ? 4 : rows == 2 ? 2 : 1;
+    for (int n0 = na; n0 < nb; n0 += 16) {
+        __m256 a[MAX_ROWS][2][4];
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < chains; c++) a[r][0][c] = a[r][1][c] = _mm256_setzero_ps();
+        const __m256i lo0 = _mm256_loadu_si256((const __m256i *)(words + n0));
+        const __m256i lo1 = _mm256_loadu_si256((const __m256i *)(words + n0 + 8));
+        const __m256i hi0 = _mm256_srli_epi32(lo0, 16), hi1 = _mm256_srli_epi32(lo1, 16);
+#pragma GCC unroll 32
+        for (int j = 0; j < per_word; j++) {
+            const int c = j % chains;
+            const __m256i m = _mm256_slli_epi32(mask, width * (j % half));
+            const __m256 f0 = _mm256_cvtepi32_ps(_mm256_and_si256(j < half ? lo0 : hi0, m));
+            const __m256 f1 = _mm256_cvtepi32_ps(_mm256_and_si256(j < half ? lo1 : hi1, m));
+            for (int r = 0; r < rows; r++) {
+                const __m256 xv = _mm256_broadcast_ss(xw + (size_t)r * K + j);
+                a[r][0][c] = _mm256_fmadd_ps(f0, xv, a[r][0][c]);
+                a[r][1][c] = _mm256_fmadd_ps(f1, xv, a[r][1][c]);
+            }
+        }
+        for (int r = 0; r < rows; r++)
+            for (int v = 0; v < 2; v++) {
+                __m256 sum = _mm256_loadu_ps(acc + (size_t)r * lda + (n0 - na) + 8 * v);
+                for (int c = 0; c < chains; c++) sum = _mm256_add_ps(sum, a[r][v][c]);
+                _mm256_storeu_ps(acc + (size_t)r * lda + (n0 - na) + 8 * v, sum);
+            }
+    }
+}
+
+/* A 1-bit plane's word row at one row of activations (decode), by table lookup: the word's 32 bits
+ * are read 3 at a time (bits 3c..3c+2, c = 0..10), each triple indexing an 8-entry table of the
+ * partial sums of its 3 activations (vpermps reads the low 3 bits of each lane), so a lookup and
+ * an add replace three masks, conversions and FMAs. */
+static inline __attribute__((always_inline)) void one_bit_row_lut(
+    const int32_t *words, int na, int nb, const float *lut, float *acc)
+{
+    for (int n0 = na; n0 < nb; n0 += 16) {
+        __m256 a0[4], a1[4];
+        for (int c = 0; c < 4; c++) a0[c] = a1[c] = _mm256_setzero_ps();
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(words + n0));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(words + n0 + 8));
+#pragma GCC unroll 11
+        for (int c = 0; c < LUT_CHUNKS; c++) {
+            const __m256 table = _mm256_loadu_ps(lut + 8 * c);
+            a0[c % 4] = _mm256_add_ps(a0[c % 4], _mm256_permutevar8x32_ps(table, _mm256_srli_epi32(w0, 3 * c)));
+            a1[c % 4] = _mm256_add_ps(a1[c % 4], _mm256_permutevar8x32_ps(table, _mm256_srli_epi32(w1, 3 * c)));
+        }
+        __m256 s0 = _mm256_loadu_ps(acc + (n0 - na)), s1 = _mm256_loadu_ps(acc + (n0 - na) + 8);
+        for (int c = 0; c < 4; c++) { s0 = _mm256_add_ps(s0, a0[c]); s1 = _mm256_add_ps(s1, a1[c]); }
+        _mm256_storeu_ps(acc + (n0 - na), s0);
+        _mm256_storeu_ps(acc + (n0 - na) + 8, s1);
+    }
+}
+
+static inline __attribute__((always_inline)) void task_avx2(
+    const int rows, const plane_ref *planes, int nplanes, int G, int K, int N, int na, int nb, int ngroups,
+    const float *xsum, const moeq_expert *ex, const float *xs_scaled, const float *lut, float *y, int ldy, float *acc)
+{
+    /* xs_scaled: [nplanes][rows][K] activations already multiplied by plane weight and 2^-(width*j);
+     * lut: with one row, the 1-bit plane's tables, [K/32][LUT_CHUNKS][8] */
+    const int lda = nb - na;
+    for (int g = 0; g < ngroups; g++) {
+        memset(acc, 0, sizeof(float) * (size_t)rows * lda);
+        for (int p = 0; p < nplanes; p++) {
+            const int width = planes[p].width, per_word = 32 / width;
+            for (int w = 0; w < G / per_word; w++) {
+                const int32_t *words = planes[p].words + (size_t)(g * G / per_word + w) * N;
+                const float *xw = xs_scaled + (size_t)p * rows * K + g * G + w * per_word;
+                if (width == 2) word_row_avx2(rows, 2, words, na, nb, xw, K, acc, lda);
+                else if (rows == 1) one_bit_row_lut(words, na, nb, lut + (size_t)(g * G / 32 + w) * LUT_CHUNKS * 8, acc);
+                else word_row_avx2(rows, 1, words, na, nb, xw, K, acc, lda);
+            }
+        }
+        for (int n0 = na; n0 < nb; n0 += 8) {
+            const size_t meta = (size_t)g * N + n0;
+            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ex->scale + meta)));
+            const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ex->zero + meta)));
+            for (int r = 0; r < rows; r++) {
+                const __m256 sum = _mm256_set1_ps(xsum[(size_t)r * ngroups + g]);
+                float *out = y + (size_t)r * ldy + n0;
+                const __m256 t = _mm256_fnmadd_ps(z, sum, _mm256_loadu_ps(acc + (size_t)r * lda + (n0 - na)));
+                _mm256_storeu_ps(out, _mm256_fmadd_ps(s, t, _mm256_loadu_ps(out)));
+            }
+        }
+    }
+}
+#endif
+
+/* Portable path: the same arithmetic, one output at a time. */
+static void tile_portable(
+    int rows, const plane_ref *planes, int nplanes, int G, int K, int N, int n0, int ngroups_total,
+    const float *xsum, const moeq_expert *ex, const float *xs_scaled, float *y, int ldy)
+{
+    for (int g = 0; g < ngroups_total; g++) {
+        for (int n = n0; n < n0 + TILE_N; n++) {
+            float acc[MAX_ROWS] = {0};
+            for (int p = 0; p < nplanes; p++) {
+                const int width = planes[p].width, per_word = 32 / width, half = per_word / 2;
+                const uint32_t mask = width == 2 ? 3u : 1u;
+                const float *xp = xs_scaled + (size_t)p * rows * K + g * G;
+                for (int w = 0; w < G / per_word; w++) {
+                    uint32_t word = (uint32_t)planes[p].words[(size_t)(g * G / per_word + w) * N + n];
+                    for (int j = 0; j < per_word; j++) {
+                        uint32_t part = j < half ? word : word >> 16;
+                        float c = (float)(int32_t)(part & (mask << (width * (j % half))));
+                        for (int r = 0; r < rows; r++) acc[r] += c * xp[(size_t)r * K + w * per_word + j];
+                    }
+                }
+            }
+            const float s = half_to_float(ex->scale[(size_t)g * N + n]), z = half_to_float(ex->zero[(size_t)g * N + n]);
+            for (int r = 0; r < rows; r++)
+                y[(size_t)r * ldy + n] += s * (acc[r] - z * xsum[(size_t)r * ngroups_total + g]);
+        }
+    }
+}
+
+static int expert_planes(const moeq_expert *ex, int K, int N, plane_ref *planes) {
+    int n2 = ex->bits / 2, count = 0;
+    for (int i = 0; i < n2; i++)
+        planes[count++] = (plane_ref){ex->q2 + (size_t)i * (K / 16) * N, 2, (float)(1u << (2 * i))};
+    if (ex->bits % 2) planes[count++] = (plane_ref){ex->q1, 1, (float)(1u << (2 * n2))};
+    return count;
+}
+
+/* Activations of `rows` rows, per plane, times the plane's weight and 2^-(width*j) for value j
+ * of a word; and each row's sum over each group. */
+static void prepare_rows(const float *x, int rows, int K, int G, const plane_ref *planes, int nplanes,
+                         float *xs_scaled, float *xsum, float *lut) {
+    for (int p = 0; p < nplanes && rows == 1; p++) { /* the 1-bit plane's lookup tables, one row */
+        if (planes[p].width != 1) continue;
+        for (int k0 = 0; k0 < K; k0 += 32)
+            for (int c = 0; c < LUT_CHUNKS; c++) {
+                float *table = lut + ((size_t)(k0 / 32) * LUT_CHUNKS + c) * 8;
+                for (int idx = 0; idx < 8; idx++) {
+                    float sum = 0.0f;
+                    for (int i = 0; i < 3; i++)
+                        if ((idx >> i) & 1 && 3 * c + i < 32) sum += x[k0 + 3 * c + i] * planes[p].weight;
+                    table[idx] = sum;
+                }
+            }
+    }
+    for (int p = 0; p < nplanes; p++) {
+        const int width = planes[p].width, per_word = 32 / width, half = per_word / 2;
+        for (int r = 0; r < rows; r++)
+            for (int k = 0; k < K; k++) {
+                const int j = (k % per_word) % half;
+                xs_scaled[((size_t)p * rows + r) * K + k] =
+                    x[(size_t)r * K + k] * planes[p].weight * (1.0f / (float)(1u << (width * j)));
+            }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int g = 0; g < K / G; g++) {
+            float s = 0.0f;
+            for (int k = g * G; k < (g + 1) * G; k++) s += x[(size_t)r * K + k];
+            xsum[(size_t)r * (K / G) + g] = s;
+        }
+}
+
+/* y [R, N] = x [R, K] @ W^T for segments of rows: rows seg_start[s]..seg_start[s+1]-1 use
+ * experts[seg_expert[s]]. y is overwritten. Returns 0, or -1 if scratch memory ran out. */
+int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
+                     int nseg, const int32_t *seg_start, const int32_t *seg_expert,
+                     const moeq_expert *experts, int nthreads, int portable)
+{
+    const int total_rows = seg_start[nseg];
+    memset(y, 0, (size_t)total_rows * N * sizeof(float));
+    /* each task: one segment's row block x one TASK_N slice of outputs */
+    int nblocks_n = (N + TASK_N - 1) / TASK_N;
+    int64_t ntasks = 0;
+    int32_t *task_seg_block = malloc(sizeof(int32_t) * 2 * (size_t)(total_rows + nseg) + 2);
+    if (!task_seg_block) return -1;
+    int nrowblocks = 0;
+    for (int s = 0; s < nseg; s++)
+        for (int r = seg_start[s]; r < seg_start[s + 1]; r += MAX_ROWS) {
+            task_seg_block[2 * nrowblocks] = s;
+            task_seg_block[2 * nrowblocks + 1] = r;
+            nrowblocks++;
+        }
+    ntasks = (int64_t)nrowblocks * nblocks_n;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *xs_scaled = malloc(sizeof(float) * (size_t)MAX_PLANES * MAX_ROWS * K);
+        float *xsum = malloc(sizeof(float) * (size_t)MAX_ROWS * (K / G));
+        float *acc = malloc(sizeof(float) * (size_t)MAX_ROWS * TASK_N);
+        float *lut = malloc(sizeof(float) * ((size_t)K / 32 * LUT_CHUNKS * 8 + 1));
+        int prepared_block = -1;
+        if (!xs_scaled || !xsum || !acc || !lut) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < ntasks; t++) {
+            if (failed) continue;
+            const int b = (int)(t / nblocks_n), nb = (int)(t % nblocks_n);
+            const int s = task_seg_block[2 * b], r0 = task_seg_block[2 * b + 1];
+            const int rows = (seg_start[s + 1] - r0) < MAX_ROWS ? (seg_start[s + 1] - r0) : MAX_ROWS;
+            const moeq_expert *ex = &experts[seg_expert[s]];
+            plane_ref planes[MAX_PLANES];
+            const int nplanes = expert_planes(ex, K, N, planes);
+            if (prepared_block != b) {
+                prepare_rows(x + (size_t)r0 * K, rows, K, G, planes, nplanes, xs_scaled, xsum, lut);
+                prepared_block = b;
+            }
+            const int na = nb * TASK_N, n_end = (nb + 1) * TASK_N < N ? (nb + 1) * TASK_N : N;
+            float *out = y + (size_t)r0 * N;
+#ifdef MOEQ_AVX2
+            if (!portable) {
+                switch (rows) {
+                case 1: task_avx2(1, planes, nplanes, G, K, N, na, n_end, K / G, xsum, ex, xs_scaled, lut, out, N, acc); break;
+                case 2: task_avx2(2, planes, nplanes, G, K, N, na, n_end, K / G, xsum, ex, xs_scaled, lut, out, N, acc); break;
+                case 3: task_avx2(3, planes, nplanes, G, K, N, na, n_end, K / G, xsum, ex, xs_scaled, lut, out, N, acc); break;
+                default: task_avx2(4, planes, nplanes, G, K, N, na, n_end, K / G, xsum, ex, xs_scaled, lut, out, N, acc); break;
+                }
+                continue;
+            }
+#endif
+            for (int n0 = na; n0 < n_end; n0 += TILE_N)
+                tile_portable(rows, planes, nplanes, G, K, N, n0, K / G, xsum, ex, xs_scaled, out, N);
+        }
+        free(xs_scaled);
+        free(xsum);
+        free(acc);
+        free(lut);
+    }
+    free(task_seg_block);
+    return failed ? -1 : 0;
+}
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+/* A whole SiLU-gated experts layer: out [T, H] = sum over slots of w[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))
+ * with e = index[t, k]; pairs whose index is outside [0, E) are skipped. Pairs are counting-sorted
+ * by expert (stable), so each expert's rows share a decode; the weighted sum runs in that order.
+ * Returns 0, or -1 if scratch memory ran out. */
+int moeq_experts_forward(const float *x, int T, int topk, const int64_t *index, const float *weight,
+                         int E, int H, int I, int G, const moeq_expert *gate_up, const moeq_expert *down,
+                         float *out, int nthreads, int portable)
+{
+    const int pairs = T * topk;
+    int32_t *count = calloc((size_t)E + 1, sizeof(int32_t));
+    int32_t *pair_of_row = malloc(sizeof(int32_t) * ((size_t)pairs + 1));
+    int32_t *seg_start = malloc(sizeof(int32_t) * ((size_t)E + 1));
+    int32_t *seg_expert = malloc(sizeof(int32_t) * ((size_t)E + 1));
+    float *rows_x = malloc(sizeof(float) * ((size_t)pairs * H + 1));
+    float *h = malloc(sizeof(float) * ((size_t)pairs * 2 * I + 1));
+    float *y = malloc(sizeof(float) * ((size_t)pairs * H + 1));
+    int status = -1;
+    if (!count || !pair_of_row || !seg_start || !seg_expert || !rows_x || !h || !y) goto done;
+    for (int p = 0; p < pairs; p++)
+        if (index[p] >= 0 && index[p] < E) count[index[p] + 1]++;
+    int nseg = 0;
+    seg_start[0] = 0;
+    for (int e = 0; e < E; e++) {
+        if (count[e + 1]) {
+            seg_expert[nseg] = e;
+            seg_start[nseg + 1] = seg_start[nseg] + count[e + 1];
+            nseg++;
+        }
+        count[e + 1] += count[e]; /* now: first row of expert e is count[e] */
+    }
+    for (int p = 0; p < pairs; p++)
+        if (index[p] >= 0 && index[p] < E) pair_of_row[count[index[p]]++] = p;
+    const int rows = seg_start[nseg];
+    memset(out, 0, sizeof(float) * (size_t)T * H);
+    if (rows == 0) { status = 0; goto done; }
+    for (int r = 0; r < rows; r++) memcpy(rows_x + (size_t)r * H, x + (size_t)(pair_of_row[r] / topk) * H, sizeof(float) * H);
+    if (moeq_packed_gemm(rows_x, h, H, 2 * I, G, nseg, seg_start, seg_expert, gate_up, nthreads, portable)) goto done;
+    for (int r = 0; r < rows; r++) { /* silu(gate) * up, packed to [rows, I] in place */
+        const float *gate = h + (size_t)r * 2 * I, *up = gate + I;
+        float *act = h + (size_t)r * I;
+        for (int i = 0; i < I; i++) act[i] = silu(gate[i]) * up[i];
+    }
+    if (moeq_packed_gemm(h, y, I, H, G, nseg, seg_start, seg_expert, down, nthreads, portable)) goto done;
+    for (int r = 0; r < rows; r++) {
+        const int p = pair_of_row[r];
+        const float w = weight[p];
+        float *o = out + (size_t)(p / topk) * H;
+        const float *yr = y + (size_t)r * H;
+        for (int n = 0; n < H; n++) o[n] += w * yr[n];
+    }
+    status = 0;
+done:
+    free(count); free(pair_of_row); free(seg_start); free(seg_expert); free(rows_x); free(h); free(y);
+    return status;
+}
+
+int moeq_has_avx2(void) {
+#ifdef MOEQ_AVX2
+    return 1;
+#else
+    return 0;
+#endif
+}

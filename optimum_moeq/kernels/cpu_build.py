@@ -1,0 +1,103 @@
+"""Build and load the CPU kernels (``kernels/cpu/packed_gemm.c``).
+
+The C source is compiled once per machine with the system C compiler (``$CC``, else ``cc``) into
+``$MOEQ_CPU_KERNEL_CACHE`` (default ``~/.cache/optimum_moeq/cpu_kernels``), keyed by the source,
+the flags and the compiler, and loaded with ctypes: about a second, no Python headers, no ninja.
+It links OpenMP through ``libgomp.so.1``, the soname of the runtime torch loads, so both share one
+thread pool. Where it cannot be built (no compiler, no OpenMP), the packed modules fall back to the
+torch reference with one warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu", "packed_gemm.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+
+
+class ExpertRecord(ctypes.Structure):
+    """``moeq_expert`` in packed_gemm.c: one expert's planes and metadata, by address."""
+
+    _fields_ = [
+        ("bits", ctypes.c_int32),
+        ("q2", ctypes.c_void_p),
+        ("q1", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("zero", ctypes.c_void_p),
+    ]
+
+
+def cache_folder() -> str:
+    default = os.path.join(os.path.expanduser("~"), ".cache", "optimum_moeq", "cpu_kernels")
+    return os.environ.get("MOEQ_CPU_KERNEL_CACHE", default)
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def build(portable: bool = False) -> str:
+    """Path of the compiled library, built if missing; ``portable`` builds the plain-C path only
+    (no AVX2), as on a machine without it. Raises RuntimeError with the compiler's output."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError(f"no C compiler found (looked for {os.environ.get('CC', 'cc')!r}; set $CC)")
+    flags = (*FLAGS, "-DMOEQ_PORTABLE") if portable else FLAGS
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(source + repr((flags, compiler, version)).encode()).hexdigest()[:16]
+    folder = cache_folder()
+    target = os.path.join(folder, f"packed_gemm-{key}.so")
+    if os.path.isfile(target):
+        return target
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:  # built aside, then renamed into place
+        built = os.path.join(scratch, "packed_gemm.so")
+        result = subprocess.run([compiler, *flags, SOURCE, "-o", built, "-lm"], capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{compiler} failed to build {SOURCE}:\n{result.stderr.strip()}")
+        os.replace(built, target)
+    return target
+
+
+def _load(path: str) -> ctypes.CDLL:
+    library = ctypes.CDLL(path)
+    library.moeq_packed_gemm.restype = ctypes.c_int
+    library.moeq_packed_gemm.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ExpertRecord), ctypes.c_int, ctypes.c_int,
+    ]  # fmt: skip
+    library.moeq_experts_forward.restype = ctypes.c_int
+    library.moeq_experts_forward.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int, ctypes.c_int, ctypes.POINTER(ExpertRecord), ctypes.POINTER(ExpertRecord), ctypes.c_void_p,
+        ctypes.c_int, ctypes.c_int,
+    ]  # fmt: skip
+    library.moeq_has_avx2.restype = ctypes.c_int
+    return library
+
+
+@functools.cache
+def library(portable: bool = False) -> ctypes.CDLL | None:
+    """The loaded kernels, or None (with one warning) where they cannot be built here."""
+    if os.environ.get("MOEQ_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        return _load(build(portable))
+    except (RuntimeError, OSError) as err:
+        warnings.warn(
+            f"optimum-moeq's CPU kernels are unavailable ({err}); packed modules run the slower torch reference. "
+            "Install a C compiler with OpenMP (e.g. apt install gcc) to enable them.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None

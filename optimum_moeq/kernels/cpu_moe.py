@@ -1,0 +1,210 @@
+"""Host side of the CPU kernels: packed projections for rows grouped by expert, a packed linear,
+and a whole SiLU-gated experts layer (routing, gate_up, SiLU(gate) * up, down, weighted sum).
+
+Each is a torch custom op (``moeq::cpu_*``), so ``torch.compile(fullgraph=True)`` sees one opaque
+call. Activations go to the kernel in float32 and come back in float32 (the reference path's
+accumulation dtype); the weights are read from the bit planes, never dequantized whole. A layer's
+tensors reach the kernel as the flat plane list of ``PackedLayout.kernel_planes`` and each
+expert's bit-width; the per-expert address table is made once per set of addresses.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers.activations import ACT2FN
+
+from ..quant.layout import FIELDS, PackedLayout
+from . import cpu_build
+
+TILE_N = 16  # outputs per kernel tile (packed_gemm.c)
+SILU = ("silu", "swish")
+
+
+def supports(layout: PackedLayout) -> bool:
+    """Shapes the kernel tiles: outputs in whole tiles and groups of whole 1-bit-plane words."""
+    return layout.group_size % 32 == 0 and all(n % TILE_N == 0 for n, _ in layout.projections.values())
+
+
+@torch.compiler.assume_constant_result
+def kernels_built() -> bool:
+    """Whether the kernels build and load here (decided once; a constant to torch.compile)."""
+    return cpu_build.library() is not None
+
+
+def available(layout: PackedLayout, x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and supports(layout) and kernels_built()
+
+
+def _addresses(planes: list[torch.Tensor | None], expert_bits: list[int]) -> tuple:
+    """Everything the address table is made of: per width, each field's address and expert stride."""
+    widths = sorted(set(expert_bits))
+    key = []
+    for w, bits in enumerate(widths):
+        fields = planes[len(FIELDS) * w : len(FIELDS) * (w + 1)]
+        for t in fields:
+            if t is not None and not t.is_contiguous():
+                raise ValueError("packed expert tensors must be contiguous for the CPU kernels.")
+        key.append((bits, tuple((t.data_ptr(), t.stride(0) * t.element_size()) if t is not None else None
+                                for t in fields)))  # fmt: skip
+    return tuple(expert_bits), tuple(key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _records(key: tuple):
+    """The ctypes table of ``moeq_expert`` records for an address key (a pure function of it)."""
+    expert_bits, widths = key
+    records = (cpu_build.ExpertRecord * max(len(expert_bits), 1))()
+    for bits, fields in widths:
+        members = [e for e, b in enumerate(expert_bits) if b == bits]
+        for local, expert in enumerate(members):
+            records[expert].bits = bits
+            for name, field in zip(FIELDS, fields):
+                if field is not None:
+                    setattr(records[expert], name, field[0] + local * field[1])
+    return records
+
+
+def _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False, library=None):
+    x = x.float().contiguous()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    if x.shape[0] == 0:
+        return y
+    library = library or cpu_build.library()
+    status = library.moeq_packed_gemm(
+        x.data_ptr(), y.data_ptr(), x.shape[1], n, group_size, seg_expert.numel(), seg_start.data_ptr(),
+        seg_expert.data_ptr(), _records(_addresses(planes, expert_bits)), torch.get_num_threads(), int(portable),
+    )  # fmt: skip
+    if status:
+        raise MemoryError("optimum-moeq's CPU kernel could not allocate its scratch buffers.")
+    return y
+
+
+@torch.library.custom_op("moeq::cpu_experts_gemm", mutates_args=())
+def experts_gemm(
+    x: torch.Tensor,
+    seg_start: torch.Tensor,
+    seg_expert: torch.Tensor,
+    planes: list[torch.Tensor | None],
+    expert_bits: list[int],
+    n: int,
+    group_size: int,
+    portable: bool = False,
+) -> torch.Tensor:
+    """float32 [R, n]: row r of ``x`` [R, K] times the weight of its segment's expert (rows
+    ``seg_start[s]:seg_start[s+1]``, int32, use expert ``seg_expert[s]``). ``portable`` takes the
+    library's plain-C path (the one machines without AVX2 run)."""
+    return _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable)
+
+
+@experts_gemm.register_fake
+def _(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False):
+    return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+@torch.library.custom_op("moeq::cpu_linear", mutates_args=())
+def packed_linear_cpu(
+    x: torch.Tensor, planes: list[torch.Tensor | None], bits: int, n: int, group_size: int
+) -> torch.Tensor:
+    """float32 [R, n] = x [R, K] @ W.T for one packed weight (planes with a one-expert axis)."""
+    seg_start = torch.tensor([0, x.shape[0]], dtype=torch.int32)
+    return _gemm(x, seg_start, torch.zeros(1, dtype=torch.int32), planes, [bits], n, group_size)
+
+
+@packed_linear_cpu.register_fake
+def _(x, planes, bits, n, group_size):
+    return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+@torch.library.custom_op("moeq::cpu_silu_experts", mutates_args=())
+def silu_experts(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_planes: list[torch.Tensor | None],
+    down_planes: list[torch.Tensor | None],
+    expert_bits: list[int],
+    intermediate_dim: int,
+    group_size: int,
+) -> torch.Tensor:
+    """float32 [T, H]: a SiLU-gated experts layer in one kernel call, routing included; pairs whose
+    expert index is outside [0, E) contribute nothing."""
+    x = x.float().contiguous()
+    index = top_k_index.to(torch.int64).contiguous()
+    weights = top_k_weights.float().contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32)
+    gate_up = _records(_addresses(gate_up_planes, expert_bits))
+    down = _records(_addresses(down_planes, expert_bits))
+    status = cpu_build.library().moeq_experts_forward(
+        x.data_ptr(), x.shape[0], index.shape[-1], index.data_ptr(), weights.data_ptr(), len(expert_bits),
+        x.shape[1], intermediate_dim, group_size, gate_up, down, out.data_ptr(), torch.get_num_threads(), 0,
+    )  # fmt: skip
+    if status:
+        raise MemoryError("optimum-moeq's CPU kernel could not allocate its scratch buffers.")
+    return out
+
+
+@silu_experts.register_fake
+def _(x, top_k_index, top_k_weights, gate_up_planes, down_planes, expert_bits, intermediate_dim, group_size):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def segments(expert_of_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seg_start int32 [S+1], seg_expert int32 [S]) of rows already sorted by expert."""
+    experts, counts = torch.unique_consecutive(expert_of_row, return_counts=True)
+    seg_start = torch.zeros(experts.numel() + 1, dtype=torch.int32)
+    torch.cumsum(counts, 0, out=seg_start[1:])
+    return seg_start, experts.to(torch.int32)
+
+
+def experts_forward(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    layout: PackedLayout,
+    tensors,
+    *,
+    input_projection: str,
+    intermediate_dim: int,
+    activation: str,
+    gated: bool,
+) -> torch.Tensor:
+    """The experts layer on CPU: [T, H] in ``hidden_states``' dtype. Pairs (token, slot) whose
+    expert index is outside [0, E) (experts held elsewhere, dropped tokens) contribute nothing.
+    SiLU-gated experts (Mixtral, Qwen-MoE, DeepSeek, OLMoE) run as one call into the kernels,
+    routing included; other activations run the two projections from here."""
+    bits = list(layout.expert_bits)
+    gate_up_planes = layout.kernel_planes(tensors, input_projection)
+    down_planes = layout.kernel_planes(tensors, "down_proj")
+    if gated and activation in SILU:
+        out = silu_experts(hidden_states, top_k_index, top_k_weights, gate_up_planes, down_planes, bits,
+                           intermediate_dim, layout.group_size)  # fmt: skip
+        return out.to(hidden_states.dtype)
+    tokens, hidden = hidden_states.shape
+    flat_expert = top_k_index.reshape(-1)
+    pair = torch.nonzero((flat_expert >= 0) & (flat_expert < layout.num_experts)).squeeze(-1)
+    pair = pair[torch.argsort(flat_expert[pair], stable=True)]
+    seg_start, seg_expert = segments(flat_expert[pair])
+    token = pair // top_k_index.shape[-1]
+    n_in = (2 if gated else 1) * intermediate_dim
+    h = experts_gemm(hidden_states[token], seg_start, seg_expert, gate_up_planes, bits, n_in, layout.group_size)
+    act_fn = ACT2FN[activation]
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        h = act_fn(gate) * up
+    else:
+        h = act_fn(h)
+    y = experts_gemm(h, seg_start, seg_expert, down_planes, bits, hidden, layout.group_size)
+    y *= top_k_weights.reshape(-1)[pair, None].float()
+    out = torch.zeros(tokens, hidden, dtype=torch.float32)
+    out.index_add_(0, token, y)
+    return out.to(hidden_states.dtype)
+
+
+def linear_forward(x: torch.Tensor, layout: PackedLayout, tensors) -> torch.Tensor:
+    """A packed linear ([..., in] -> [..., out] in ``x``'s dtype)."""
+    n, k = layout.projections["weight"]
+    bits = layout.expert_bits[0]
+    y = packed_linear_cpu(x.reshape(-1, k), layout.kernel_planes(tensors, "weight"), bits, n, layout.group_size)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -1,0 +1,217 @@
+"""The compiled CPU kernels (kernels/cpu/packed_gemm.c) against float64 references built from
+the stored codes, at every width, for decode- and prefill-sized inputs, both code paths (AVX2
+and portable C), any thread count; and the fallback where they cannot be built."""
+
+import pytest
+import torch
+from conftest import tiny_mixtral_config
+from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+from optimum_moeq import RouterNormConfig
+from optimum_moeq.kernels import cpu_build, cpu_moe
+from optimum_moeq.kernels.reference import dequantize_packed
+from optimum_moeq.nn import MixedBitExperts, PackedLinear
+
+H, INTER, G = 64, 96, 32
+BITS = [1, 2, 3, 4, 5, 6, 7, 8]
+
+pytestmark = pytest.mark.skipif(cpu_build.library() is None, reason="no C compiler with OpenMP here")
+
+
+def _module(bits=BITS, seed=0):
+    torch.manual_seed(seed)
+    module = MixedBitExperts(bits, hidden_dim=H, intermediate_dim=INTER, group_size=G)
+    for proj, (e, n, k) in module.projection_shapes.items():
+        module.store(module.quantize_projection(proj, torch.randn(e, n, k) * 0.05))
+    return module
+
+
+def _expected_f64(module, x, top_k_index, top_k_weights):
+    """Each routed pair through its dequantized float64 weights, one token at a time."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for slot, expert in enumerate(top_k_index[t].tolist()):
+            if not 0 <= expert < module.num_experts:
+                continue
+            gate_up = dequantize_packed(module.expert_projection("gate_up_proj", expert)).double()
+            down = dequantize_packed(module.expert_projection("down_proj", expert)).double()
+            gate, up = (gate_up @ x[t].double()).chunk(2)
+            out[t] += top_k_weights[t, slot].double() * (down @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+def _relative(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_experts_layer_equals_the_float64_reference_at_every_width(tokens):
+    module = _module()
+    generator = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=generator)
+    top_k_index = torch.randint(0, len(BITS), (tokens, 2), generator=generator)
+    top_k_index[0] = torch.tensor([0, 7])  # the 1-bit and the 8-bit expert
+    top_k_weights = torch.softmax(torch.randn(tokens, 2, generator=generator), dim=-1)
+    module.kernel = "cpu"
+    out = module(x, top_k_index, top_k_weights)
+    assert out.dtype == torch.float32 and out.shape == (tokens, H)
+    assert _relative(out, _expected_f64(module, x, top_k_index, top_k_weights)) < 1e-5
+    out_bf16 = module(x.bfloat16(), top_k_index, top_k_weights.bfloat16())
+    assert out_bf16.dtype == torch.bfloat16
+    expected_bf16 = _expected_f64(module, x.bfloat16(), top_k_index, top_k_weights.bfloat16())
+    assert _relative(out_bf16, expected_bf16) < 4e-3  # bf16's own rounding of the output: 2^-9
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_each_width_alone_through_the_avx2_and_the_portable_path(bits):
+    module = _module([bits, bits], seed=bits)
+    planes = module.layout.kernel_planes(module._parameters, "gate_up_proj")
+    x = torch.randn(9, H, generator=torch.Generator().manual_seed(bits))
+    # one row (the decode path: table lookups for a 1-bit plane), then two blocks of four
+    seg_start, seg_expert = torch.tensor([0, 1, 9], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32)
+    weights = [dequantize_packed(module.expert_projection("gate_up_proj", e)).double() for e in (1, 0)]
+    expected = torch.cat([x[:1].double() @ weights[0].T, x[1:].double() @ weights[1].T])
+    for portable in (False, True):
+        y = cpu_moe.experts_gemm(x, seg_start, seg_expert, planes, module.expert_bits, 2 * INTER, G, portable)
+        assert _relative(y, expected) < 1e-6, portable
+
+
+def test_the_portable_build_compiles_and_agrees(tmp_path, monkeypatch):
+    """Built without AVX2 (as on a machine that lacks it), the plain-C path gives the same result."""
+    monkeypatch.setenv("MOEQ_CPU_KERNEL_CACHE", str(tmp_path))
+    library = cpu_build.library(portable=True)
+    assert library is not None and library.moeq_has_avx2() == 0
+    module = _module([3, 2])
+    planes, bits = module.layout.kernel_planes(module._parameters, "down_proj"), module.expert_bits
+    x = torch.randn(5, INTER)
+    seg_start, seg_expert = torch.tensor([0, 5], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
+    expected = cpu_moe.experts_gemm(x, seg_start, seg_expert, planes, bits, H, G)
+    got = cpu_moe._gemm(x, seg_start, seg_expert, planes, bits, H, G, library=library)
+    assert _relative(got, expected) < 1e-6
+
+
+def test_thread_count_does_not_change_the_result():
+    module = _module()
+    x = torch.randn(33, H)
+    top_k_index, top_k_weights = torch.randint(0, len(BITS), (33, 2)), torch.rand(33, 2)
+    module.kernel = "cpu"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = module(x, top_k_index, top_k_weights)
+        torch.set_num_threads(max(2, threads))
+        many = module(x, top_k_index, top_k_weights)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)  # every output is summed by one thread, in one order
+
+
+def test_pairs_routed_outside_the_experts_contribute_nothing():
+    """-1 and E (experts held elsewhere, tokens dropped by capacity) are skipped, not read."""
+    module = _module()
+    x = torch.randn(4, H)
+    top_k_index = torch.tensor([[0, -1], [len(BITS), 3], [-1, len(BITS)], [2, 5]])
+    top_k_weights = torch.rand(4, 2)
+    module.kernel = "cpu"
+    out = module(x, top_k_index, top_k_weights)
+    assert torch.equal(out[2], torch.zeros(H))
+    assert _relative(out, _expected_f64(module, x, top_k_index, top_k_weights)) < 1e-5
+
+
+def test_packed_linear_equals_its_dequantized_weight():
+    torch.manual_seed(1)
+    linear = PackedLinear(H, 48, bits=3, group_size=G, bias=True)
+    linear.store(linear.quantize_projection("weight", torch.randn(48, H)))
+    torch.nn.init.normal_(linear.bias)
+    x = torch.randn(2, 5, H)
+    linear.kernel = "cpu"
+    out = linear(x)
+    expected = x.double() @ linear.dequantized().double().T + linear.bias.double()
+    assert out.shape == (2, 5, 48) and _relative(out, expected) < 1e-6
+
+
+def test_auto_takes_the_cpu_kernels_and_a_model_gives_the_reference_logits(tmp_path):
+    torch.manual_seed(0)
+    MixtralForCausalLM(tiny_mixtral_config()).save_pretrained(tmp_path)
+    config = RouterNormConfig(avg_bits=2.5, group_size=32, method="rtn", attention_bits=4)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        fast = model(ids).logits
+        packed = [m for m in model.modules() if isinstance(m, (MixedBitExperts, PackedLinear))]
+        assert packed and all(m._use_cpu_kernels(ids.float()) for m in packed)
+        for m in packed:
+            m.kernel = "torch"
+        reference = model(ids).logits
+    assert _relative(fast, reference) < 1e-5
+
+
+def test_kernel_cpu_names_what_it_cannot_run():
+    module = MixedBitExperts([2, 3], hidden_dim=64, intermediate_dim=96, group_size=16)
+    module.kernel = "cpu"
+    with pytest.raises(ValueError, match="kernel='cpu' needs CPU inputs .* multiple of 32 \\(got 16\\)"):
+        module(torch.randn(1, 64), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1))
+
+
+def test_without_a_compiler_the_reference_runs_after_one_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MOEQ_CPU_KERNEL_CACHE", str(tmp_path / "cache"))
+    cpu_build.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="CPU kernels are unavailable .*no C compiler found"):
+            assert cpu_build.library() is None
+        module = _module([2, 3])
+        x, index, weights = torch.randn(3, H), torch.tensor([[0, 1], [1, 0], [0, 1]]), torch.rand(3, 2)
+        assert not module._use_cpu_kernels(x)
+        assert _relative(module(x, index, weights), _expected_f64(module, x, index, weights)) < 1e-5
+    finally:
+        cpu_build.library.cache_clear()
+
+
+@pytest.mark.parametrize("gated, activation", [(False, "relu"), (True, "gelu")])
+def test_other_activations_run_the_two_projections_and_equal_the_reference(gated, activation):
+    """Only SiLU-gated experts take the fused call; the rest compute the activation in torch."""
+    torch.manual_seed(2)
+    module = MixedBitExperts([2, 3, 4], hidden_dim=H, intermediate_dim=INTER, group_size=G, hidden_act=activation,
+                             gated=gated)  # fmt: skip
+    for proj, (e, n, k) in module.projection_shapes.items():
+        module.store(module.quantize_projection(proj, torch.randn(e, n, k) * 0.05))
+    x, index, weights = torch.randn(6, H), torch.randint(0, 3, (6, 1)), torch.rand(6, 1)
+    module.kernel = "cpu"
+    fast = module(x, index, weights)
+    module.kernel = "torch"
+    assert _relative(fast, module(x.double().float(), index, weights)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_logits_equal_the_reference_path_at_every_width(tmp_path, dtype, tolerance):
+    """Every expert at one width, 1 to 8 bits. In bf16 the reference rounds each dequantized
+    weight to bf16 (about 1e-3 from the exact weights by itself); the kernels use the exact ones."""
+    torch.manual_seed(0)
+    MixtralForCausalLM(tiny_mixtral_config()).save_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (1, 10))
+    errors = {}
+    for bits in BITS:
+        levels = (bits, bits + 1) if bits < 8 else (bits - 1, bits)
+        config = RouterNormConfig(avg_bits=float(bits), bit_levels=levels, group_size=32, method="rtn")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, dtype=dtype)
+        experts = [m for m in model.modules() if isinstance(m, MixedBitExperts)]
+        assert all(m.expert_bits == [bits] * 8 for m in experts)
+        with torch.no_grad():
+            fast = model(ids).logits
+            for m in experts:
+                m.kernel = "torch"
+            errors[bits] = _relative(model(ids).logits, fast)
+    assert max(errors.values()) < tolerance, errors
+
+
+def test_a_model_on_the_cpu_kernels_compiles_whole(tiny_mixtral_path):
+    """The kernels are custom ops: torch.compile(fullgraph=True) traces the model around them."""
+    torch._dynamo.reset()
+    config = RouterNormConfig(method="rtn", group_size=32, attention_bits=4)
+    model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_path, quantization_config=config)
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(tokens).logits
+        logits = torch.compile(model, backend="aot_eager", fullgraph=True)(tokens).logits
+    assert _relative(logits, expected) < 1e-6
