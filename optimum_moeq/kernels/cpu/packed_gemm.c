@@ -23,7 +23,6 @@
 #endif
 
 #define TILE_N 16          /* outputs per inner tile: two 8-lane vectors */
-#define TASK_N 512         /* outputs per parallel task: 2 KB of each word row, read contiguously */
 #define MAX_ROWS 4         /* rows sharing one decode */
 #define LUT_CHUNKS 11      /* 3-bit lookups per 32-bit word of a 1-bit plane */
 #define MAX_PLANES 5       /* 8 bits: four 2-bit planes; 7 bits: three + a 1-bit plane */
@@ -235,8 +234,6 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
 {
     const int total_rows = seg_start[nseg];
     memset(y, 0, (size_t)total_rows * N * sizeof(float));
-    /* each task: one segment's row block x one TASK_N slice of outputs */
-    int nblocks_n = (N + TASK_N - 1) / TASK_N;
     int64_t ntasks = 0;
     int32_t *task_seg_block = malloc(sizeof(int32_t) * 2 * (size_t)(total_rows + nseg) + 2);
     if (!task_seg_block) return -1;
@@ -247,20 +244,26 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
             task_seg_block[2 * nrowblocks + 1] = r;
             nrowblocks++;
         }
+    /* A task is one row block times a slice of the outputs. The layout keeps N contiguous, so a
+     * task over all N reads its expert's planes front to back, which the prefetchers stream from
+     * memory: whole rows when there are row blocks for every thread, else N split evenly. Tasks
+     * go round-robin to threads, which shares experts of different widths out evenly. */
+    const int task_n = nrowblocks >= nthreads ? N : ((N + nthreads - 1) / nthreads + TILE_N - 1) / TILE_N * TILE_N;
+    const int nblocks_n = (N + task_n - 1) / task_n;
     ntasks = (int64_t)nrowblocks * nblocks_n;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         float *xs_scaled = malloc(sizeof(float) * (size_t)MAX_PLANES * MAX_ROWS * K);
         float *xsum = malloc(sizeof(float) * (size_t)MAX_ROWS * (K / G));
-        float *acc = malloc(sizeof(float) * (size_t)MAX_ROWS * TASK_N);
+        float *acc = malloc(sizeof(float) * (size_t)MAX_ROWS * task_n);
         float *lut = malloc(sizeof(float) * ((size_t)K / 32 * LUT_CHUNKS * 8 + 1));
         int prepared_block = -1;
         if (!xs_scaled || !xsum || !acc || !lut) {
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(static, 1)
         for (int64_t t = 0; t < ntasks; t++) {
             if (failed) continue;
             const int b = (int)(t / nblocks_n), nb = (int)(t % nblocks_n);
@@ -273,7 +276,7 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
                 prepare_rows(x + (size_t)r0 * K, rows, K, G, planes, nplanes, xs_scaled, xsum, lut);
                 prepared_block = b;
             }
-            const int na = nb * TASK_N, n_end = (nb + 1) * TASK_N < N ? (nb + 1) * TASK_N : N;
+            const int na = nb * task_n, n_end = (nb + 1) * task_n < N ? (nb + 1) * task_n : N;
             float *out = y + (size_t)r0 * N;
 #ifdef MOEQ_AVX2
             if (!portable) {
