@@ -55,29 +55,43 @@ def quantize_gptq(
     if act_order:
         return _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size, use_hqq)
     w, h_inv = _prepared(weight, hessian, damp_percent)
-    codes = torch.zeros(e, n, k, dtype=torch.int32, device=weight.device)
     scales = torch.zeros(e, n, k // group_size, dtype=METADATA_DTYPE, device=weight.device)
     zeros = torch.zeros_like(scales)
+    grid = {}
+
+    def grid_at(column, block, i, end):
+        if column % group_size == 0:  # the group's grid, from the weights as updated so far
+            group = torch.cat([block[..., i:], w[..., end : column + group_size]], dim=-1)[..., :group_size]
+            start_grid = (quantize_hqq if use_hqq else quantize_rtn)(group.float(), bits, group_size)
+            scales[..., column // group_size] = start_grid.scale[..., 0]
+            zeros[..., column // group_size] = start_grid.zero[..., 0]
+            grid["scale"], grid["zero"] = start_grid.scale[..., 0].double(), start_grid.zero[..., 0].double()
+        return grid["scale"], grid["zero"]
+
+    codes = _solve_columns(w, h_inv, bits, block_size, grid_at)
+    return GroupQuantized(codes, scales, zeros, bits, group_size)
+
+
+def _solve_columns(w, h_inv, bits, block_size, grid_at) -> torch.Tensor:
+    """GPTQ's column loop over ``w`` [E, N, K] (updated in place) with the upper Cholesky factor
+    of its inverse Hessian: each column is rounded on the grid ``grid_at(column, block, i, end)``
+    gives (scale, zero [E, N]), and its error spread over the columns after it, lazily by blocks."""
+    e, n, k = w.shape
+    codes = torch.zeros(e, n, k, dtype=torch.int32, device=w.device)
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
         block = w[..., start:end].clone()
         errors = torch.zeros_like(block)
         h_inv_block = h_inv[:, start:end, start:end]
         for i in range(end - start):
-            column = start + i
-            if column % group_size == 0:  # the group's grid, from the weights as updated so far
-                group = torch.cat([block[..., i:], w[..., end : column + group_size]], dim=-1)[..., :group_size]
-                start_grid = (quantize_hqq if use_hqq else quantize_rtn)(group.float(), bits, group_size)
-                scales[..., column // group_size] = start_grid.scale[..., 0]
-                zeros[..., column // group_size] = start_grid.zero[..., 0]
-                scale, zero = start_grid.scale[..., 0].double(), start_grid.zero[..., 0].double()
+            scale, zero = grid_at(start + i, block, i, end)
             q = torch.round(block[..., i] / scale + zero).clamp_(0, 2**bits - 1)
-            codes[..., column] = q.to(torch.int32)
+            codes[..., start + i] = q.to(torch.int32)
             error = (block[..., i] - (q - zero) * scale) / h_inv_block[:, i, i, None]
             block[..., i:] -= error[..., None] * h_inv_block[:, None, i, i:]
             errors[..., i] = error
         w[..., end:] -= errors @ h_inv[:, start:end, end:]
-    return GroupQuantized(codes, scales, zeros, bits, group_size)
+    return codes
 
 
 def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size, use_hqq) -> GroupQuantized:
@@ -94,20 +108,11 @@ def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size,
     group_of = (order // group_size)[:, None, :].expand(e, n, k)  # each permuted column's group
     column_scale = fitted.scale.double().gather(-1, group_of)
     column_zero = fitted.zero.double().gather(-1, group_of)
-    codes = torch.zeros(e, n, k, dtype=torch.int32, device=weight.device)
-    for start in range(0, k, block_size):
-        end = min(start + block_size, k)
-        block = w[..., start:end].clone()
-        errors = torch.zeros_like(block)
-        h_inv_block = h_inv[:, start:end, start:end]
-        for i in range(end - start):
-            scale, zero = column_scale[..., start + i], column_zero[..., start + i]
-            q = torch.round(block[..., i] / scale + zero).clamp_(0, 2**bits - 1)
-            codes[..., start + i] = q.to(torch.int32)
-            error = (block[..., i] - (q - zero) * scale) / h_inv_block[:, i, i, None]
-            block[..., i:] -= error[..., None] * h_inv_block[:, None, i, i:]
-            errors[..., i] = error
-        w[..., end:] -= errors @ h_inv[:, start:end, end:]
+
+    def static_grid(column, *_):
+        return column_scale[..., column], column_zero[..., column]
+
+    codes = _solve_columns(w, h_inv, bits, block_size, static_grid)
     codes = torch.zeros_like(codes).scatter_(-1, rows, codes)
     return GroupQuantized(codes, fitted.scale, fitted.zero, bits, group_size)
 
