@@ -183,10 +183,10 @@ def test_other_activations_run_the_two_projections_and_equal_the_reference(gated
     assert _relative(fast, module(x.double().float(), index, weights)) < 1e-5
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-3)])
 def test_logits_equal_the_reference_path_at_every_width(tmp_path, dtype, tolerance):
-    """Every expert at one width, 1 to 8 bits. In bf16 the reference rounds each dequantized
-    weight to bf16 (about 1e-3 from the exact weights by itself); the kernels use the exact ones."""
+    """Every expert at one width, 1 to 8 bits: the issue's bound, in fp32 and in bf16 (both paths
+    compute the experts in float32 from the exact weights; only the order of the sums differs)."""
     torch.manual_seed(0)
     MixtralForCausalLM(tiny_mixtral_config()).save_pretrained(tmp_path)
     ids = torch.randint(0, 128, (1, 10))

@@ -18,5 +18,7 @@ def dequantize_packed(packed: PackedProjection) -> torch.Tensor:
 
 
 def packed_linear(x: torch.Tensor, packed: PackedProjection) -> torch.Tensor:
-    """``x @ W.T`` for one expert's packed weight, computed in ``x``'s dtype."""
-    return torch.nn.functional.linear(x, dequantize_packed(packed).to(x.dtype))
+    """``x @ W.T`` for one expert's packed weight, returned in ``x``'s dtype. Computed in float32
+    from the exact weights: a bf16 copy of the weight would round each one by up to 2^-9, an error
+    the packed format does not have and the kernels do not make."""
+    return torch.nn.functional.linear(x.float(), dequantize_packed(packed)).to(x.dtype)

@@ -91,20 +91,22 @@ class MixedBitExperts(PackedModule):
     def _reference_forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        # Accumulate in float32 so bf16/fp16 sums over top-k do not round at every add.
+        # In float32 throughout, as the kernels: bf16/fp16 intermediates and sums over top-k would
+        # round at every step.
+        x = hidden_states.float()
         out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         for expert in torch.unique(top_k_index).tolist():
             if expert >= self.num_experts:  # index used for experts on another rank
                 continue
             token_idx, k_pos = torch.where(top_k_index == expert)
-            h = packed_linear(hidden_states[token_idx], self.expert_projection(self.input_projection, expert))
+            h = packed_linear(x[token_idx], self.expert_projection(self.input_projection, expert))
             if self.gated:
                 gate, up = h.chunk(2, dim=-1)
                 h = self.act_fn(gate) * up
             else:
                 h = self.act_fn(h)
             y = packed_linear(h, self.expert_projection("down_proj", expert))
-            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).float())
+            out.index_add_(0, token_idx, y * top_k_weights[token_idx, k_pos, None].float())
         return out.to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
