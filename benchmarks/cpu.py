@@ -241,6 +241,32 @@ def experts_layer_alone(model) -> tuple[float, float]:
     return statistics.median(rates[len(layers) :]) / 1e9, (1 << 28) / copy_seconds(1 << 28, reps=5) / 1e9
 
 
+def experts_seconds(model, prompt: torch.Tensor) -> tuple[float, float]:
+    """(seconds of one greedy decode, seconds of it inside the experts layers), timed by hooks: the
+    rest (attention, routers, norms, generate's loop) is the same work as in the dense model, so
+    it bounds how far faster experts can take the whole model."""
+    from optimum_moeq import MixedBitExperts
+
+    inside, started = [0.0], [0.0]
+
+    def before(*_):
+        started[0] = time.perf_counter()
+
+    def after(*_):
+        inside[0] += time.perf_counter() - started[0]
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, MixedBitExperts):
+            hooks += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
+    try:
+        total = decode_seconds(model, prompt)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total, inside[0]
+
+
 def bytes_per_token(config, bits: float) -> float:
     """Bytes one decode token reads: the routed experts at ``bits``, every other weight in bf16
     (one embedding row)."""
@@ -249,6 +275,36 @@ def bytes_per_token(config, bits: float) -> float:
     attention = h * h * 2 + 2 * h * kv + h * config.num_local_experts
     experts = config.num_experts_per_tok * 3 * h * i
     return layers * (experts * bits / 8 + attention * 2) + config.vocab_size * h * 2
+
+
+def table_notes(names, rounds, prefill, threads, copy_gbs, alone, shares, smoke) -> str:
+    shapes = "; ".join(
+        f"{n}: hidden {MODELS[n]['hidden_size']}, intermediate {MODELS[n]['intermediate_size']}, "
+        f"{MODELS[n]['num_hidden_layers']} layers"
+        for n in names
+    )
+    notes = (
+        f"Random Mixtral-shaped models ({shapes}; 8 experts, top-2, vocabulary 2000), {threads} threads, "
+        f"greedy decode of {NEW_TOKENS} tokens after {PROMPT} at batch 1, prefill of {prefill} tokens. "
+        f"Medians of {rounds} runs alternating with dense bf16; decode ratio = tokens/s over dense bf16's, "
+        "prefill ratio = seconds over dense bf16's. Bits per expert weight: true for optimum-moeq (codes, "
+        "scales and zeros), nominal for the peers. Limit: copy bandwidth "
+        f"({copy_gbs / 2:.1f} GB/s read) over the bytes a decode token reads. "
+    )
+    for name, (experts_ms, rest_ms, dense_ms) in shares.items():
+        notes += (
+            f"{name}: of optimum-moeq 2.5 bits' {experts_ms + rest_ms:.1f} ms per decode token, the experts layers "
+            f"take {experts_ms:.1f} ms and the rest {rest_ms:.1f} ms (attention, routers, norms, generate's loop: "
+            f"the dense model's own work), so even free experts would decode at most {dense_ms / rest_ms:.2f}x "
+            f"dense bf16 ({dense_ms:.1f} ms per token). "
+        )
+    if alone:
+        notes += (
+            f"An experts layer of the {alone[0]} model alone (batch 1, 2.5 bits, layers in turn, random routing) "
+            f"reads its routed experts' packed bytes at {alone[1]:.1f} GB/s; a plain copy reads at "
+            f"{alone[2]:.1f} GB/s ({100 * alone[1] / alone[2]:.0f}%). "
+        )
+    return notes + f"Command: python benchmarks/cpu.py{' --smoke' if smoke else ''}"
 
 
 def main() -> None:
@@ -264,8 +320,11 @@ def main() -> None:
     rows = []
     copy_gbs = 2 * (1 << 28) / copy_seconds(1 << 28, reps=5) / 1e9  # read + write
     threads = torch.get_num_threads()
-    alone = None
-    for name in ["smoke"] if args.smoke else args.models:
+    alone, experts_s, shares = None, {}, {}
+    names = ["smoke"] if args.smoke else args.models
+    header = ["model", "variant", "bits/expert weight", "decode tok/s", "vs bf16", "limit tok/s", "prefill s",
+              "vs bf16 (time)"]  # fmt: skip
+    for name in names:
         config = mixtral_config(MODELS[name])
         prefill = 32 if args.smoke else PREFILL
         rounds = 2 if args.smoke else args.rounds
@@ -288,8 +347,12 @@ def main() -> None:
                     print(f"skipped {label}: {type(err).__name__}: {err}")
                     continue
                 bits = bits or expert_bits(model)
-                if label == "optimum-moeq 2.5 bits" and alone is None and not args.smoke:
-                    alone = (name, *experts_layer_alone(model))
+                if label == "optimum-moeq 2.5 bits":
+                    timed = [experts_seconds(model, prompt) for _ in range(3)]
+                    experts_s[name] = (statistics.median(e for _, e in timed),
+                                       statistics.median(t - e for t, e in timed))  # fmt: skip
+                    if alone is None and not args.smoke:
+                        alone = (name, *experts_layer_alone(model))
                 pairs = {"dense bf16": ([], []), label: ([], [])}
                 for _ in range(rounds):
                     for key, m in (("dense bf16", reference), (label, model)):
@@ -302,6 +365,9 @@ def main() -> None:
                 measured[label] = (bits, pairs[label][0], pairs[label][1], ratio_decode, ratio_prefill)
                 del model
                 gc.collect()
+            if name in experts_s:  # ms per token: (experts layers, everything else, dense bf16's whole)
+                dense_ms = statistics.median(measured["dense bf16"][1]) * 1e3 / NEW_TOKENS
+                shares[name] = (*(1e3 * t / NEW_TOKENS for t in experts_s[name]), dense_ms)
             for label, (bits, decodes, prefills, *ratios) in measured.items():
                 limit = copy_gbs / 2 * 1e9 / bytes_per_token(config, bits)
                 decode_ratio, prefill_ratio = ratios or (1.0, 1.0)
@@ -310,29 +376,9 @@ def main() -> None:
                     name, label, f"{bits:.2f}", f"{tokens_per_s:.1f}", f"{decode_ratio:.2f}", f"{limit:.0f}",
                     f"{statistics.median(prefills):.2f}", f"{prefill_ratio:.2f}",
                 ])  # fmt: skip
-    shapes = "; ".join(
-        f"{n}: hidden {MODELS[n]['hidden_size']}, intermediate {MODELS[n]['intermediate_size']}, "
-        f"{MODELS[n]['num_hidden_layers']} layers"
-        for n in (["smoke"] if args.smoke else args.models)
-    )
-    notes = (
-        f"Random Mixtral-shaped models ({shapes}; 8 experts, top-2, vocabulary 2000), {threads} threads, "
-        f"greedy decode of {NEW_TOKENS} tokens after {PROMPT} at batch 1, prefill of {prefill} tokens. "
-        f"Medians of {rounds} runs alternating with dense bf16; decode ratio = tokens/s over dense bf16's, "
-        "prefill ratio = seconds over dense bf16's. Bits per expert weight: true for optimum-moeq (codes, "
-        "scales and zeros), nominal for the peers. Limit: copy bandwidth "
-        f"({copy_gbs / 2:.1f} GB/s read) over the bytes a decode token reads. "
-    )
-    if alone:
-        notes += (
-            f"An experts layer of the {alone[0]} model alone (batch 1, 2.5 bits, layers in turn, random routing) "
-            f"reads its routed experts' packed bytes at {alone[1]:.1f} GB/s; a plain copy reads at "
-            f"{alone[2]:.1f} GB/s ({100 * alone[1] / alone[2]:.0f}%). "
-        )
-    notes += f"Command: python benchmarks/cpu.py{' --smoke' if args.smoke else ''}"
-    header = ["model", "variant", "bits/expert weight", "decode tok/s", "vs bf16", "limit tok/s", "prefill s",
-              "vs bf16 (time)"]  # fmt: skip
-    write_table(out, "CPU: batch-1 decode and prefill", header, rows, notes)
+        # written after each model, so that a run stopped during the next one keeps this one's rows
+        write_table(out, "CPU: batch-1 decode and prefill", header, rows,
+                    table_notes(names, rounds, prefill, threads, copy_gbs, alone, shares, args.smoke))  # fmt: skip
 
 
 if __name__ == "__main__":
