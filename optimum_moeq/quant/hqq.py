@@ -1,20 +1,15 @@
-"""Calibration-free optimisation of each group's scale and zero ("hqq" method).
+"""Half-Quadratic Quantization (HQQ; Badri & Shaji, 2023) of each group's zero point ("hqq" method).
 
-Three steps, each kept per group only where it lowers that group's squared error, so the
-result is never worse than round-to-nearest:
+As the authors' library (``hqq``, ``Quantizer.quantize(..., optimize=True)``) does it: the grid
+starts at the group's min-max range (not extended to 0, unlike rtn's), its scale is kept, and the
+zero point is refined by the half-quadratic proximal solver for a robust lp error (p = 0.7):
+alternately split off the residual's outliers by generalised soft-thresholding, then set the zero
+to the mean that fits the rest. The iterations stop, for each weight, at the first one whose mean
+absolute error over the whole weight does not fall, keeping that iteration's zero update as the
+library does. Every expert of a stacked ``[E, N, K]`` tensor is its own weight.
 
-1. clipping search: shrink the group's [min, max] range (extended to 0, as rtn's) by factors from 1 down to
-   ``min_shrink`` and keep the factor with the least error (outliers cost less than the
-   resolution they steal from every other weight);
-2. least-squares refit: for the codes the current (scale, zero) give, the (scale, zero)
-   minimising ``sum (s (q - z) - w)^2`` in closed form, alternated with re-rounding;
-3. the half-quadratic solver of HQQ (Badri & Shaji, 2023) for the zero under a robust lp
-   error (``lp_norm``, p < 1; None skips it).
-
-The range search and the refit come first because HQQ's lp solver alone does little for 2-bit
-weight error and can raise a model's output error, while the range search is where most of the
-gain is; the lp step only replaces a group's zero where that lowers its squared error
-(benchmarks/results/notes.md has the figures).
+Scales and zeros are stored in float16 (the library's inverse scale is inverted); a group whose
+zero would leave float16's range (near-constant groups far from 0) takes rtn's grid instead.
 """
 
 from __future__ import annotations
@@ -22,28 +17,18 @@ from __future__ import annotations
 import torch
 
 from .packing import check_bits
-from .rtn import _MIN_SCALE, METADATA_DTYPE, GroupQuantized, _grouped, codes_for
+from .rtn import METADATA_DTYPE, GroupQuantized, _grouped, codes_for, quantize_rtn
 
-
-def _error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    q = torch.round(w / scale + zero).clamp_(0, qmax)
-    return ((q - zero) * scale - w).pow_(2).sum(dim=-1, keepdim=True), q
-
-
-def _candidate(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, best: list[torch.Tensor]) -> None:
-    """Keep (scale, zero), as float16 will store them, for the groups where it lowers the error."""
-    scale = scale.to(METADATA_DTYPE).float().clamp_(min=_MIN_SCALE)
-    zero = zero.to(METADATA_DTYPE).float()
-    err = _error(w, scale, zero, qmax)[0]
-    better = err < best[0]
-    best[0] = torch.where(better, err, best[0])
-    best[1] = torch.where(better, scale, best[1])
-    best[2] = torch.where(better, zero, best[2])
+# The library's guards: a range this narrow gets a unit scale, and the inverse scale is capped so
+# that half-precision metadata stays finite.
+_NARROW_RANGE = 1e-4
+_MAX_INVERSE_SCALE = 2e4
 
 
 def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
-    """Generalised soft-thresholding: the proximal step of the lp norm used by HQQ."""
-    return torch.sign(x) * torch.relu(x.abs() - (1.0 / beta) * x.abs().clamp_min(1e-8).pow(p - 1))
+    """Generalised soft-thresholding: the proximal step of the lp norm (p < 1) with penalty beta."""
+    magnitude = x.abs()
+    return torch.sign(x) * (magnitude - magnitude.pow(p - 1) / beta).clamp_min_(0.0)
 
 
 def quantize_hqq(
@@ -51,45 +36,41 @@ def quantize_hqq(
     bits: int,
     group_size: int,
     *,
-    shrink_steps: int = 10,
-    min_shrink: float = 0.5,
-    refit_iterations: int = 2,
-    lp_norm: float | None = 0.7,
-    lp_iterations: int = 5,
+    lp_norm: float = 0.7,
+    beta: float = 10.0,
+    iterations: int = 20,
 ) -> GroupQuantized:
-    """Optimised asymmetric group quantization of ``weight`` [..., N, K], on ``weight``'s device."""
+    """HQQ-optimised asymmetric group quantization of ``weight`` [N, K] or [E, N, K] (one weight per
+    expert), on ``weight``'s device; the library's defaults (lp 0.7, beta 10, 20 iterations)."""
     check_bits(bits)
     qmax = 2**bits - 1
-    w = _grouped(weight.float(), group_size)
-    wmin, wmax = w.amin(dim=-1, keepdim=True).clamp(max=0), w.amax(dim=-1, keepdim=True).clamp(min=0)  # as rtn
-    best: list[torch.Tensor] = [torch.full_like(wmin, float("inf")), wmin, wmin]
+    w = _grouped(weight.float(), group_size)  # [..., N, K/G, G]
+    wmin, wmax = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+    span = wmax - wmin
+    inverse = torch.where(span.abs() <= _NARROW_RANGE, 1.0, qmax / span.clamp_min(_NARROW_RANGE))
+    inverse = inverse.clamp_(max=_MAX_INVERSE_SCALE)
+    zero = -wmin * inverse
 
-    for shrink in torch.linspace(1.0, min_shrink, shrink_steps).tolist():
-        lo, hi = wmin * shrink, wmax * shrink
-        scale = ((hi - lo) / qmax).clamp_(min=_MIN_SCALE).to(METADATA_DTYPE).float()
-        zero = -lo / scale  # against the stored scale, as rtn does: shrink 1.0 is exactly rtn
-        _candidate(w, scale, zero, qmax, best)
+    per_weight = weight.shape[:-2]  # one early stop per expert
+    best = torch.full(per_weight, float("inf"), device=weight.device)
+    running = torch.ones(per_weight, dtype=torch.bool, device=weight.device)
+    for _ in range(iterations):
+        q = torch.round(w * inverse + zero).clamp_(0, qmax)
+        residual = w - (q - zero) / inverse
+        error = residual.abs().mean(dim=(-3, -2, -1))
+        refined = torch.mean(q - (w - _shrink_lp(residual, beta, lp_norm)) * inverse, dim=-1, keepdim=True)
+        zero = torch.where(running[..., None, None, None], refined, zero)
+        improved = error < best
+        best = torch.where(running & improved, error, best)
+        running &= improved
+        if not running.any():
+            break
 
-    w_mean = w.mean(dim=-1, keepdim=True)
-    for _ in range(refit_iterations):
-        q = torch.round(w / best[1] + best[2]).clamp_(0, qmax)
-        q_centered = q - q.mean(dim=-1, keepdim=True)
-        variance = q_centered.pow(2).sum(dim=-1, keepdim=True)
-        scale = torch.where(
-            variance > 0, (q_centered * (w - w_mean)).sum(dim=-1, keepdim=True) / variance.clamp_min(1e-12), best[1]
-        ).clamp_(min=_MIN_SCALE)
-        zero = q.mean(dim=-1, keepdim=True) - w_mean / scale
-        _candidate(w, scale, zero, qmax, best)
-
-    if lp_norm is not None:
-        scale, zero, beta = best[1], best[2].clone(), 10.0
-        for _ in range(lp_iterations):
-            q = torch.round(w / scale + zero).clamp_(0, qmax)
-            outliers = _shrink_lp(w - (q - zero) * scale, beta, lp_norm)
-            zero = torch.mean(q - (w - outliers) / scale, dim=-1, keepdim=True)
-            beta *= 1.01
-            _candidate(w, scale, zero, qmax, best)
-
-    scale = best[1].squeeze(-1).to(METADATA_DTYPE)
-    zero = best[2].squeeze(-1).to(METADATA_DTYPE)
+    scale = (1.0 / inverse).squeeze(-1).to(METADATA_DTYPE)
+    zero = zero.squeeze(-1).to(METADATA_DTYPE)
+    unstorable = ~torch.isfinite(zero)
+    if unstorable.any():
+        fallback = quantize_rtn(weight, bits, group_size)
+        scale = torch.where(unstorable, fallback.scale, scale)
+        zero = torch.where(unstorable, fallback.zero, zero)
     return GroupQuantized(codes_for(weight, scale, zero, bits), scale, zero, bits, group_size)
