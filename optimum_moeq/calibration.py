@@ -310,30 +310,15 @@ def _weighted_hessian(inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return 2.0 * x.T @ x / w.sum().clamp(min=1e-12)
 
 
-# Per batch of experts solved together: float64 Hessians and their factors (about 3 copies of
-# [E_b, K, K]) and the working weights (about 2 copies of [E_b, N, K]); a Mixtral-8x7B expert alone
-# is 0.9 GiB of float64 gate_up, so the batch is bounded, not the layer.
-_MAX_BATCH_BYTES = 2**31
-
-
 def _gptq_with(inputs, weights: list[torch.Tensor], config: RouterNormConfig):
-    """A quantize function for ``quantize_projection``: GPTQ for the experts of a width at once,
-    each with the Hessian of its ``inputs[e]`` (those of the tokens it weighs)."""
+    """A quantize function for ``quantize_projection``: GPTQ for the experts of a width it is given
+    at once (batched as memory allows there), each with the Hessian of its ``inputs[e]`` (those of
+    the tokens it weighs)."""
 
     def quantize(expert_weights: torch.Tensor, bits: int, experts: tuple[int, ...]) -> GroupQuantized:
-        n, k = expert_weights.shape[-2:]
-        per_batch = max(1, _MAX_BATCH_BYTES // (8 * (3 * k * k + 2 * n * k)))
-        parts = []
-        for start in range(0, len(experts), per_batch):
-            chunk = experts[start : start + per_batch]
-            hessians = torch.stack([_weighted_hessian(_rows(inputs, weights, e), weights[e]) for e in chunk])
-            parts.append(quantize_gptq(expert_weights[start : start + per_batch].float(), hessians, bits,
-                                       config.group_size, damp_percent=config.damp_percent,
-                                 act_order=config.desc_act))  # fmt: skip
-        return GroupQuantized(
-            torch.cat([q.codes for q in parts]), torch.cat([q.scale for q in parts]),
-            torch.cat([q.zero for q in parts]), bits, config.group_size,
-        )  # fmt: skip
+        hessians = torch.stack([_weighted_hessian(_rows(inputs, weights, e), weights[e]) for e in experts])
+        return quantize_gptq(expert_weights.float(), hessians, bits, config.group_size,
+                             damp_percent=config.damp_percent, act_order=config.desc_act)  # fmt: skip
 
     return quantize
 

@@ -17,8 +17,20 @@ from ..kernels import cpu_moe
 from ..kernels.grouped import use_triton
 from ..quant import GroupQuantized, PackedProjection, pack_projection, quantize_weight
 from ..quant.layout import PackedLayout
+from ..quant.packed import concat_packed
 
 KERNELS = ("auto", "torch", "triton", "cpu")
+
+# Experts of a width are quantized together (batched GPTQ) while their working set stays under
+# this: about 32 bytes per weight (float64 weights and their copies, int32 codes) and 24 per entry
+# of a K x K Hessian (it, its factor and their copies). Larger experts go one at a time (a
+# Mixtral-8x7B gate_up expert is 4.2 GB of it).
+_WORKING_SET_BYTES = 2**31
+
+
+def _working_set_bytes(n: int, k: int) -> int:
+    return 32 * n * k + 24 * k * k
+
 
 # (full-precision weights of the experts sharing a width [E_b, N, K] (or one weight [N, K]), bits,
 # those experts' indices) -> their quantized form. GPTQ supplies one with its Hessians.
@@ -114,9 +126,15 @@ class PackedModule(QuantizedModule):
             raise ValueError(f"{proj} weight has shape {tuple(weight.shape)}, expected {expected}.")
         quantize = quantize or (lambda w, bits, _: quantize_weight(w, bits, layout.group_size, self.method))
         tensors = {}
+        n, k = expected[-2:]
+        per_call = max(1, _WORKING_SET_BYTES // _working_set_bytes(n, k))
         for bits, members in layout.members.items():
-            quantized = quantize(weight[list(members)] if layout.stacked else weight, bits, members)
-            tensors.update(layout.named(proj, pack_projection(quantized)))
+            if not layout.stacked:
+                packed = pack_projection(quantize(weight, bits, members))
+            else:  # each batch packed as soon as it is quantized: its int32 codes are 16x its planes
+                batches = [members[i : i + per_call] for i in range(0, len(members), per_call)]
+                packed = concat_packed([pack_projection(quantize(weight[list(b)], bits, b)) for b in batches])
+            tensors.update(layout.named(proj, packed))
         return tensors
 
     def _use_triton(self, x: torch.Tensor) -> bool:

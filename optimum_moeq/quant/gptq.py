@@ -4,8 +4,8 @@ Columns (input features) are quantized in order; each column's rounding error is
 the columns not yet quantized, weighted by the inverse Hessian, so that the layer's output on
 the calibration inputs moves as little as possible. Groups get their scale and zero when their
 first column is reached, from the weights as updated so far. ``grid="auto"`` takes min-max
-(rtn) at 2 bits and more, since hqq's clipping drops outlier weights that matter to the output,
-and hqq's optimised grid at 1 bit, where min-max made GPTQ diverge (benchmarks/results/notes.md).
+(rtn) at 2 bits and more and HQQ's grid at 1 bit, where min-max made GPTQ diverge
+(benchmarks/results/notes.md).
 """
 
 from __future__ import annotations
@@ -75,23 +75,27 @@ def quantize_gptq(
 def _solve_columns(w, h_inv, bits, block_size, grid_at) -> torch.Tensor:
     """GPTQ's column loop over ``w`` [E, N, K] (updated in place) with the upper Cholesky factor
     of its inverse Hessian: each column is rounded on the grid ``grid_at(column, block, i, end)``
-    gives (scale, zero [E, N]), and its error spread over the columns after it, lazily by blocks."""
+    gives (scale, zero [E, N]), and its error spread over the columns after it, lazily by blocks.
+
+    A block is held transposed, [E, B, N], so that a column is a contiguous row: the loop's
+    per-column rounding and rank-1 update then read whole cache lines (a column of [E, N, B]
+    touches one line per output)."""
     e, n, k = w.shape
-    codes = torch.zeros(e, n, k, dtype=torch.int32, device=w.device)
+    codes = torch.zeros(e, k, n, dtype=torch.int32, device=w.device)
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
-        block = w[..., start:end].clone()
+        block = w[..., start:end].transpose(-1, -2).contiguous()
         errors = torch.zeros_like(block)
         h_inv_block = h_inv[:, start:end, start:end]
         for i in range(end - start):
-            scale, zero = grid_at(start + i, block, i, end)
-            q = torch.round(block[..., i] / scale + zero).clamp_(0, 2**bits - 1)
-            codes[..., start + i] = q.to(torch.int32)
-            error = (block[..., i] - (q - zero) * scale) / h_inv_block[:, i, i, None]
-            block[..., i:] -= error[..., None] * h_inv_block[:, None, i, i:]
-            errors[..., i] = error
-        w[..., end:] -= errors @ h_inv[:, start:end, end:]
-    return codes
+            scale, zero = grid_at(start + i, block.transpose(-1, -2), i, end)
+            q = torch.round(block[:, i] / scale + zero).clamp_(0, 2**bits - 1)
+            codes[:, start + i] = q.to(torch.int32)
+            error = (block[:, i] - (q - zero) * scale) / h_inv_block[:, i, i, None]
+            block[:, i:].baddbmm_(h_inv_block[:, i, i:, None], error[:, None, :], alpha=-1)  # one pass
+            errors[:, i] = error
+        w[..., end:] -= errors.transpose(-1, -2) @ h_inv[:, start:end, end:]
+    return codes.transpose(-1, -2).contiguous()
 
 
 def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size, use_hqq) -> GroupQuantized:
@@ -105,12 +109,13 @@ def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size,
     )
     w, h_inv = _prepared(weight.gather(-1, rows), permuted_hessian, damp_percent)
     fitted = (quantize_hqq if use_hqq else quantize_rtn)(w.float().scatter(-1, rows, w.float()), bits, group_size)
-    group_of = (order // group_size)[:, None, :].expand(e, n, k)  # each permuted column's group
-    column_scale = fitted.scale.double().gather(-1, group_of)
-    column_zero = fitted.zero.double().gather(-1, group_of)
+    group_of = order // group_size  # [E, K]: each permuted column's group
+    scale_rows = fitted.scale.double().transpose(-1, -2).contiguous()  # [E, K / G, N]
+    zero_rows = fitted.zero.double().transpose(-1, -2).contiguous()
+    experts = torch.arange(e, device=weight.device)
 
     def static_grid(column, *_):
-        return column_scale[..., column], column_zero[..., column]
+        return scale_rows[experts, group_of[:, column]], zero_rows[experts, group_of[:, column]]
 
     codes = _solve_columns(w, h_inv, bits, block_size, static_grid)
     codes = torch.zeros_like(codes).scatter_(-1, rows, codes)
@@ -120,8 +125,8 @@ def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size,
 def _prepared(weight: torch.Tensor, hessian: torch.Tensor, damp_percent: float):
     """float64 weights with dead inputs (never active: zero Hessian diagonal) zeroed, and the upper
     Cholesky factor of the damped inverse Hessian, per batch entry."""
-    w = weight.double().clone()
-    h = hessian.double().clone()
+    w = weight.to(torch.float64, copy=True)  # one copy (.double().clone() made two of a float32 weight)
+    h = hessian.to(torch.float64, copy=True)
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     dead = diag == 0
     w.masked_fill_(dead[:, None, :], 0.0)

@@ -51,6 +51,14 @@ def pack_projection(quantized: GroupQuantized) -> PackedProjection:
     )
 
 
+def concat_packed(parts: list[PackedProjection]) -> PackedProjection:
+    """Packed projections of the same width, experts one after another (the expert axis, 0)."""
+    if len(parts) == 1:
+        return parts[0]
+    fields = {name: torch.cat([p.tensors()[name] for p in parts]) for name in parts[0].tensors()}
+    return PackedProjection(bits=parts[0].bits, **fields)
+
+
 def packed_tensor_shapes(
     bits: int, n: int, k: int, group_size: int, lead: tuple[int, ...] = ()
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
