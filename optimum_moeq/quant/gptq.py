@@ -3,9 +3,9 @@
 Columns (input features) are quantized in order; each column's rounding error is spread over
 the columns not yet quantized, weighted by the inverse Hessian, so that the layer's output on
 the calibration inputs moves as little as possible. Groups get their scale and zero when their
-first column is reached, from the weights as updated so far. ``grid="auto"`` takes min-max
-(rtn) at 2 bits and more and HQQ's grid at 1 bit, where min-max made GPTQ diverge
-(benchmarks/results/notes.md).
+first column is reached, from the weights as updated so far. The grid is min-max (rtn's) at every
+width by default; ``grid="hqq"`` starts each group from HQQ's instead, which measured worse with
+1-bit experts on the testbed (benchmarks/results/notes.md).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def quantize_gptq(
     *,
     damp_percent: float = 0.01,
     block_size: int = 128,
-    grid: str = "auto",
+    grid: str = "rtn",
     act_order: bool = False,
 ) -> GroupQuantized:
     """GPTQ codes, scales and zeros for ``weight`` [N, K] given ``hessian`` [K, K], or for a batch
@@ -51,7 +51,9 @@ def quantize_gptq(
     if tuple(hessian.shape) != (e, k, k):
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected {(e, k, k)} for weights {(e, n, k)}.")
     check_group_size(group_size, k)
-    use_hqq = grid == "hqq" or (grid == "auto" and bits == 1)
+    if grid not in ("rtn", "hqq"):
+        raise ValueError(f"grid={grid!r} is not supported: allowed are 'rtn' and 'hqq'.")
+    use_hqq = grid == "hqq"
     if act_order:
         return _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size, use_hqq)
     w, h_inv = _prepared(weight, hessian, damp_percent)
