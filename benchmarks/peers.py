@@ -57,6 +57,8 @@ def quanto(linear: nn.Linear, bits: int, group: int) -> nn.Module:
 
     if bits not in (2, 4):
         raise NotImplementedError(f"optimum-quanto has no {bits}-bit integer weights (qint2, qint4 only)")
+    if group != 128:
+        raise NotImplementedError("optimum-quanto's quantize() groups weights by 128, not by a chosen size")
     holder = nn.Sequential(linear)
     quantize(holder, weights={2: qint2, 4: qint4}[bits])
     freeze(holder)
@@ -77,7 +79,7 @@ def bnb_nf4(linear: nn.Linear, bits: int, group: int) -> nn.Module:
 PEERS = [
     ("hqq library (Quantizer.quantize, optimize=True, axis=1)", hqq_library, "hqq", lambda b, g: b + 32 / g),
     ("torchao IntxWeightOnly, asymmetric", torchao_intx, "torchao", lambda b, g: b + 32 / g),
-    ("optimum-quanto qint2 (no 3-bit type)", quanto, "optimum.quanto", lambda b, g: b + 32 / g),
+    ("optimum-quanto qint2", quanto, "optimum.quanto", lambda b, g: b + 32 / g),
 ]
 
 
@@ -152,7 +154,8 @@ def main() -> None:
                 cells.append(f"{T.perplexity(model, windows):.3f}")
             except NotImplementedError as err:
                 cells.append("-")
-                skipped.append(f"{label} at {budget}: {err}")
+                if f"{label}: {err}" not in skipped:
+                    skipped.append(f"{label}: {err}")
         rows.append([label, *cells, f"{nominal(2, groups[-1]):.3f}"])
     nf4 = []
     for group in groups:
