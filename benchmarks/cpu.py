@@ -277,7 +277,7 @@ def bytes_per_token(config, bits: float) -> float:
     return layers * (experts * bits / 8 + attention * 2) + config.vocab_size * h * 2
 
 
-def table_notes(names, rounds, prefill, threads, copy_gbs, alone, shares, smoke) -> str:
+def table_notes(names, rounds, prefill, threads, copy_gbs, alone, shares, command) -> str:
     shapes = "; ".join(
         f"{n}: hidden {MODELS[n]['hidden_size']}, intermediate {MODELS[n]['intermediate_size']}, "
         f"{MODELS[n]['num_hidden_layers']} layers"
@@ -304,7 +304,7 @@ def table_notes(names, rounds, prefill, threads, copy_gbs, alone, shares, smoke)
             f"reads its routed experts' packed bytes at {alone[1]:.1f} GB/s; a plain copy reads at "
             f"{alone[2]:.1f} GB/s ({100 * alone[1] / alone[2]:.0f}%). "
         )
-    return notes + f"Command: python benchmarks/cpu.py{' --smoke' if smoke else ''}"
+    return notes + f"Command: {command}"
 
 
 def main() -> None:
@@ -322,6 +322,11 @@ def main() -> None:
     threads = torch.get_num_threads()
     alone, experts_s, shares = None, {}, {}
     names = ["smoke"] if args.smoke else args.models
+    command = "python benchmarks/cpu.py" + (" --smoke" if args.smoke else "")  # as run, for the table's notes
+    if args.models != parser.get_default("models"):
+        command += " --models " + " ".join(args.models)
+    if args.rounds != parser.get_default("rounds"):
+        command += f" --rounds {args.rounds}"
     header = ["model", "variant", "bits/expert weight", "decode tok/s", "vs bf16", "limit tok/s", "prefill s",
               "vs bf16 (time)"]  # fmt: skip
     for name in names:
@@ -378,7 +383,7 @@ def main() -> None:
                 ])  # fmt: skip
         # written after each model, so that a run stopped during the next one keeps this one's rows
         write_table(out, "CPU: batch-1 decode and prefill", header, rows,
-                    table_notes(names, rounds, prefill, threads, copy_gbs, alone, shares, args.smoke))  # fmt: skip
+                    table_notes(names, rounds, prefill, threads, copy_gbs, alone, shares, command))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import testbed as T  # noqa: E402
 from common import results_path, write_table  # noqa: E402
+from cpu import expert_bits  # noqa: E402
 
 from optimum_moeq import RouterNormConfig, allocate  # noqa: E402
 
@@ -113,8 +114,6 @@ def main() -> None:
     out = args.out or results_path("peers.md", args.smoke)
     from transformers import AutoModelForCausalLM
 
-    from optimum_moeq import model_footprint
-
     bed = T.build(args.smoke)
     windows = bed.windows()
     path = bed.trained_path
@@ -139,8 +138,7 @@ def main() -> None:
                                       group_size=group, allocation=allocations[group][budget], **extra)  # fmt: skip
             model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
             if budget == "2-bit" and group == groups[-1]:
-                weights = sum(m.layout.num_weights for m in _experts(model))
-                bits_per_weight = 8 * model_footprint(model).experts_bytes / weights
+                bits_per_weight = expert_bits(model)
             cells.append(f"{T.perplexity(model.dequantize(), windows):.3f}")
         rows.append([f"optimum-moeq {method}", *cells, f"{bits_per_weight:.3f}"])
     for label, quantize_linear, module, nominal in PEERS:
@@ -175,12 +173,6 @@ def main() -> None:
         + f"Command: python benchmarks/peers.py{' --smoke' if args.smoke else ''}"
     )
     write_table(out, "Quantizers against the field's libraries (testbed perplexity)", header, rows, notes)
-
-
-def _experts(model):
-    from optimum_moeq import MixedBitExperts
-
-    return [m for m in model.modules() if isinstance(m, MixedBitExperts)]
 
 
 if __name__ == "__main__":

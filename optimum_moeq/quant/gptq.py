@@ -110,7 +110,8 @@ def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size,
         2, order[:, None, :].expand(e, k, k)
     )
     w, h_inv = _prepared(weight.gather(-1, rows), permuted_hessian, damp_percent)
-    fitted = (quantize_hqq if use_hqq else quantize_rtn)(w.float().scatter(-1, rows, w.float()), bits, group_size)
+    permuted = w.float()
+    fitted = (quantize_hqq if use_hqq else quantize_rtn)(permuted.scatter(-1, rows, permuted), bits, group_size)
     group_of = order // group_size  # [E, K]: each permuted column's group
     scale_rows = fitted.scale.double().transpose(-1, -2).contiguous()  # [E, K / G, N]
     zero_rows = fitted.zero.double().transpose(-1, -2).contiguous()

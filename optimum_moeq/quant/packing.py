@@ -89,7 +89,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor | None, tor
     check_bits(bits)
     check_packable(codes.shape[-2], [bits], "codes")
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
-        raise TypeError(f"codes must be integers, got {codes.dtype}.")
+        codes = codes.to(torch.int32)  # integer codes are read as they are, without a copy
     n2 = num_two_bit_planes(bits)
     q2 = None
     if n2:
