@@ -1,10 +1,15 @@
 """Peak memory and time of the default quantize-on-load (streaming GPTQ) on a Mixtral-shaped
 checkpoint, against the bound: the packed model + one full-precision layer + the calibration
-activations + 1 GiB.
+activations + one expert's GPTQ working set (its float64 Hessian and two factors, 3 x 8 K^2 bytes
+for the widest input K) + 1 GiB.
 
     python benchmarks/calibration_memory.py                      # Mixtral-8x7B layers, 4 of 32
+    python benchmarks/calibration_memory.py --device cuda        # the walk on a GPU (device_map)
     python benchmarks/calibration_memory.py --hidden 1024 --intermediate 3584   # scaled layers
     python benchmarks/calibration_memory.py --smoke              # tiny: checks the script
+
+With ``--device cuda`` the bound applies to the GPU's peak allocation (the walk's layer,
+activations and Hessians live there), and the host's peak RSS is reported beside it.
 
 Each load runs in its own process (peak RSS is the process's own). The checkpoint is random
 bf16 with per-expert tensors, as transformers saves Mixtral; calibration is token ids (the
@@ -28,7 +33,7 @@ from common import results_path, write_table  # noqa: E402
 GIB = 2**30
 
 
-def child(path: str, nsamples: int, seqlen: int, group_size: int) -> dict:
+def child(path: str, nsamples: int, seqlen: int, group_size: int, device: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -39,13 +44,19 @@ def child(path: str, nsamples: int, seqlen: int, group_size: int) -> dict:
     ids = torch.randint(0, config["vocab_size"], (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     quantization = RouterNormConfig(avg_bits=2.5, group_size=group_size, dataset=ids, nsamples=nsamples, seqlen=seqlen)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quantization, dtype=torch.bfloat16, device_map=device
+    )
+    if device == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     assert model.config.quantization_config.method == "gptq" and model.hf_quantizer._streamed == {}
     return {
         "seconds": seconds,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_gpu": torch.cuda.max_memory_allocated() if device == "cuda" else 0,
         "model_bytes": model_footprint(model).total_bytes,
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU cores",
     }
 
 
@@ -76,14 +87,16 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device_map of the load")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.nsamples, args.seqlen, args.group_size)))
+        print(json.dumps(child(args.child, args.nsamples, args.seqlen, args.group_size, args.device)))
         return
-    args.out = args.out or results_path("calibration_memory.md", args.smoke)
+    table = "calibration_memory_gpu.md" if args.device == "cuda" else "calibration_memory.md"
+    args.out = args.out or results_path(table, args.smoke)
     from allocation import write_checkpoint
 
     sizes = {k: v for k, v in (("hidden_size", args.hidden), ("intermediate_size", args.intermediate)) if v}
@@ -92,26 +105,32 @@ def main() -> None:
         shapes = write_checkpoint(tmp, 2 if args.smoke else args.layers, args.smoke, **sizes)
         run = subprocess.run(
             [sys.executable, __file__, "--child", tmp, "--nsamples", str(nsamples), "--seqlen", str(seqlen),
-             "--group-size", str(32 if args.smoke else args.group_size)],
+             "--group-size", str(32 if args.smoke else args.group_size), "--device", args.device],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         figures = json.loads(run.stdout.strip().splitlines()[-1])
         one_layer = layer_bytes(tmp)
     activations = nsamples * seqlen * shapes["hidden"] * 4 * 4  # layer inputs, outputs and the experts' copies
-    bound = figures["model_bytes"] + one_layer + activations + GIB
+    gptq = 3 * 8 * max(shapes["hidden"], shapes["intermediate"]) ** 2  # one expert's Hessian and two factors
+    bound = figures["model_bytes"] + one_layer + activations + gptq + GIB
+    peak = figures["peak_gpu"] if args.device == "cuda" else figures["peak_rss"]
     layers = 2 if args.smoke else args.layers
     rows = [[
-        f"{layers} layers, hidden {shapes['hidden']}, intermediate {shapes['intermediate']}",
-        f"{figures['peak_rss'] / GIB:.2f}", f"{figures['model_bytes'] / GIB:.2f}", f"{one_layer / GIB:.2f}",
-        f"{activations / GIB:.2f}", f"{bound / GIB:.2f}", "yes" if figures["peak_rss"] <= bound else "NO",
-        f"{figures['seconds'] / layers:.1f}",
+        f"{layers} layers, hidden {shapes['hidden']}, intermediate {shapes['intermediate']}", figures["device"],
+        f"{peak / GIB:.2f}", f"{figures['peak_rss'] / GIB:.2f}", f"{figures['model_bytes'] / GIB:.2f}",
+        f"{one_layer / GIB:.2f}", f"{activations / GIB:.2f}", f"{gptq / GIB:.2f}", f"{bound / GIB:.2f}",
+        "yes" if peak <= bound else "NO", f"{figures['seconds'] / layers:.1f}",
     ]]  # fmt: skip
-    header = ["checkpoint", "peak RSS GiB", "packed model GiB", "one bf16 layer GiB", "activations GiB",
-              "bound GiB", "within", "s per layer (CPU)"]  # fmt: skip
+    header = ["checkpoint", "walk on", "peak GiB (walk's device)", "peak host RSS GiB", "packed model GiB",
+              "one bf16 layer GiB", "activations GiB", "GPTQ working set GiB", "bound GiB", "within",
+              "s per layer"]  # fmt: skip
     notes = (
         f"Default quantize-on-load (method None -> streaming GPTQ, {nsamples} x {seqlen} calibration tokens), "
-        f"{os.cpu_count()} CPU cores; bound = packed model + one full-precision layer + activations + 1 GiB. "
-        f"`python benchmarks/calibration_memory.py{' --smoke' if args.smoke else ''}`"
+        f"device_map={args.device!r}; bound = packed model + one full-precision layer + activations + one "
+        "expert's GPTQ working set (float64 Hessian and two factors of the widest input) + 1 GiB, against the peak "
+        "on the walk's device (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS). "
+        f"`python benchmarks/calibration_memory.py{' --smoke' if args.smoke else ''}"
+        f"{' --device cuda' if args.device == 'cuda' else ''}`"
         + (" Tiny smoke shapes: not the measurement." if args.smoke else "")
     )
     write_table(args.out, "Streaming GPTQ memory", header, rows, notes)

@@ -25,7 +25,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 run_stage() {
   case "$1" in
     tests) python3 -m pytest -q tests/test_triton_kernels.py tests/test_bnb.py ;;
-    kernels) python3 benchmarks/kernels.py ;;
+    kernels) python3 benchmarks/expert_kernels.py ;;
     sweep) python3 benchmarks/kernel_sweep.py ;;
     decode) python3 benchmarks/decode.py --layers "${DECODE_LAYERS:-12}" --profile ;;
     decode-eager) python3 benchmarks/decode.py --layers "${DECODE_LAYERS:-12}" --eager \

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_name, median_ms, results_path, smoke_environment, write_table  # noqa: E402
-from kernels import CONFIGS, build_experts  # noqa: E402
+from expert_kernels import CONFIGS, build_experts  # noqa: E402
 
 # Each candidate compiles once per bit-width and projection (a few seconds each): grids kept to
 # a few minutes in all.

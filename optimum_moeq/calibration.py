@@ -247,7 +247,7 @@ def _quantize_experts_module(model, name: str, module, layer, cached, config: Ro
             "gate_up_proj", module.gate_up_proj.detach(), _gptq_with(hidden, weights, config)
         )
     )
-    inner = _InnerActivations(replacement, hidden, weights)  # as the quantized gate_up gives them
+    inner = _InnerActivations(replacement, hidden)  # as the quantized gate_up gives them
     replacement.store(
         replacement.quantize_projection("down_proj", module.down_proj.detach(), _gptq_with(inner, weights, config))
     )
@@ -291,38 +291,51 @@ def _token_weights(model, adapter, name: str, hidden, routed, config: RouterNorm
 
 class _InnerActivations:
     """The down projection's inputs for expert e, act(gate) * up through its quantized gate_up,
-    made when its Hessian is (one expert's at a time in memory)."""
+    made a chunk of tokens at a time as its Hessian is built (at Mixtral size all of an expert's
+    [T, 2I] gate_up outputs would be about 1 GB)."""
 
-    def __init__(self, experts: MixedBitExperts, hidden: torch.Tensor, weights: list[torch.Tensor]):
-        self.experts, self.hidden, self.weights = experts, hidden, weights
+    def __init__(self, experts: MixedBitExperts, hidden: torch.Tensor):
+        self.experts, self.hidden = experts, hidden
 
-    def __getitem__(self, expert: int) -> torch.Tensor:
-        x = self.hidden[self.weights[expert] > 0]
-        w = dequantize_packed(self.experts.expert_projection("gate_up_proj", expert)).to(x.dtype)
-        gate, up = (x @ w.T).chunk(2, dim=-1)
-        return self.experts.act_fn(gate) * up
+    def rows_of(self, expert: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        w = dequantize_packed(self.experts.expert_projection("gate_up_proj", expert)).to(self.hidden.dtype)
+
+        def rows(tokens: torch.Tensor) -> torch.Tensor:
+            gate, up = (self.hidden[tokens] @ w.T).chunk(2, dim=-1)
+            return self.experts.act_fn(gate) * up
+
+        return rows
 
 
-def _weighted_hessian(inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """H = 2 sum_t w_t x_t x_t^T / sum_t w_t (float64) over the tokens of nonzero weight."""
-    w = weights[weights > 0].double()
-    x = inputs.double() * w.sqrt()[:, None]
-    return 2.0 * x.T @ x / w.sum().clamp(min=1e-12)
+# Tokens per step of a Hessian's accumulation: bounds its float64 rows to 2048 x K (235 MB at K=14336).
+HESSIAN_CHUNK_TOKENS = 2048
+
+
+def _weighted_hessian(rows: Callable[[torch.Tensor], torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """H = 2 sum_t w_t x_t x_t^T / sum_t w_t (float64) over the tokens of nonzero weight, x_t =
+    ``rows(token indices)``, accumulated a chunk of tokens at a time (no copy of all of them)."""
+    tokens = (weights > 0).nonzero().squeeze(1)
+    w = weights[tokens].double()
+    hessian = None
+    for start in range(0, max(tokens.numel(), 1), HESSIAN_CHUNK_TOKENS):
+        chunk = slice(start, start + HESSIAN_CHUNK_TOKENS)
+        x = rows(tokens[chunk]).double() * w[chunk].sqrt()[:, None]
+        hessian = x.T @ x if hessian is None else hessian.addmm_(x.T, x)
+    return hessian.mul_(2.0 / w.sum().clamp(min=1e-12))
 
 
 def _gptq_with(inputs, weights: list[torch.Tensor], config: RouterNormConfig):
     """A quantize function for ``quantize_projection``: GPTQ for the experts of a width it is given
-    at once (batched as memory allows there), each with the Hessian of its ``inputs[e]`` (those of
-    the tokens it weighs)."""
+    at once (batched as memory allows there), each with the Hessian of its inputs over the tokens
+    it weighs: rows of ``inputs`` (a [T, K] tensor) or ``_InnerActivations`` made for it."""
+
+    def rows_of(expert: int):
+        return inputs.rows_of(expert) if isinstance(inputs, _InnerActivations) else inputs.__getitem__
 
     def quantize(expert_weights: torch.Tensor, bits: int, experts: tuple[int, ...]) -> GroupQuantized:
-        hessians = torch.stack([_weighted_hessian(_rows(inputs, weights, e), weights[e]) for e in experts])
+        hessians = [_weighted_hessian(rows_of(e), weights[e]) for e in experts]
+        hessians = hessians[0][None] if len(hessians) == 1 else torch.stack(hessians)  # one expert: no copy
         return quantize_gptq(expert_weights.float(), hessians, bits, config.group_size,
                              damp_percent=config.damp_percent, act_order=config.desc_act)  # fmt: skip
 
     return quantize
-
-
-def _rows(inputs, weights: list[torch.Tensor], expert: int) -> torch.Tensor:
-    """The input rows of the tokens ``expert`` weighs (inner activations are made only for those)."""
-    return inputs[expert] if isinstance(inputs, _InnerActivations) else inputs[weights[expert] > 0]

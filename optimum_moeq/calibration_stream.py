@@ -11,6 +11,7 @@ weights as transformers streams them past (``QuantizeExperts``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -80,12 +81,34 @@ def _materialize(module: nn.Module, prefix: str, reader, adapter, device) -> Non
             param.copy_(value)
 
 
+def calibration_device(device_map) -> torch.device:
+    """Where the walk computes: the first GPU that ``device_map`` names (a device, an index, a
+    string, or a dict of them; "auto", "balanced" and "sequential" mean the current GPU) when CUDA
+    is available, else the CPU. Each layer is computed there in full precision, one at a time."""
+    if not torch.cuda.is_available() or device_map is None:
+        return torch.device("cpu")
+    targets = device_map.values() if isinstance(device_map, dict) else [device_map]
+    for target in targets:
+        if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
+            return torch.device("cuda", int(target))
+        if target in ("auto", "balanced", "balanced_low_0", "sequential"):
+            return torch.device("cuda", torch.cuda.current_device())
+        if isinstance(target, torch.device) or (isinstance(target, str) and target.startswith("cuda")):
+            target = torch.device(target)
+            if target.type == "cuda":
+                return target if target.index is not None else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @torch.no_grad()
-def stream_gptq(model: nn.Module, checkpoint_files, adapter, config, tokenizer, quantize_linear):
+def stream_gptq(model: nn.Module, checkpoint_files, adapter, config, tokenizer, quantize_linear, device_map=None):
     """Packed tensors by full parameter name for every experts module (and with ``attention_bits``
-    every dense linear ``quantize_linear`` accepts), and the GPTQ report."""
+    every dense linear ``quantize_linear`` accepts), kept on the CPU, and the GPTQ report. The
+    layers are computed on ``calibration_device(device_map)``."""
+    device = calibration_device(device_map)
     with torch.device("cpu"):  # from_pretrained calls this under its meta-device context
-        return _walk(model, checkpoint_files, adapter, config, tokenizer, quantize_linear, torch.device("cpu"))
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return _walk(model, checkpoint_files, adapter, config, tokenizer, quantize_linear, device)
 
 
 def _walk(model, checkpoint_files, adapter, config, tokenizer, quantize_linear, device):
@@ -107,6 +130,8 @@ def _walk(model, checkpoint_files, adapter, config, tokenizer, quantize_linear, 
         cached = quantize_layer(work, prefix, layer, cached, config, report, quantize_linear)
         for name, module in layer.named_modules():
             if isinstance(module, QUANTIZED_MODULES):
-                packed.update({f"{prefix}.{name}.{p}": getattr(module, p).detach() for p in module.stored_specs()})
+                packed.update({
+                    f"{prefix}.{name}.{p}": getattr(module, p).detach().to("cpu") for p in module.stored_specs()
+                })  # fmt: skip
         layer.to("meta")  # frees the layer; the packed tensors are kept above
     return packed, report

@@ -98,7 +98,7 @@ class RouterNormHfQuantizer(HfQuantizer):
         _check_packable(shapes, config)
         self._set_allocation(checkpoint_files, adapter, shapes)
         if self._calibrating and checkpoint_files and can_stream(model, adapter):
-            self._stream_gptq(model, checkpoint_files, adapter)
+            self._stream_gptq(model, checkpoint_files, adapter, device_map)
         if not self._calibrating or self._streamed is not None:
             # else GPTQ needs the experts in full precision: it replaces them after loading
             replace_with_mixed_bit_experts(
@@ -144,14 +144,14 @@ class RouterNormHfQuantizer(HfQuantizer):
             logger.info("optimum-moeq allocation:\n%s", self._scan)
         _check_allocation_matches_model(config.allocation, shapes)
 
-    def _stream_gptq(self, model, checkpoint_files, adapter) -> None:
+    def _stream_gptq(self, model, checkpoint_files, adapter, device_map) -> None:
         """GPTQ walked over the checkpoint one layer at a time before loading; the packed tensors
         then replace the full-precision weights as they load."""
         from .calibration_stream import stream_gptq
 
         converts = self._dense_linear_filter(model, adapter)
         self._streamed, self.gptq_report = stream_gptq(
-            model, checkpoint_files, adapter, self.quantization_config, self._tokenizer(model), converts
+            model, checkpoint_files, adapter, self.quantization_config, self._tokenizer(model), converts, device_map
         )
 
     def _tokenizer(self, model):

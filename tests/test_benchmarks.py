@@ -15,7 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 @pytest.mark.parametrize(
     ("script", "columns"),
     [
-        ("kernels.py", "packed GB/s"),
+        ("expert_kernels.py", "packed GB/s"),
         ("kernel_sweep.py", "best parameters"),
         ("decode.py", "limit tokens/s"),
         ("allocation.py", "vs reading the bytes"),
@@ -37,3 +37,17 @@ def test_benchmark_smoke_run_writes_its_table(script, columns, tmp_path):
     if extra:
         profile = (tmp_path / "decode_profile.md").read_text()
         assert "share of busy time" in profile and profile.count("\n| ") >= 3
+
+
+def test_calibration_memory_smoke_run_states_its_bound(tmp_path):
+    out = tmp_path / "table.md"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "calibration_memory.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    header, _, row = out.read_text().split("\n")[2:5]
+    cells = dict(zip(header.split("|"), row.split("|")))
+    assert " GPTQ working set GiB " in cells and cells[" within "].strip() in ("yes", "NO")
+    assert float(cells[" bound GiB "]) >= 1.0  # the stated slack alone

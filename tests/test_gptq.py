@@ -296,8 +296,33 @@ def test_weighted_hessian_is_the_weighted_mean_of_outer_products():
     w = torch.rand(10, generator=generator)
     w[3] = 0.0
     expected = 2 * sum(w[t].double() * torch.outer(x[t].double(), x[t].double()) for t in range(10)) / w.double().sum()
-    torch.testing.assert_close(_weighted_hessian(x[w > 0], w), expected)
-    torch.testing.assert_close(_weighted_hessian(x, torch.ones(10)), input_hessian(x))
+    torch.testing.assert_close(_weighted_hessian(x.__getitem__, w), expected)
+    torch.testing.assert_close(_weighted_hessian(x.__getitem__, torch.ones(10)), input_hessian(x))
+
+
+def test_weighted_hessian_in_token_chunks_equals_the_whole(monkeypatch):
+    from optimum_moeq import calibration
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 8, generator=generator)
+    w = torch.rand(50, generator=generator) * (torch.rand(50, generator=generator) > 0.3)
+    asked = []
+
+    def rows(tokens):
+        asked.append(tokens.numel())
+        return x[tokens]
+
+    whole = calibration._weighted_hessian(rows, w)
+    monkeypatch.setattr(calibration, "HESSIAN_CHUNK_TOKENS", 7)
+    asked.clear()
+    chunked = calibration._weighted_hessian(rows, w)
+    kept = int((w > 0).sum())
+    assert asked == [7] * (kept // 7) + ([kept % 7] if kept % 7 else [])  # never more than a chunk at once
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    x64, w64 = x.double(), w.double()
+    torch.testing.assert_close(chunked, 2 * (x64.T * w64) @ x64 / w64.sum(), rtol=1e-12, atol=1e-12)
+    empty = calibration._weighted_hessian(rows, torch.zeros(50))
+    assert empty.shape == (8, 8) and empty.dtype == torch.float64 and not empty.any()
 
 
 @pytest.mark.parametrize("expert_hessian", ["routed", "all", "weighted"])

@@ -37,3 +37,44 @@ def _same_linears(quantized):
 
     chosen = {name for name, module in quantized.named_modules() if isinstance(module, PackedLinear)}
     return lambda name, module: name in chosen
+
+
+@pytest.mark.parametrize(
+    "device_map, expected",
+    [
+        (None, "cpu"), ("cpu", "cpu"), ({"": "cpu"}, "cpu"), ({"model.embed_tokens": "disk"}, "cpu"),
+        (1, "cuda:1"), ("cuda:1", "cuda:1"), (torch.device("cuda", 1), "cuda:1"), ("cuda", "cuda:0"),
+        ("auto", "cuda:0"), ({"model.embed_tokens": "cpu", "model.layers": 1, "lm_head": "disk"}, "cuda:1"),
+        ({"model": "cuda:1"}, "cuda:1"),
+    ],
+)  # fmt: skip
+def test_streaming_gptq_computes_on_the_first_gpu_of_the_device_map(device_map, expected, monkeypatch):
+    from optimum_moeq import calibration_stream
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert calibration_stream.calibration_device(device_map) == torch.device(expected)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert calibration_stream.calibration_device(device_map) == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the streaming walk on a GPU needs one")
+def test_streaming_gptq_on_the_gpu_matches_the_cpu_walk(tiny_mixtral_path):
+    from transformers import AutoModelForCausalLM
+
+    from optimum_moeq import RouterNormConfig
+
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    models = {}
+    for device_map in ("cpu", "cuda"):
+        config = RouterNormConfig(avg_bits=2.5, group_size=32, dataset=ids, nsamples=4, seqlen=32)
+        models[device_map] = AutoModelForCausalLM.from_pretrained(
+            tiny_mixtral_path, quantization_config=config, device_map=device_map, dtype=torch.float32
+        )
+    cpu_state, gpu_state = models["cpu"].state_dict(), models["cuda"].state_dict()
+    assert cpu_state.keys() == gpu_state.keys()
+    codes = [k for k in cpu_state if k.endswith("_q2")]
+    assert codes and all(gpu_state[k].device.type == "cuda" for k in codes)
+    # float64 Hessians on both; GPU arithmetic differs by rounding only, so nearly every code agrees
+    same = sum(int((cpu_state[k] == gpu_state[k].cpu()).sum()) for k in codes)
+    assert same / sum(cpu_state[k].numel() for k in codes) > 0.95

@@ -65,7 +65,7 @@ def test_mixed_bit_layer_matches_reference_on_cpu(dtype, tokens):
     ],
 )
 def test_other_launch_parameters_give_the_same_result(changes, monkeypatch):
-    """What `benchmarks/kernels.py --sweep` may pick on a GPU must be correct: same check, other tiles."""
+    """What `benchmarks/expert_kernels.py --sweep` may pick on a GPU must be correct: same check, other tiles."""
     import optimum_moeq.kernels.grouped as grouped
 
     block_rows = []

@@ -106,10 +106,7 @@ def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size,
     e, n, k = weight.shape
     order = torch.argsort(torch.diagonal(hessian, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
     rows = order[:, None, :].expand(e, n, k)
-    permuted_hessian = hessian.gather(1, order[:, :, None].expand(e, k, k)).gather(
-        2, order[:, None, :].expand(e, k, k)
-    )
-    w, h_inv = _prepared(weight.gather(-1, rows), permuted_hessian, damp_percent)
+    w, h_inv = _prepared(weight, hessian, damp_percent, order)
     permuted = w.float()
     fitted = (quantize_hqq if use_hqq else quantize_rtn)(permuted.scatter(-1, rows, permuted), bits, group_size)
     group_of = order // group_size  # [E, K]: each permuted column's group
@@ -125,15 +122,28 @@ def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size,
     return GroupQuantized(codes, fitted.scale, fitted.zero, bits, group_size)
 
 
-def _prepared(weight: torch.Tensor, hessian: torch.Tensor, damp_percent: float):
+def _prepared(weight: torch.Tensor, hessian: torch.Tensor, damp_percent: float, order: torch.Tensor | None = None):
     """float64 weights with dead inputs (never active: zero Hessian diagonal) zeroed, and the upper
-    Cholesky factor of the damped inverse Hessian, per batch entry."""
-    w = weight.to(torch.float64, copy=True)  # one copy (.double().clone() made two of a float32 weight)
-    h = hessian.to(torch.float64, copy=True)
-    diag = torch.diagonal(h, dim1=-2, dim2=-1)
+    Cholesky factor of the damped inverse Hessian, per batch entry; with ``order`` [E, K], columns
+    (and the Hessian's rows and columns) permuted to it first.
+
+    Memory: besides the caller's Hessian, at most two K x K float64 matrices per expert at a time
+    (a Mixtral down projection's is 1.6 GB): the damping works on the diagonal in place and each
+    factor is dropped as soon as the next exists."""
+    e, n, k = weight.shape
+    if order is None:
+        w = weight.to(torch.float64, copy=True)  # one copy (.double().clone() made two of a float32 weight)
+        h = hessian.to(torch.float64, copy=True)
+    else:
+        w = weight.gather(-1, order[:, None, :].expand(e, n, k)).to(torch.float64)
+        h = hessian.gather(1, order[:, :, None].expand(e, k, k))
+        h = h.gather(2, order[:, None, :].expand(e, k, k)).to(torch.float64)
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)  # a view: the updates below write into h
     dead = diag == 0
     w.masked_fill_(dead[:, None, :], 0.0)
-    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-    h += dead.double().diag_embed()  # a dead input's row and column are zero: a 1 on the diagonal
-    h += damp_percent * torch.diagonal(h, dim1=-2, dim2=-1).mean(dim=-1)[:, None, None] * eye
-    return w, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    diag += dead  # a dead input's row and column are zero: a 1 on the diagonal
+    diag += damp_percent * diag.mean(dim=-1, keepdim=True)
+    del diag
+    h = torch.linalg.cholesky(h)
+    h = torch.cholesky_inverse(h)
+    return w, torch.linalg.cholesky(h, upper=True)

@@ -1,7 +1,7 @@
 """Packed mixed-bit MoE kernels vs bfloat16 torch doing the same expert work, Mixtral-8x7B shapes.
 
-    python benchmarks/kernels.py                 # on a GPU: table to benchmarks/results/kernels.md
-    python benchmarks/kernels.py --smoke         # CPU, Triton interpreter, tiny shapes: checks the script
+    python benchmarks/expert_kernels.py                 # on a GPU: table to benchmarks/results/kernels.md
+    python benchmarks/expert_kernels.py --smoke         # CPU, Triton interpreter, tiny shapes: checks the script
 
 For each bit configuration and batch: median time of the whole experts layer (gate_up with
 SiLU*up, down, top-k combine) through the Triton kernels and through bf16 torch (the faster of
@@ -122,7 +122,7 @@ def main() -> None:
         f"Device: {device_name(device)}; measured copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write). "
         f"Shapes: hidden {hidden}, intermediate {intermediate}, {experts} experts, top-{top_k}, group {group_size}; "
         "random routing. Packed GB/s counts the codes, scales and zeros of the experts the batch touches, read once. "
-        f"Command: python benchmarks/kernels.py{' --smoke' if args.smoke else ''}"
+        f"Command: python benchmarks/expert_kernels.py{' --smoke' if args.smoke else ''}"
     )
     header = [
         "bits",
