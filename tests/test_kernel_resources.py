@@ -25,10 +25,12 @@ for dtype, gated, tokens in cases + [(torch.float32, True, 100)]:
     index = torch.randint(0, 4, (tokens, 2), generator=generator)
     x = torch.randn(tokens, 256, generator=generator).to(dtype)
     for launch in record_launches(lambda: module(x, index, torch.rand(tokens, 2))):
-        found = resources_of(compile_for(launch, 90), 90)
+        compiled = compile_for(launch, 90)
+        found = resources_of(compiled, 90)
         bits = launch.kwargs["N2"] * 2 + launch.kwargs["HAS_Q1"]
         print(json.dumps(dict(kernel=launch.name, dtype=str(dtype), gated=gated, bits=bits, shared=found.shared_bytes,
-                              limit=SHARED_MEMORY_LIMIT[90], registers=found.registers, spills=found.spill_bytes)))
+                              limit=SHARED_MEMORY_LIMIT[90], registers=found.registers, spills=found.spill_bytes,
+                              fp_fusion=compiled.metadata.enable_fp_fusion)))
 """
 
 
@@ -54,3 +56,8 @@ def test_every_launch_fits_an_h100s_shared_memory(compiled_launches):
 def test_16_bit_launches_do_not_spill(compiled_launches):
     spilling = [r for r in compiled_launches if r["spills"] and r["dtype"] == "torch.bfloat16"]
     assert not spilling
+
+
+def test_every_launch_compiles_with_fp_fusion_pinned_on(compiled_launches):
+    """Triton's default changed (off from 3.10): the launches and the offline compile pin it."""
+    assert {r["fp_fusion"] for r in compiled_launches} == {True}

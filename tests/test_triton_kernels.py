@@ -94,12 +94,22 @@ def test_bad_launch_parameters_name_the_value_and_what_is_allowed():
     assert current_tuning() == KernelTuning()
 
 
-def test_expert_index_of_another_rank_is_ignored():
+@pytest.mark.parametrize("tokens", [3, 40])  # decode (GEMV) and prefill (tl.dot)
+@pytest.mark.parametrize("outside", [-1, 4, 9])  # a dropped token, an expert on another rank, a bad id
+def test_expert_ids_outside_the_layer_contribute_nothing(tokens, outside):
+    generator = torch.Generator().manual_seed(tokens - outside)
     module = _experts([2, 3, 3, 2], hidden=32, intermediate=64, group_size=16)
-    index = torch.tensor([[0, 4], [4, 2], [1, 3]])  # 4 = num_experts: held elsewhere
-    weights = torch.full((3, 2), 0.5)
-    x = torch.randn(3, 32)
-    assert _relative_error(module, x, index, weights) < 1e-5
+    index = torch.randint(0, 4, (tokens, 2), generator=generator)
+    index[::3, 1] = outside
+    weights = torch.rand(tokens, 2, generator=generator)
+    x = torch.randn(tokens, 32, generator=generator)
+    # the reference: those pairs routed to expert 0 with weight 0
+    inside = (index >= 0) & (index < 4)
+    module.kernel = "torch"
+    expected = module(x, torch.where(inside, index, 0), torch.where(inside, weights, 0.0))
+    module.kernel = "triton"
+    out = module(x, index, weights)
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-5
 
 
 def test_align_pairs_by_expert_blocks_hold_one_expert_each():
@@ -355,3 +365,20 @@ def test_gpu_generate_with_static_cache_compiles_and_matches_eager(tiny_mixtral_
         if not torch.equal(ours.argmax(-1), theirs.argmax(-1)):  # only a near-tie may pick another token
             assert (top2[:, 0] - top2[:, 1]).min() < 1e-3, step
             break
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_layer_on_the_second_gpu_launches_there():
+    """Triton launches on the current device unless told otherwise (triton-lang/triton#5205)."""
+    generator = torch.Generator().manual_seed(5)
+    module = _experts([3, 2, 3, 2], hidden=256, intermediate=512, group_size=128)
+    index = torch.randint(0, 4, (40, 2), generator=generator)
+    weights, x = torch.rand(40, 2, generator=generator), torch.randn(40, 256, generator=generator)
+    module.kernel = "torch"
+    expected = module(x, index, weights)
+    module.to("cuda:1").kernel = "triton"
+    for tokens in (1, 40):  # decode and prefill
+        with torch.cuda.device(0):
+            out = module(x[:tokens].to("cuda:1"), index[:tokens].to("cuda:1"), weights[:tokens].to("cuda:1"))
+        assert out.device == torch.device("cuda:1")
+        assert ((out.cpu() - expected[:tokens]).norm() / expected[:tokens].norm()).item() < 1e-4

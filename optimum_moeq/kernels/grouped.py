@@ -6,6 +6,7 @@ per bit-width, routing weight fused, float32 partial sums per pair) -> sum over 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -93,6 +94,14 @@ def launch_projection(
     into blocks (``sorted_pairs``, ``block_expert``, ``block_m`` from ``align_pairs_by_expert``)
     select the tl.dot kernel, otherwise the GEMV kernel runs.
     """
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        # Triton launches on the current device and its stream, not the tensors' (triton-lang/triton#5205)
+        _launch(x, out, bits, planes, local_index, top_k_index, group_size, n_out, x_rows_per_pair_div, fuse_swiglu,
+                routing_weights, sorted_pairs, block_expert, block_m)  # fmt: skip
+
+
+def _launch(x, out, bits, planes, local_index, top_k_index, group_size, n_out, x_rows_per_pair_div, fuse_swiglu,
+            routing_weights, sorted_pairs, block_expert, block_m) -> None:  # fmt: skip
     kernels = _kernels()
     tuning = current_tuning()
     num_pairs = top_k_index.numel()
@@ -100,7 +109,8 @@ def launch_projection(
     block_k = block_k_for(group_size)
     tensors, strides = _plane_args(*planes)
     routing = routing_weights if routing_weights is not None else out
-    common = dict(GROUP=group_size, N2=bits // 2, HAS_Q1=bits % 2 == 1, FUSE_SWIGLU=fuse_swiglu)
+    common = dict(GROUP=group_size, N2=bits // 2, HAS_Q1=bits % 2 == 1, FUSE_SWIGLU=fuse_swiglu,
+                  enable_fp_fusion=FP_FUSION)  # fmt: skip
     common["HAS_ROUTING_WEIGHT"] = routing_weights is not None
     if sorted_pairs is None:
         programs = num_pairs * triton_cdiv(n_out, tuning.gemv_block_n)
@@ -110,8 +120,8 @@ def launch_projection(
         split_k = _split_k(programs, k // block_k, tuning.target_programs) if atomic_ok else 1
         grid = (num_pairs, triton_cdiv(n_out, tuning.gemv_block_n), split_k)
         kernels._moe_gemv_kernel[grid](
-            x, out, top_k_index, local_index, routing, *tensors, k, n_out, x_rows_per_pair_div, n_out,
-            x.stride(0), out.stride(0), *strides, **common, SPLIT_K=split_k, BLOCK_K=block_k,
+            x, out, top_k_index, local_index, routing, *tensors, local_index.numel(), k, n_out, x_rows_per_pair_div,
+            n_out, x.stride(0), out.stride(0), *strides, **common, SPLIT_K=split_k, BLOCK_K=block_k,
             BLOCK_N=tuning.gemv_block_n, num_warps=tuning.gemv_warps,
         )  # fmt: skip
     else:
@@ -123,6 +133,11 @@ def launch_projection(
             DOT_PRECISION=dot_input_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k,
             BLOCK_N=tuning.gemm_block_n, num_warps=tuning.gemm_warps, num_stages=tuning.gemm_stages,
         )  # fmt: skip
+
+
+# Multiply-adds fused (FMA): pinned, since Triton's default changed (off from 3.10) and with it the
+# kernels' rounding and instruction counts; the offline compile (resources.py) uses the same.
+FP_FUSION = True
 
 
 def dot_input_precision(dtype: torch.dtype) -> str:

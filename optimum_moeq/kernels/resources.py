@@ -23,7 +23,7 @@ import torch
 
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}  # bytes one block may use: H100, A100
 _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32"}
-_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
 
 @dataclass

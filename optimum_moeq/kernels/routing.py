@@ -22,9 +22,11 @@ class ExpertBlocks:
 
 
 def align_pairs_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
-    """Pairs sorted by expert in blocks of ``block_m``; index ``num_experts`` (an expert held on
-    another rank) gets a bucket of its own whose blocks are marked unused."""
+    """Pairs sorted by expert in blocks of ``block_m``; an index outside [0, ``num_experts``) (a
+    dropped token, or an expert held on another rank) goes to a bucket of its own whose blocks are
+    marked unused."""
     experts = top_k_index.reshape(-1).long()
+    experts = torch.where((experts >= 0) & (experts < num_experts), experts, num_experts)
     num_pairs = experts.numel()
     device = experts.device
     buckets = num_experts + 1

@@ -5,8 +5,8 @@ one group of K rows per step so that each step needs one row of scales and zeros
 folded out of the inner product: ``sum_k x_k (q_kn - z_n) s_n = s_n (sum_k x_k q_kn - z_n sum_k x_k)``.
 
 * ``_moe_gemv_kernel`` (decode, a few tokens): one program per (pair, N tile, K split);
-  the expert is read on the device from the routing tensor; split-K partial sums are added
-  atomically in float32.
+  the expert is read on the device from the routing tensor (ids outside [0, E) are skipped, their
+  output rows stay zero); split-K partial sums are added atomically in float32.
 * ``_moe_gemm_kernel`` (prefill): pairs sorted by expert into blocks of BLOCK_M rows
   (``routing.align_pairs_by_expert``), ``tl.dot`` tiles.
 
@@ -134,7 +134,7 @@ def _tile_dot(x, q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plan
 @triton.jit
 def _moe_gemv_kernel(
     x_ptr, out_ptr, pair_expert_ptr, local_index_ptr, routing_weight_ptr, q2_ptr, q1_ptr, scale_ptr, zero_ptr,
-    K, N, X_ROWS_PER_PAIR_DIV, UP_OFFSET,
+    NUM_EXPERTS, K, N, X_ROWS_PER_PAIR_DIV, UP_OFFSET,
     stride_x, stride_out, stride_q2_expert, stride_q2_plane, stride_q2_row, stride_q1_expert, stride_q1_row,
     stride_meta_expert, stride_meta_row,
     GROUP: tl.constexpr, N2: tl.constexpr, HAS_Q1: tl.constexpr, FUSE_SWIGLU: tl.constexpr,
@@ -147,6 +147,8 @@ def _moe_gemv_kernel(
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     expert = tl.load(pair_expert_ptr + pair)
+    if (expert < 0) | (expert >= NUM_EXPERTS):  # a dropped token, or an expert held elsewhere: no contribution
+        return
     local = tl.load(local_index_ptr + expert)
     if local < 0:  # this expert has another bit-width
         return
