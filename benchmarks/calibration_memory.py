@@ -106,8 +106,10 @@ def main() -> None:
         run = subprocess.run(
             [sys.executable, __file__, "--child", tmp, "--nsamples", str(nsamples), "--seqlen", str(seqlen),
              "--group-size", str(32 if args.smoke else args.group_size), "--device", args.device],
-            capture_output=True, text=True, check=True,
+            capture_output=True, text=True,
         )  # fmt: skip
+        if run.returncode != 0:
+            sys.exit(f"the quantize-on-load child failed:\n{run.stderr[-4000:]}")
         figures = json.loads(run.stdout.strip().splitlines()[-1])
         one_layer = layer_bytes(tmp)
     activations = nsamples * seqlen * shapes["hidden"] * 4 * 4  # layer inputs, outputs and the experts' copies
