@@ -39,7 +39,7 @@ run_stage() {
     calibration) python3 benchmarks/calibration_memory.py --device cuda --layers "${CALIBRATION_LAYERS:-1}" ;;
     sanitize)  # one decode and one prefill step; a tool the machine's runtime refuses is reported, not fatal
       local tool
-      for tool in memcheck racecheck; do
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
         compute-sanitizer --tool "$tool" --error-exitcode 3 python3 benchmarks/sanitize_step.py \
           || echo "compute-sanitizer $tool: exit $?"
       done ;;

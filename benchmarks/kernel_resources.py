@@ -43,7 +43,8 @@ def main() -> None:
         module = MixedBitExperts([2, 3, 4, 8] * 2, hidden, intermediate, 128)
     module.kernel = "triton"
     generator = torch.Generator().manual_seed(0)
-    settings = [("decode", 1, {})] + [("prefill", 2048, {})]
+    settings = [("decode", 1, {}), ("decode", 1, {"activation_digits": 1}), ("decode", 1, {"gemv_kernel": "float"})]
+    settings += [("prefill", 2048, {})]
     settings += [("prefill", 2048, {**c, "gemm_block_m_small": c["gemm_block_m"]}) for c in candidates(PREFILL_GRID)]
     rows, seen = [], set()
     for regime, tokens, changes in settings:
@@ -52,9 +53,10 @@ def main() -> None:
         with kernel_tuning(**changes):
             launches = record_launches(lambda x=x, index=index: module(x, index, torch.rand(index.shape)))
         for launch in launches:
-            c = launch.kwargs
+            c = dict(launch.kwargs)
+            c.setdefault("FUSE_SWIGLU", c.get("GATE_AND_UP", False))  # dp4a: gate and up, SwiGLU after
             key = (launch.name, c["N2"], c["HAS_Q1"], c["FUSE_SWIGLU"], c.get("BLOCK_M"), c["BLOCK_N"],
-                   c["num_warps"], c.get("num_stages"))  # fmt: skip
+                   c["num_warps"], c.get("num_stages"), c.get("DIGITS"))  # fmt: skip
             if key in seen:
                 continue
             seen.add(key)
@@ -63,8 +65,11 @@ def main() -> None:
             tiles += f", {c['num_stages']} stages" if "num_stages" in c else f", split-K {c['SPLIT_K']}"
             # weights one thread decodes per pass of the K loop
             per_thread = c["BLOCK_K"] * c["BLOCK_N"] * (2 if c["FUSE_SWIGLU"] else 1) / (c["num_warps"] * 32)
+            kernel = "dp4a, " + ("int8" if c["DIGITS"] == 1 else "2 digits") if "DIGITS" in c else "float"
+            projection = ("gate_up (SiLU fused)" if "GATE_AND_UP" not in launch.kwargs else "gate_up") if c[
+                "FUSE_SWIGLU"] else "down"  # fmt: skip
             rows.append([
-                regime, "gate_up (SiLU fused)" if c["FUSE_SWIGLU"] else "down", c["N2"] * 2 + c["HAS_Q1"], tiles,
+                regime, projection, kernel, c["N2"] * 2 + c["HAS_Q1"], tiles,
                 "default" if not changes else "candidate", f"{found.shared_bytes / 1024:.0f}", found.registers,
                 found.spill_bytes, f"{found.loop_instructions / per_thread:.1f}",
                 "yes" if found.shared_bytes <= limit else "**no**",
@@ -76,8 +81,8 @@ def main() -> None:
         f"Defaults: {KernelTuning()}. Command: python benchmarks/kernel_resources.py"
         f"{'' if args.arch == 90 else f' --arch {args.arch}'}"
     )
-    header = ["regime", "projection", "bits", "tile (MxNxK), warps", "tuning", "shared KiB", "registers", "spill B",
-              "loop instr / weight", "fits"]  # fmt: skip
+    header = ["regime", "projection", "kernel", "bits", "tile (MxNxK), warps", "tuning", "shared KiB", "registers",
+              "spill B", "loop instr / weight", "fits"]  # fmt: skip
     write_table(args.out, f"Kernel resources on sm_{args.arch}", header, rows, notes)
 
 

@@ -16,6 +16,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from ..quant.layout import PackedLayout
+from .activation_quant import quantize_activations
 from .routing import ExpertBlocks, align_pairs_by_expert
 from .tuning import current_tuning
 
@@ -154,6 +155,46 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def dp4a_applies(dtype: torch.dtype, group_size: int) -> bool:
+    """Decode takes the integer-dot-product kernel for 16-bit activations (float32 ones keep the
+    exact float kernel) when a K step holds whole 1-bit words (32 rows) and the tuning asks for it."""
+    block_k = block_k_for(group_size)
+    return (
+        current_tuning().gemv_kernel == "dp4a"
+        and dtype in (torch.bfloat16, torch.float16)
+        and (block_k is not None and block_k % 32 == 0)
+    )
+
+
+def _dp4a_projection(x, pair_expert, routing_weights, planes, local_indices, bit_widths, group_size, n_out,
+                     out_dtype, x_rows_per_pair_div, fuse_swiglu) -> torch.Tensor:  # fmt: skip
+    """Decode GEMV on activations quantized per K step (``activation_quant``): every width's
+    launch adds float32 partial sums (split K, gate_up included), then SwiGLU when fused."""
+    kernels = _kernels()
+    tuning = current_tuning()
+    num_pairs, k = pair_expert.numel(), x.shape[1]
+    block_k = block_k_for(group_size)
+    acts = quantize_activations(x, block_k, tuning.activation_digits)
+    out = torch.zeros(num_pairs, 2 * n_out if fuse_swiglu else n_out, dtype=torch.float32, device=x.device)
+    n_tiles = triton_cdiv(n_out, tuning.gemv_block_n)
+    split_k = _split_k(num_pairs * n_tiles, k // block_k, tuning.target_programs)
+    routing = routing_weights if routing_weights is not None else out
+    for i, bits in enumerate(bit_widths):
+        tensors, strides = _plane_args(*planes[4 * i : 4 * i + 4])
+        local_index = local_indices[i]
+        kernels._moe_gemv_dp4a_kernel[(num_pairs, n_tiles, split_k)](
+            acts.xp2, acts.xp1, acts.x_scale, acts.x_sum, out, pair_expert, local_index, routing, *tensors,
+            local_index.numel(), k, n_out, x_rows_per_pair_div, n_out, acts.xp2.stride(0), acts.xp1.stride(0),
+            acts.x_scale.stride(0), out.stride(0), *strides, GROUP=group_size, N2=bits // 2, HAS_Q1=bits % 2 == 1,
+            DIGITS=tuning.activation_digits, GATE_AND_UP=fuse_swiglu, HAS_ROUTING_WEIGHT=routing_weights is not None,
+            SPLIT_K=split_k, BLOCK_K=block_k, BLOCK_N=tuning.gemv_block_n,
+            USE_ASM=tuning.dp4a_asm and not interpreting(), num_warps=tuning.gemv_warps, enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
+    if fuse_swiglu:
+        out = torch.nn.functional.silu(out[:, :n_out]) * out[:, n_out:]
+    return out.to(out_dtype)
+
+
 def _split_k(programs: int, k_steps: int, target_programs: int) -> int:
     split = 1
     while programs * split * 2 <= target_programs and split * 2 <= k_steps:
@@ -177,6 +218,10 @@ def _mixed_bit_projection(
     fuse_swiglu: bool,
     block_m: int,
 ) -> torch.Tensor:
+    if sorted_pairs is None and dp4a_applies(x.dtype, group_size):
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            return _dp4a_projection(x, pair_expert, routing_weights, planes, local_indices, bit_widths, group_size,
+                                    n_out, out_dtype, x_rows_per_pair_div, fuse_swiglu)  # fmt: skip
     out = torch.zeros(pair_expert.numel(), n_out, dtype=out_dtype, device=x.device)
     for i, bits in enumerate(bit_widths):
         launch_projection(

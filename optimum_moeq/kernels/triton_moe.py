@@ -233,3 +233,161 @@ def _moe_gemm_kernel(
         acc *= tl.load(routing_weight_ptr + pairs, mask=m_mask, other=0).to(tl.float32)[:, None]
     out = out_ptr + pairs.to(tl.int64)[:, None] * stride_out + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# ---- Decode as integer dot products (dp4a) -------------------------------------------------------
+#
+# The activations are quantized per block of BLOCK_K rows to int8 (DIGITS=1) or to two int8 digits,
+# q = 128 hi + lo (DIGITS=2, about 15 bits), by ``activation_quant.quantize_activations``, and packed
+# so that one int32 holds the four activations that meet the four codes one masked weight word
+# holds in its bytes: a 2-bit word's rows 4b + j sit in byte b at bits 2j (mask-shift j), a 1-bit
+# word's rows 8b + j at bit j. A word then costs, per position j, a shift, an AND and one dp4a.
+# Codes times activations are exact int32 sums per block; the block's weight scale, activation
+# scale and zero (through the block's sum of activations) apply once per block and column.
+
+
+@triton.jit
+def _dp4a(a, b, c, USE_ASM: tl.constexpr):
+    """c + sum over the four bytes of ``a`` (unsigned) times those of ``b`` (signed), int32: one
+    IDP.4A on sm_61+ through PTX, or the same integers in plain Triton (the interpreter's path)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
+        )
+    else:
+        total = c
+        for byte in tl.static_range(4):
+            total += ((a >> (8 * byte)) & 0xFF) * ((b << (24 - 8 * byte)) >> 24)
+        return total
+
+
+@triton.jit
+def _plane2_dot(q2_e, plane, word_rows, offs_n, n_mask, xp2_row, digit, stride_q2_plane, stride_q2_row,
+                DIGITS: tl.constexpr, USE_ASM: tl.constexpr):  # fmt: skip
+    """[WORDS, BLOCK_N] int32: per 2-bit word of the block, sum over its 16 rows of code x q."""
+    words = tl.load(
+        q2_e + plane * stride_q2_plane + word_rows[:, None] * stride_q2_row + offs_n[None, :],
+        mask=n_mask[None, :], other=0, eviction_policy="evict_first",
+    )  # fmt: skip
+    acc = tl.zeros(words.shape, dtype=tl.int32)
+    for j in tl.static_range(4):
+        x = tl.load(xp2_row + word_rows * (4 * DIGITS) + digit * 4 + j)
+        acc = _dp4a((words >> (2 * j)) & 0x03030303, x[:, None], acc, USE_ASM)
+    return acc
+
+
+@triton.jit
+def _plane1_dot(q1_e, word_rows1, offs_n, n_mask, xp1_row, digit, stride_q1_row, DIGITS: tl.constexpr,
+                USE_ASM: tl.constexpr):  # fmt: skip
+    """[WORDS1, BLOCK_N] int32: per 1-bit word of the block, sum over its 32 rows of bit x q."""
+    words = tl.load(
+        q1_e + word_rows1[:, None] * stride_q1_row + offs_n[None, :],
+        mask=n_mask[None, :], other=0, eviction_policy="evict_first",
+    )  # fmt: skip
+    acc = tl.zeros(words.shape, dtype=tl.int32)
+    for j in tl.static_range(8):
+        x = tl.load(xp1_row + word_rows1 * (8 * DIGITS) + digit * 8 + j)
+        acc = _dp4a((words >> j) & 0x01010101, x[:, None], acc, USE_ASM)
+    return acc
+
+
+@triton.jit
+def _block_codes_dot(q2_e, q1_e, k0, offs_n, n_mask, xp2_row, xp1_row, digit, stride_q2_plane, stride_q2_row,
+                     stride_q1_row, N2: tl.constexpr, HAS_Q1: tl.constexpr, DIGITS: tl.constexpr,
+                     BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):  # fmt: skip
+    """[BLOCK_N] int32: sum over the block's rows of code x (one digit of) the quantized activation."""
+    total = tl.zeros(offs_n.shape, dtype=tl.int32)
+    if N2 > 0:  # 1-bit experts have no 2-bit plane
+        word_rows = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+        two_bit = _plane2_dot(q2_e, 0, word_rows, offs_n, n_mask, xp2_row, digit, stride_q2_plane, stride_q2_row,
+                              DIGITS, USE_ASM)  # fmt: skip
+        for plane in tl.static_range(1, N2):
+            two_bit += _plane2_dot(q2_e, plane, word_rows, offs_n, n_mask, xp2_row, digit, stride_q2_plane,
+                                   stride_q2_row, DIGITS, USE_ASM) << (2 * plane)  # fmt: skip
+        total += tl.sum(two_bit, axis=0)
+    if HAS_Q1:
+        word_rows1 = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        one_bit = _plane1_dot(q1_e, word_rows1, offs_n, n_mask, xp1_row, digit, stride_q1_row, DIGITS, USE_ASM)
+        total += tl.sum(one_bit, axis=0) << (2 * N2)
+    return total
+
+
+@triton.jit
+def _block_dot_dp4a(q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, xp2_row, xp1_row, x_scale, x_sum,
+                    stride_q2_plane, stride_q2_row, stride_q1_row, stride_meta_row, GROUP: tl.constexpr,
+                    N2: tl.constexpr, HAS_Q1: tl.constexpr, DIGITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                    USE_ASM: tl.constexpr):  # fmt: skip
+    """[BLOCK_N] float32: sum_k x_k (c_kn - z_n) s_n over the block of rows k0.., from the exact
+    integer sum of codes x quantized activations: s_n x_scale (sum_k c q - z_n sum_k q)."""
+    codes_q = _block_codes_dot(q2_e, q1_e, k0, offs_n, n_mask, xp2_row, xp1_row, 0, stride_q2_plane, stride_q2_row,
+                               stride_q1_row, N2, HAS_Q1, DIGITS, BLOCK_K, USE_ASM).to(tl.float32)  # fmt: skip
+    if DIGITS == 2:  # q = 128 hi + lo: the hi digit's sum (digit 0) weighs 128
+        low = _block_codes_dot(q2_e, q1_e, k0, offs_n, n_mask, xp2_row, xp1_row, 1, stride_q2_plane, stride_q2_row,
+                               stride_q1_row, N2, HAS_Q1, DIGITS, BLOCK_K, USE_ASM)  # fmt: skip
+        codes_q = codes_q * 128.0 + low.to(tl.float32)
+    group = k0 // GROUP
+    scale = tl.load(scale_e + group * stride_meta_row + offs_n, mask=n_mask, other=0).to(tl.float32)
+    zero = tl.load(zero_e + group * stride_meta_row + offs_n, mask=n_mask, other=0).to(tl.float32)
+    return (scale * x_scale) * (codes_q - zero * x_sum)
+
+
+# fmt: off
+@triton.jit
+def _moe_gemv_dp4a_kernel(
+    xp2_ptr, xp1_ptr, x_scale_ptr, x_sum_ptr, out_ptr, pair_expert_ptr, local_index_ptr, routing_weight_ptr,
+    q2_ptr, q1_ptr, scale_ptr, zero_ptr,
+    NUM_EXPERTS, K, N, X_ROWS_PER_PAIR_DIV, UP_OFFSET,
+    stride_xp2, stride_xp1, stride_x_block, stride_out, stride_q2_expert, stride_q2_plane, stride_q2_row,
+    stride_q1_expert, stride_q1_row, stride_meta_expert, stride_meta_row,
+    GROUP: tl.constexpr, N2: tl.constexpr, HAS_Q1: tl.constexpr, DIGITS: tl.constexpr, GATE_AND_UP: tl.constexpr,
+    HAS_ROUTING_WEIGHT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
+    # fmt: on
+    """Decode GEMV on quantized activations: one program per (pair, N tile, K split), float32
+    partial sums stored (one split) or added atomically. ``GATE_AND_UP``: the program also computes
+    the up columns n + UP_OFFSET (the SwiGLU epilogue runs after all splits are summed)."""
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    expert = tl.load(pair_expert_ptr + pair)
+    if (expert < 0) | (expert >= NUM_EXPERTS):  # a dropped token, or an expert held elsewhere: no contribution
+        return
+    local = tl.load(local_index_ptr + expert)
+    if local < 0:  # this expert has another bit-width
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    row = (pair // X_ROWS_PER_PAIR_DIV).to(tl.int64)
+    xp2_row = xp2_ptr + row * stride_xp2
+    xp1_row = xp1_ptr + row * stride_xp1
+    q2_e, q1_e, scale_e, zero_e = _expert_tensors(
+        q2_ptr, q1_ptr, scale_ptr, zero_ptr, local, stride_q2_expert, stride_q1_expert, stride_meta_expert
+    )
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        block = row * stride_x_block + k0 // BLOCK_K
+        x_scale = tl.load(x_scale_ptr + block)
+        x_sum = tl.load(x_sum_ptr + block)
+        acc += _block_dot_dp4a(
+            q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, xp2_row, xp1_row, x_scale, x_sum, stride_q2_plane,
+            stride_q2_row, stride_q1_row, stride_meta_row, GROUP, N2, HAS_Q1, DIGITS, BLOCK_K, USE_ASM,
+        )
+        if GATE_AND_UP:
+            acc_up += _block_dot_dp4a(
+                q2_e, q1_e, scale_e, zero_e, k0, offs_n + UP_OFFSET, n_mask, xp2_row, xp1_row, x_scale, x_sum,
+                stride_q2_plane, stride_q2_row, stride_q1_row, stride_meta_row, GROUP, N2, HAS_Q1, DIGITS, BLOCK_K,
+                USE_ASM,
+            )
+    if HAS_ROUTING_WEIGHT:
+        acc *= tl.load(routing_weight_ptr + pair).to(tl.float32)
+    out = out_ptr + pair.to(tl.int64) * stride_out + offs_n
+    if SPLIT_K == 1:
+        tl.store(out, acc, mask=n_mask)
+        if GATE_AND_UP:
+            tl.store(out + UP_OFFSET, acc_up, mask=n_mask)
+    else:
+        tl.atomic_add(out, acc, mask=n_mask, sem="relaxed")  # partial sums need no ordering
+        if GATE_AND_UP:
+            tl.atomic_add(out + UP_OFFSET, acc_up, mask=n_mask, sem="relaxed")

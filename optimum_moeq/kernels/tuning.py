@@ -15,6 +15,9 @@ from collections.abc import Iterator
 @dataclasses.dataclass(frozen=True)
 class KernelTuning:
     decode_max_pairs: int = 32  # at or below this many (token, expert) pairs the GEMV kernel runs
+    gemv_kernel: str = "dp4a"  # decode with 16-bit activations: "dp4a" (integer dot products) or "float"
+    activation_digits: int = 2  # dp4a's activations: 1 (int8) or 2 (two int8 digits, about 15 bits)
+    dp4a_asm: bool = True  # the dp4a PTX instruction (False: the same integers in plain Triton)
     gemv_block_n: int = 64  # output columns per GEMV program
     gemv_warps: int = 4
     target_programs: int = 1024  # split K until a GEMV launch has about this many programs
@@ -37,6 +40,10 @@ class KernelTuning:
             value = getattr(self, name)
             if not (isinstance(value, int) and low <= value <= high and value & (value - 1) == 0):
                 raise ValueError(f"{name}={value!r}: must be a power of two from {low} to {high}.")
+        choices = {"gemv_kernel": ("dp4a", "float"), "activation_digits": (1, 2), "dp4a_asm": (True, False)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed or type(getattr(self, name)) is not type(allowed[0]):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported: allowed are {allowed}.")
         for name in ("decode_max_pairs", "target_programs", "gemm_stages"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
