@@ -1,7 +1,7 @@
 """Peak memory and time of the default quantize-on-load (streaming GPTQ) on a Mixtral-shaped
 checkpoint, against the bound: the packed model + one full-precision layer + the calibration
-activations + one expert's GPTQ working set (its float64 Hessian and two factors, 3 x 8 K^2 bytes
-for the widest input K) + 1 GiB.
+activations + one expert's GPTQ working set (its float64 Hessian, factored in place, and one
+temporary of its size: 2 x 8 K^2 bytes for the widest input K) + 1 GiB.
 
     python benchmarks/calibration_memory.py                      # Mixtral-8x7B layers, 4 of 32
     python benchmarks/calibration_memory.py --device cuda        # the walk on a GPU (device_map)
@@ -113,7 +113,7 @@ def main() -> None:
         figures = json.loads(run.stdout.strip().splitlines()[-1])
         one_layer = layer_bytes(tmp)
     activations = nsamples * seqlen * shapes["hidden"] * 4 * 4  # layer inputs, outputs and the experts' copies
-    gptq = 3 * 8 * max(shapes["hidden"], shapes["intermediate"]) ** 2  # one expert's Hessian and two factors
+    gptq = 2 * 8 * max(shapes["hidden"], shapes["intermediate"]) ** 2  # a Hessian factored in place + a temporary
     bound = figures["model_bytes"] + one_layer + activations + gptq + GIB
     peak = figures["peak_gpu"] if args.device == "cuda" else figures["peak_rss"]
     layers = 2 if args.smoke else args.layers
@@ -129,8 +129,9 @@ def main() -> None:
     notes = (
         f"Default quantize-on-load (method None -> streaming GPTQ, {nsamples} x {seqlen} calibration tokens), "
         f"device_map={args.device!r}; bound = packed model + one full-precision layer + activations + one "
-        "expert's GPTQ working set (float64 Hessian and two factors of the widest input) + 1 GiB, against the peak "
-        "on the walk's device (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS). "
+        "expert's GPTQ working set (float64 Hessian of the widest input, factored in place, and one temporary) "
+        "+ 1 GiB, against the peak on the walk's device (GPU: torch.cuda.max_memory_allocated; CPU: the process's "
+        "peak RSS). "
         f"`python benchmarks/calibration_memory.py{' --smoke' if args.smoke else ''}"
         f"{' --device cuda' if args.device == 'cuda' else ''}`"
         + (" Tiny smoke shapes: not the measurement." if args.smoke else "")

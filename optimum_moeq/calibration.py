@@ -336,6 +336,7 @@ def _gptq_with(inputs, weights: list[torch.Tensor], config: RouterNormConfig):
         hessians = [_weighted_hessian(rows_of(e), weights[e]) for e in experts]
         hessians = hessians[0][None] if len(hessians) == 1 else torch.stack(hessians)  # one expert: no copy
         return quantize_gptq(expert_weights.float(), hessians, bits, config.group_size,
-                             damp_percent=config.damp_percent, act_order=config.desc_act)  # fmt: skip
+                             damp_percent=config.damp_percent, act_order=config.desc_act,
+                             overwrite_hessian=True)  # fmt: skip
 
     return quantize

@@ -111,7 +111,7 @@ def test_dp4a_decode_sums_codes_times_quantized_activations_exactly(bits, group_
     pair_expert = torch.tensor([3, 1, 0, 2], dtype=torch.int32)  # two tokens, top-2
     weights = torch.rand(4, generator=generator)
     block_k = min(group_size, 128)
-    with kernel_tuning(activation_digits=digits):
+    with kernel_tuning(gemv_kernel="dp4a", activation_digits=digits):
         assert dp4a_applies(x.dtype, group_size)
         layout, tensors = module.layout, module._tensors()
         for proj, swiglu, rows_per_pair, routing, n_out in (
@@ -143,18 +143,18 @@ def test_dp4a_layer_against_the_exact_reference_with_dropped_and_foreign_ids(dig
     module.kernel = "torch"
     expected = module(x.bfloat16().float(), torch.where(inside, index, 0), torch.where(inside, weights, 0.0))
     module.kernel = "triton"
-    with kernel_tuning(activation_digits=digits):
+    with kernel_tuning(gemv_kernel="dp4a", activation_digits=digits):
         out = module(x.bfloat16(), index, weights)
     assert out.dtype == torch.bfloat16
     assert ((out.float() - expected).norm() / expected.norm()).item() < tolerance
 
 
-def test_float_kernel_remains_for_float32_and_on_request():
-    assert not dp4a_applies(torch.float32, 128)
-    assert not dp4a_applies(torch.bfloat16, 16)  # a K step of 16 rows holds half a 1-bit word
-    with kernel_tuning(gemv_kernel="float"):
-        assert not dp4a_applies(torch.bfloat16, 128)
-    assert dp4a_applies(torch.float16, 128)
+def test_dp4a_runs_on_request_for_16_bit_activations_only():
+    assert not dp4a_applies(torch.bfloat16, 128)  # the default decode kernel is the float one
+    with kernel_tuning(gemv_kernel="dp4a"):
+        assert dp4a_applies(torch.bfloat16, 128) and dp4a_applies(torch.float16, 64)
+        assert not dp4a_applies(torch.float32, 128)  # float32 keeps the exact float kernel
+        assert not dp4a_applies(torch.bfloat16, 16)  # a K step of 16 rows holds half a 1-bit word
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the PTX dp4a runs on a GPU")
@@ -167,6 +167,7 @@ def test_dp4a_instruction_and_plain_triton_agree_bit_for_bit_on_gpu(digits):
     module.kernel = "triton"
     results = []
     for asm in (True, False):
-        with kernel_tuning(activation_digits=digits, dp4a_asm=asm, target_programs=1):  # no split: no atomics order
+        no_split = dict(target_programs=1)  # one program per sum: no atomics, the same float order
+        with kernel_tuning(gemv_kernel="dp4a", activation_digits=digits, dp4a_asm=asm, **no_split):
             results.append(module(x.bfloat16(), index, weights))
     assert torch.equal(results[0], results[1])

@@ -450,3 +450,19 @@ def test_the_default_method_is_rtn_where_gptq_does_not_apply(tmp_path):
     save_tiny_switch(tmp_path)
     model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, quantization_config=RouterNormConfig(group_size=16))
     assert model.config.quantization_config.method == "rtn"
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_may_factor_in_the_callers_hessian_with_the_same_result(act_order):
+    generator = torch.Generator().manual_seed(3)
+    weights = torch.randn(2, 16, 64, generator=generator)
+    inputs = torch.randn(2, 200, 64, generator=generator) * torch.rand(64, generator=generator)
+    inputs[:, :, 7] = 0.0  # a dead input
+    hessians = torch.stack([input_hessian(x) for x in inputs])
+    kept = hessians.clone()
+    copied = quantize_gptq(weights, hessians, 3, 32, act_order=act_order)
+    assert torch.equal(hessians, kept)  # by default the caller's Hessian is left as it was
+    given = quantize_gptq(weights, hessians, 3, 32, act_order=act_order, overwrite_hessian=True)
+    assert not torch.equal(hessians, kept)  # its buffer held the factorization
+    for field in ("codes", "scale", "zero"):
+        assert torch.equal(getattr(copied, field), getattr(given, field))

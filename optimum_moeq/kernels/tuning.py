@@ -15,8 +15,13 @@ from collections.abc import Iterator
 @dataclasses.dataclass(frozen=True)
 class KernelTuning:
     decode_max_pairs: int = 32  # at or below this many (token, expert) pairs the GEMV kernel runs
-    gemv_kernel: str = "dp4a"  # decode with 16-bit activations: "dp4a" (integer dot products) or "float"
-    activation_digits: int = 2  # dp4a's activations: 1 (int8) or 2 (two int8 digits, about 15 bits)
+    # Decode with 16-bit activations: "float" or "dp4a" (integer dot products on activations quantized
+    # per K step). On an H200 (benchmarks/results/kernels.md) dp4a with int8 activations is as fast as
+    # float at 2 bits and up to 1.4x faster at 3-4 bits when replayed from a CUDA graph, but 4-7x
+    # slower eager (the activations are quantized by a dozen small torch ops), and its perplexity
+    # on the testbed is not measured yet: opt-in until both are settled.
+    gemv_kernel: str = "float"
+    activation_digits: int = 1  # dp4a's activations: 1 (int8) or 2 (two int8 digits: slower than float)
     dp4a_asm: bool = True  # the dp4a PTX instruction (False: the same integers in plain Triton)
     gemv_block_n: int = 64  # output columns per GEMV program
     gemv_warps: int = 4

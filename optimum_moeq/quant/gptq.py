@@ -33,6 +33,7 @@ def quantize_gptq(
     block_size: int = 128,
     grid: str = "rtn",
     act_order: bool = False,
+    overwrite_hessian: bool = False,
 ) -> GroupQuantized:
     """GPTQ codes, scales and zeros for ``weight`` [N, K] given ``hessian`` [K, K], or for a batch
     of weights [E, N, K] with one Hessian each [E, K, K] (all experts of a width at once: batched
@@ -41,11 +42,15 @@ def quantize_gptq(
     ``act_order``: quantize the columns in order of decreasing Hessian diagonal (the most active
     inputs first, while the most columns are left to absorb their error), each expert in its own
     order. The groups stay contiguous columns, with grids fitted before any update ("static
-    groups"), so the packed format is the same either way."""
+    groups"), so the packed format is the same either way.
+
+    ``overwrite_hessian``: the factorization may reuse ``hessian``'s memory (float64, contiguous),
+    which the caller must not read afterwards; saves a K x K copy per expert."""
     check_bits(bits)
     if weight.dim() == 2:
         q = quantize_gptq(weight[None], hessian[None], bits, group_size, damp_percent=damp_percent,
-                          block_size=block_size, grid=grid, act_order=act_order)  # fmt: skip
+                          block_size=block_size, grid=grid, act_order=act_order,
+                          overwrite_hessian=overwrite_hessian)  # fmt: skip
         return GroupQuantized(q.codes[0], q.scale[0], q.zero[0], bits, group_size)
     e, n, k = weight.shape
     if tuple(hessian.shape) != (e, k, k):
@@ -55,8 +60,9 @@ def quantize_gptq(
         raise ValueError(f"grid={grid!r} is not supported: allowed are 'rtn' and 'hqq'.")
     use_hqq = grid == "hqq"
     if act_order:
-        return _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size, use_hqq)
-    w, h_inv = _prepared(weight, hessian, damp_percent)
+        return _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size, use_hqq,
+                               overwrite_hessian)  # fmt: skip
+    w, h_inv = _prepared(weight, hessian, damp_percent, overwrite_hessian=overwrite_hessian)
     scales = torch.zeros(e, n, k // group_size, dtype=METADATA_DTYPE, device=weight.device)
     zeros = torch.zeros_like(scales)
     grid = {}
@@ -100,13 +106,14 @@ def _solve_columns(w, h_inv, bits, block_size, grid_at) -> torch.Tensor:
     return codes.transpose(-1, -2).contiguous()
 
 
-def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size, use_hqq) -> GroupQuantized:
+def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size, use_hqq,
+                    overwrite_hessian) -> GroupQuantized:  # fmt: skip
     """GPTQ over each expert's columns permuted by decreasing Hessian diagonal, with every group's
     grid fitted up front on the (dead-input-zeroed) weights; codes are put back in column order."""
     e, n, k = weight.shape
     order = torch.argsort(torch.diagonal(hessian, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
     rows = order[:, None, :].expand(e, n, k)
-    w, h_inv = _prepared(weight, hessian, damp_percent, order)
+    w, h_inv = _prepared(weight, hessian, damp_percent, order, overwrite_hessian)
     permuted = w.float()
     fitted = (quantize_hqq if use_hqq else quantize_rtn)(permuted.scatter(-1, rows, permuted), bits, group_size)
     group_of = order // group_size  # [E, K]: each permuted column's group
@@ -122,28 +129,37 @@ def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size,
     return GroupQuantized(codes, fitted.scale, fitted.zero, bits, group_size)
 
 
-def _prepared(weight: torch.Tensor, hessian: torch.Tensor, damp_percent: float, order: torch.Tensor | None = None):
+def _prepared(weight: torch.Tensor, hessian: torch.Tensor, damp_percent: float, order: torch.Tensor | None = None,
+              overwrite_hessian: bool = False):  # fmt: skip
     """float64 weights with dead inputs (never active: zero Hessian diagonal) zeroed, and the upper
     Cholesky factor of the damped inverse Hessian, per batch entry; with ``order`` [E, K], columns
     (and the Hessian's rows and columns) permuted to it first.
 
-    Memory: besides the caller's Hessian, at most two K x K float64 matrices per expert at a time
-    (a Mixtral down projection's is 1.6 GB): the damping works on the diagonal in place and each
-    factor is dropped as soon as the next exists."""
+    Memory: the factors are computed in the Hessian's own buffer (``overwrite_hessian``: the caller's,
+    which it gives up; else one copy) with one K x K float64 temporary per expert at a time (a
+    Mixtral down projection's is 1.6 GB); the damping works on the diagonal in place."""
     e, n, k = weight.shape
+    if overwrite_hessian and hessian.dtype == torch.float64 and hessian.is_contiguous():
+        h = hessian
+    else:
+        h = hessian.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
     if order is None:
         w = weight.to(torch.float64, copy=True)  # one copy (.double().clone() made two of a float32 weight)
-        h = hessian.to(torch.float64, copy=True)
     else:
         w = weight.gather(-1, order[:, None, :].expand(e, n, k)).to(torch.float64)
-        h = hessian.gather(1, order[:, :, None].expand(e, k, k))
-        h = h.gather(2, order[:, None, :].expand(e, k, k)).to(torch.float64)
+        spare = torch.empty_like(h)
+        torch.gather(h, 1, order[:, :, None].expand(e, k, k), out=spare)
+        torch.gather(spare, 2, order[:, None, :].expand(e, k, k), out=h)
+        del spare
     diag = torch.diagonal(h, dim1=-2, dim2=-1)  # a view: the updates below write into h
     dead = diag == 0
     w.masked_fill_(dead[:, None, :], 0.0)
     diag += dead  # a dead input's row and column are zero: a 1 on the diagonal
     diag += damp_percent * diag.mean(dim=-1, keepdim=True)
     del diag
-    h = torch.linalg.cholesky(h)
-    h = torch.cholesky_inverse(h)
-    return w, torch.linalg.cholesky(h, upper=True)
+    torch.linalg.cholesky(h, out=h)
+    inverse = torch.cholesky_inverse(h)
+    h.copy_(inverse)
+    del inverse
+    torch.linalg.cholesky(h, upper=True, out=h)
+    return w, h
