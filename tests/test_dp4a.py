@@ -171,3 +171,18 @@ def test_dp4a_instruction_and_plain_triton_agree_bit_for_bit_on_gpu(digits):
         with kernel_tuning(gemv_kernel="dp4a", activation_digits=digits, dp4a_asm=asm, **no_split):
             results.append(module(x.bfloat16(), index, weights))
     assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("digits", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_activation_quantization_kernel_equals_the_torch_reference(digits, dtype):
+    from optimum_moeq.kernels.grouped import _quantized_activations
+
+    generator = torch.Generator().manual_seed(digits)
+    x = (torch.randn(3, 256, generator=generator) * torch.rand(256, generator=generator) * 3).to(dtype)
+    x[0, 128:] = 0.0  # an all-zero block
+    x[1, 5] = 0.5 * x[1, :64].abs().max() / 127 * 2  # values near ties of the grid
+    for block_k in (32, 128):
+        expected, got = quantize_activations(x, block_k, digits), _quantized_activations(x, block_k, digits)
+        for field in expected._fields:
+            assert torch.equal(getattr(got, field), getattr(expected, field)), field

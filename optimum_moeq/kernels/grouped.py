@@ -16,7 +16,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from ..quant.layout import PackedLayout
-from .activation_quant import quantize_activations
+from .activation_quant import QuantizedActivations
 from .routing import ExpertBlocks, align_pairs_by_expert
 from .tuning import current_tuning
 
@@ -174,7 +174,7 @@ def _dp4a_projection(x, pair_expert, routing_weights, planes, local_indices, bit
     tuning = current_tuning()
     num_pairs, k = pair_expert.numel(), x.shape[1]
     block_k = block_k_for(group_size)
-    acts = quantize_activations(x, block_k, tuning.activation_digits)
+    acts = _quantized_activations(x, block_k, tuning.activation_digits)
     out = torch.zeros(num_pairs, 2 * n_out if fuse_swiglu else n_out, dtype=torch.float32, device=x.device)
     n_tiles = triton_cdiv(n_out, tuning.gemv_block_n)
     split_k = _split_k(num_pairs * n_tiles, k // block_k, tuning.target_programs)
@@ -193,6 +193,22 @@ def _dp4a_projection(x, pair_expert, routing_weights, planes, local_indices, bit
     if fuse_swiglu:
         out = torch.nn.functional.silu(out[:, :n_out]) * out[:, n_out:]
     return out.to(out_dtype)
+
+
+def _quantized_activations(x: torch.Tensor, block_k: int, digits: int) -> QuantizedActivations:
+    """``activation_quant.quantize_activations`` (the reference) in one launch."""
+    rows, k = x.shape
+    acts = QuantizedActivations(
+        torch.empty(rows, k // 16, 4 * digits, dtype=torch.int32, device=x.device),
+        torch.empty(rows, k // 32, 8 * digits, dtype=torch.int32, device=x.device),
+        torch.empty(rows, k // block_k, dtype=torch.float32, device=x.device),
+        torch.empty(rows, k // block_k, dtype=torch.float32, device=x.device),
+    )
+    _kernels()._moe_quantize_activations_kernel[(rows, k // block_k)](
+        x, *acts, x.stride(0), acts.xp2.stride(0), acts.xp1.stride(0), acts.x_scale.stride(0), DIGITS=digits,
+        BLOCK_K=block_k, num_warps=1, enable_fp_fusion=FP_FUSION,
+    )  # fmt: skip
+    return acts
 
 
 def _split_k(programs: int, k_steps: int, target_programs: int) -> int:

@@ -391,3 +391,43 @@ def _moe_gemv_dp4a_kernel(
         tl.atomic_add(out, acc, mask=n_mask, sem="relaxed")  # partial sums need no ordering
         if GATE_AND_UP:
             tl.atomic_add(out + UP_OFFSET, acc_up, mask=n_mask, sem="relaxed")
+
+
+@triton.jit
+def _pack_bytes(q, WORDS: tl.constexpr, POSITIONS: tl.constexpr):
+    """int32 [WORDS, POSITIONS] from q [WORDS * 4 * POSITIONS]: byte b of entry (w, j) is q at
+    w * 4 * POSITIONS + POSITIONS * b + j (the sum of disjoint byte fields is their OR)."""
+    fields = (tl.reshape(q, (WORDS, 4, POSITIONS)) & 0xFF) << (8 * tl.arange(0, 4))[None, :, None]
+    return tl.sum(fields, axis=1)
+
+
+@triton.jit
+def _moe_quantize_activations_kernel(x_ptr, xp2_ptr, xp1_ptr, x_scale_ptr, x_sum_ptr, stride_x, stride_xp2,
+                                     stride_xp1, stride_blocks, DIGITS: tl.constexpr,
+                                     BLOCK_K: tl.constexpr):  # fmt: skip
+    """One (row, K step) of ``activation_quant.quantize_activations`` in one launch: the same scale,
+    rounding (half to even) and packing."""
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    x = tl.load(x_ptr + row * stride_x + block * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.float32)
+    largest = tl.max(tl.abs(x), axis=0)
+    limit: tl.constexpr = 127.0 if DIGITS == 1 else 16256.0
+    scale = tl.where(largest > 0, tl.div_rn(largest, limit), 1.0)
+    q = ((tl.div_rn(x, scale) + 12582912.0) - 12582912.0).to(tl.int32)  # 1.5 * 2^23: rounds half to even
+    tl.store(x_scale_ptr + row * stride_blocks + block, scale)
+    tl.store(x_sum_ptr + row * stride_blocks + block, tl.sum(q, axis=0).to(tl.float32))
+    WORDS2: tl.constexpr = BLOCK_K // 16
+    WORDS1: tl.constexpr = BLOCK_K // 32
+    words2 = block * WORDS2 + tl.arange(0, WORDS2)
+    words1 = block * WORDS1 + tl.arange(0, WORDS1)
+    for digit in tl.static_range(DIGITS):
+        if DIGITS == 1:
+            digit_q = q
+        elif digit == 0:  # q = 128 hi + lo, lo in [-64, 63]
+            digit_q = (q + 64) >> 7
+        else:
+            digit_q = q - 128 * ((q + 64) >> 7)
+        xp2 = xp2_ptr + row * stride_xp2 + words2[:, None] * (4 * DIGITS) + digit * 4 + tl.arange(0, 4)[None, :]
+        tl.store(xp2, _pack_bytes(digit_q, WORDS2, 4))
+        xp1 = xp1_ptr + row * stride_xp1 + words1[:, None] * (8 * DIGITS) + digit * 8 + tl.arange(0, 8)[None, :]
+        tl.store(xp1, _pack_bytes(digit_q, WORDS1, 8))

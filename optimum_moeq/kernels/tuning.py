@@ -17,9 +17,9 @@ class KernelTuning:
     decode_max_pairs: int = 32  # at or below this many (token, expert) pairs the GEMV kernel runs
     # Decode with 16-bit activations: "float" or "dp4a" (integer dot products on activations quantized
     # per K step). On an H200 (benchmarks/results/kernels.md) dp4a with int8 activations is as fast as
-    # float at 2 bits and up to 1.4x faster at 3-4 bits when replayed from a CUDA graph, but 4-7x
-    # slower eager (the activations are quantized by a dozen small torch ops), and its perplexity
-    # on the testbed is not measured yet: opt-in until both are settled.
+    # float at 2 bits and up to 1.4x faster at 3-4 bits when replayed from a CUDA graph, but was 4-7x
+    # slower eager while its activations were quantized by a dozen small torch ops (one launch since,
+    # not yet timed), and its perplexity on the testbed is not measured yet: opt-in until both are.
     gemv_kernel: str = "float"
     activation_digits: int = 1  # dp4a's activations: 1 (int8) or 2 (two int8 digits: slower than float)
     dp4a_asm: bool = True  # the dp4a PTX instruction (False: the same integers in plain Triton)
