@@ -83,11 +83,11 @@ def test_every_launch_compiles_with_fp_fusion_pinned_on(compiled_launches):
     assert {r["fp_fusion"] for r in compiled_launches} == {True}
 
 
-def test_dp4a_decode_loop_stays_within_its_measured_instruction_budget(compiled_launches):
-    """Offline sm_90 counts of the dp4a K loop (int8 activations: 2.1-2.3 per weight at 2 bits, 3.2-3.6 at
-    3 bits; two digits: 3.0-3.2 / 4.8-5.3), held with a little room as a regression guard. (Issue 16 asks
-    1.6 / 2.5 of the default decode kernel: not reached yet.)"""
-    budget = {(1, 2): 2.5, (1, 3): 3.9, (2, 2): 3.5, (2, 3): 5.6}
+def test_dp4a_decode_loop_meets_the_instruction_budget(compiled_launches):
+    """Offline sm_90, the K loop of the dp4a decode GEMV per weight a thread decodes: issue 16's budget,
+    1.6 at 2 bits and 2.5 at 3 bits, with int8 activations (measured 0.96-1.06 and 1.84-2.08); two
+    digits cost more (1.32-1.42 and 2.58-2.60), held to their measured figures with a little room."""
+    budget = {(1, 2): 1.6, (1, 3): 2.5, (2, 2): 1.6, (2, 3): 2.8}
     dp4a = [r for r in compiled_launches if r["dtype"] == "dp4a"]
     assert len(dp4a) == 2 * 2 * 2  # digits x widths x projections
     over = [r for r in dp4a if r["per_weight"] > budget[(r["digits"], r["bits"])] or r["spills"]]

@@ -176,7 +176,7 @@ def _dp4a_projection(x, pair_expert, routing_weights, planes, local_indices, bit
     block_k = block_k_for(group_size)
     acts = _quantized_activations(x, block_k, tuning.activation_digits)
     out = torch.zeros(num_pairs, 2 * n_out if fuse_swiglu else n_out, dtype=torch.float32, device=x.device)
-    n_tiles = triton_cdiv(n_out, tuning.gemv_block_n)
+    n_tiles = triton_cdiv(n_out, tuning.dp4a_block_n)
     split_k = _split_k(num_pairs * n_tiles, k // block_k, tuning.target_programs)
     routing = routing_weights if routing_weights is not None else out
     for i, bits in enumerate(bit_widths):
@@ -187,8 +187,8 @@ def _dp4a_projection(x, pair_expert, routing_weights, planes, local_indices, bit
             local_index.numel(), k, n_out, x_rows_per_pair_div, n_out, acts.xp2.stride(0), acts.xp1.stride(0),
             acts.x_scale.stride(0), out.stride(0), *strides, GROUP=group_size, N2=bits // 2, HAS_Q1=bits % 2 == 1,
             DIGITS=tuning.activation_digits, GATE_AND_UP=fuse_swiglu, HAS_ROUTING_WEIGHT=routing_weights is not None,
-            SPLIT_K=split_k, BLOCK_K=block_k, BLOCK_N=tuning.gemv_block_n,
-            USE_ASM=tuning.dp4a_asm and not interpreting(), num_warps=tuning.gemv_warps, enable_fp_fusion=FP_FUSION,
+            SPLIT_K=split_k, BLOCK_K=block_k, BLOCK_N=tuning.dp4a_block_n,
+            USE_ASM=tuning.dp4a_asm and not interpreting(), num_warps=tuning.dp4a_warps, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     if fuse_swiglu:
         out = torch.nn.functional.silu(out[:, :n_out]) * out[:, n_out:]
