@@ -1,7 +1,9 @@
 """Host side of the Triton MoE kernels: block sizes, launches, and a whole experts layer.
 
 A layer runs as: gate_up (one launch per bit-width, SiLU(gate) * up fused) -> down (one launch
-per bit-width, routing weight fused, float32 partial sums per pair) -> sum over top-k.
+per bit-width, routing weight fused, float32 partial sums per pair) -> sum over top-k. With
+``KernelTuning(gemv_kernel="dp4a")`` a decode projection quantizes its activations first (one
+launch), splits K for gate_up too, and applies SwiGLU after the splits are summed.
 """
 
 from __future__ import annotations

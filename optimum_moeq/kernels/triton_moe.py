@@ -114,6 +114,16 @@ def _expert_tensors(q2_ptr, q1_ptr, scale_ptr, zero_ptr, local, stride_q2_expert
 
 
 @triton.jit
+def _pair_slot(pair_expert_ptr, local_index_ptr, pair, NUM_EXPERTS):
+    """The pair's expert's slot within the launch's width, or -1 when the pair contributes nothing
+    here: an expert id outside [0, E) (a dropped token, an expert held elsewhere; never read past
+    the table) or an expert of another width."""
+    expert = tl.load(pair_expert_ptr + pair)
+    inside = (expert >= 0) & (expert < NUM_EXPERTS)
+    return tl.load(local_index_ptr + expert, mask=inside, other=-1)
+
+
+@triton.jit
 def _tile_dot(x, q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plane, stride_q2_row, stride_q1_row,
               stride_meta_row, GROUP: tl.constexpr, N2: tl.constexpr, HAS_Q1: tl.constexpr, BLOCK_K: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
@@ -146,11 +156,8 @@ def _moe_gemv_kernel(
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    expert = tl.load(pair_expert_ptr + pair)
-    if (expert < 0) | (expert >= NUM_EXPERTS):  # a dropped token, or an expert held elsewhere: no contribution
-        return
-    local = tl.load(local_index_ptr + expert)
-    if local < 0:  # this expert has another bit-width
+    local = _pair_slot(pair_expert_ptr, local_index_ptr, pair, NUM_EXPERTS)
+    if local < 0:
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -350,11 +357,8 @@ def _moe_gemv_dp4a_kernel(
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    expert = tl.load(pair_expert_ptr + pair)
-    if (expert < 0) | (expert >= NUM_EXPERTS):  # a dropped token, or an expert held elsewhere: no contribution
-        return
-    local = tl.load(local_index_ptr + expert)
-    if local < 0:  # this expert has another bit-width
+    local = _pair_slot(pair_expert_ptr, local_index_ptr, pair, NUM_EXPERTS)
+    if local < 0:
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
