@@ -33,8 +33,8 @@ export MOEQ_GPU_SETUP_DONE=1
 
 run_stage() {
   case "$1" in
-    tests) python3 -m pytest -q -k "gpu or cuda" tests/test_triton_kernels.py tests/test_gptq_streaming.py \
-             tests/test_bnb.py ;;  # the real-size and GPU-only checks (the rest need the interpreter)
+    tests) python3 -m pytest -q -k "gpu or cuda" tests/test_triton_kernels.py tests/test_dp4a.py \
+             tests/test_gptq_streaming.py tests/test_bnb.py ;;  # the GPU-only checks (the rest need the interpreter)
     kernels) python3 benchmarks/expert_kernels.py --batches "${KERNEL_BATCHES:-1,8,64,512,2048}" ;;
     calibration) python3 benchmarks/calibration_memory.py --device cuda --layers "${CALIBRATION_LAYERS:-1}" ;;
     sanitize)  # one decode and one prefill step; a tool the machine's runtime refuses is reported, not fatal
