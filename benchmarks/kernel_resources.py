@@ -73,18 +73,24 @@ def main() -> None:
             rows.append([
                 regime, projection, kernel, c["N2"] * 2 + c["HAS_Q1"], tiles,
                 "default" if not changes else "candidate", f"{found.shared_bytes / 1024:.0f}", found.registers,
-                found.spill_bytes, f"{found.loop_instructions / per_thread:.1f}",
+                found.spill_bytes, f"{found.loop_instructions / per_thread:.2f}",
+                ", ".join(f"{pipe} {cycles / per_thread:.2f}" for pipe, cycles in found.loop_pipe_cycles.items()
+                          if cycles) + f" (bound: {found.pipe_bound()[0]})",
                 "yes" if found.shared_bytes <= limit else "**no**",
             ])  # fmt: skip
     notes = (
         f"Compiled for sm_{args.arch} (shared memory limit {limit / 1024:.0f} KiB per block) by Triton's compiler and "
         f"ptxas on a machine without a GPU; no kernel ran. Mixtral-8x7B shapes, group 128, bf16 activations. "
         "Loop instr / weight: SASS instructions of the K loop over the weights one thread decodes per pass. "
+        "Loop cycles / weight by pipe: a scheduler's cycles for those instructions per weight of a lane, every "
+        "instruction one issue slot, integer ALU ops (LOP3, SHF, IADD3, ...) and IMAD / IDP (FMA-heavy pipe) 2 "
+        "cycles, float FMA 1, conversions 8 (sm_90 throughputs of the CUDA C++ Programming Guide; an estimate of "
+        "the limit, not a timing). "
         f"Defaults: {KernelTuning()}. Command: python benchmarks/kernel_resources.py"
         f"{'' if args.arch == 90 else f' --arch {args.arch}'}"
     )
     header = ["regime", "projection", "kernel", "bits", "tile (MxNxK), warps", "tuning", "shared KiB", "registers",
-              "spill B", "loop instr / weight", "fits"]  # fmt: skip
+              "spill B", "loop instr / weight", "loop cycles / weight by pipe", "fits"]  # fmt: skip
     write_table(args.out, f"Kernel resources on sm_{args.arch}", header, rows, notes)
 
 

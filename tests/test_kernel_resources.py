@@ -92,3 +92,10 @@ def test_dp4a_decode_loop_meets_the_instruction_budget(compiled_launches):
     assert len(dp4a) == 2 * 2 * 2  # digits x widths x projections
     over = [r for r in dp4a if r["per_weight"] > budget[(r["digits"], r["bits"])] or r["spills"]]
     assert not over, over
+
+
+def test_pipe_cycles_count_each_pipe_at_its_rate():
+    from optimum_moeq.kernels.resources import pipe_cycles
+
+    cycles = pipe_cycles(["LOP3", "SHF", "IDP", "IMAD", "FFMA", "I2FP", "LDG", "BAR"])
+    assert cycles == {"issue": 8.0, "alu": 4.0, "fma_heavy": 4.0, "fma": 1.0, "convert": 8.0}

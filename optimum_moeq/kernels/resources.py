@@ -46,6 +46,49 @@ class Resources:
     registers: int
     spill_bytes: int
     loop_instructions: int  # SASS instructions of the longest loop body (the K loop), per thread
+    loop_pipe_cycles: dict[str, float]  # a scheduler's cycles per pass of that loop, by pipe (PIPE_CYCLES)
+
+    def pipe_bound(self) -> tuple[str, float]:
+        """The pipe that bounds the loop and its cycles per pass."""
+        return max(self.loop_pipe_cycles.items(), key=lambda item: item[1])
+
+
+# Cycles one warp instruction holds a scheduler's pipe on sm_90, from the per-SM throughputs of
+# the CUDA C++ Programming Guide (results per clock per SM over 4 schedulers x 32 lanes): every
+# instruction takes an issue slot; 32-bit integer ALU work (LOP3, SHF, IADD3, ...) 64 per SM = 2
+# cycles; IMAD and IDP share the FMA-heavy pipe at half rate; FFMA / FADD / FMUL run on both FMA
+# pipes at full rate; conversions 16 per SM = 8 cycles. An estimate of the limits, not a timing.
+_PIPES = {
+    "alu": (
+        2.0,
+        (
+            "LOP3",
+            "SHF",
+            "IADD3",
+            "LEA",
+            "ISETP",
+            "SEL",
+            "FSEL",
+            "PRMT",
+            "IABS",
+            "IMNMX",
+            "VIADD",
+            "FSETP",
+            "FMNMX",
+            "SHL",
+            "SHR",
+            "LOP",
+            "BMSK",
+            "PLOP3",
+            "P2R",
+            "R2P",
+        ),
+    ),
+    "fma_heavy": (2.0, ("IMAD", "IDP", "IDP4A", "IMUL", "IADD")),
+    "fma": (1.0, ("FFMA", "FADD", "FMUL", "HFMA2", "HADD2", "HMUL2", "FFMA2")),
+    "convert": (8.0, ("I2F", "F2I", "I2FP", "F2IP", "F2F", "F2FP", "FRND")),
+}
+PIPE_CYCLES = {pipe: cycles for pipe, (cycles, _) in _PIPES.items()}
 
 
 def record_launches(forward: Callable[[], object]) -> list[Launch]:
@@ -112,11 +155,23 @@ def resources_of(compiled, arch: int = 90) -> Resources:
                                 capture_output=True, text=True, check=True).stderr  # fmt: skip
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
-    return Resources(compiled.metadata.shared, registers, spills, _loop_instructions(compiled.asm["cubin"]))
+    opcodes = _loop_opcodes(compiled.asm["cubin"])
+    return Resources(compiled.metadata.shared, registers, spills, len(opcodes), pipe_cycles(opcodes))
 
 
-def _loop_instructions(cubin: bytes) -> int:
-    """Instructions between a backward branch and its target, for the longest such loop (cuobjdump)."""
+def pipe_cycles(opcodes: list[str]) -> dict[str, float]:
+    """A scheduler's cycles for one warp to issue ``opcodes`` (SASS names, modifiers dropped), by
+    pipe: "issue" counts every instruction once, each pipe its own at ``PIPE_CYCLES``."""
+    cycles = {"issue": float(len(opcodes)), **dict.fromkeys(_PIPES, 0.0)}
+    for opcode in opcodes:
+        for pipe, (cost, names) in _PIPES.items():
+            if opcode in names:
+                cycles[pipe] += cost
+    return cycles
+
+
+def _loop_opcodes(cubin: bytes) -> list[str]:
+    """Opcodes between a backward branch and its target, for the longest such loop (cuobjdump)."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -124,9 +179,9 @@ def _loop_instructions(cubin: bytes) -> int:
         f.write(cubin)
         f.flush()
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    longest = 0
+    start, end = 0, -1
     for address, target in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?P\d\s+)?BRA\s+(?:`\()?0x([0-9a-f]+)", sass):
-        start, end = int(target, 16), int(address, 16)
-        if start < end:  # 16 bytes per instruction
-            longest = max(longest, (end - start) // 16 + 1)
-    return longest
+        if int(target, 16) < int(address, 16) and int(address, 16) - int(target, 16) > end - start:
+            start, end = int(target, 16), int(address, 16)
+    found = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T\d]\s+)?([A-Z][A-Z0-9_]*)", sass)
+    return [opcode for address, opcode in found if start <= int(address, 16) <= end]
