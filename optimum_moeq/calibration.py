@@ -247,6 +247,9 @@ def _quantize_experts_module(model, name: str, module, layer, cached, config: Ro
             "gate_up_proj", module.gate_up_proj.detach(), _gptq_with(hidden, weights, config)
         )
     )
+    # nothing reads the full-precision gate_up from here on (the down projection's inputs come from the
+    # quantized one): freed before the down projection's Hessians (a Mixtral layer's is 1.75 GiB in bf16)
+    module._parameters.pop("gate_up_proj", None)
     inner = _InnerActivations(replacement, hidden)  # as the quantized gate_up gives them
     replacement.store(
         replacement.quantize_projection("down_proj", module.down_proj.detach(), _gptq_with(inner, weights, config))
