@@ -98,11 +98,10 @@ def _reference(module, proj, x_deq, pair_expert, rows_per_pair, routing_weights,
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("digits", [1, 2])
 @pytest.mark.parametrize(
-    "bits, group_size",
-    [([1, 2, 3, 4], 32), ([5, 6, 7, 8], 64), ([3, 3, 2, 2], 128), ([2, 2, 2, 2], 256)],
-)  # every width; one K step per group, or two per group of 256
+    "bits, group_size, digits",
+    [([1, 2, 3, 4], 32, 1), ([5, 6, 7, 8], 64, 2), ([3, 3, 2, 2], 128, 2), ([2, 2, 1, 2], 256, 1)],
+)  # every width and both digit counts; one K step per group, or two per group of 256
 def test_dp4a_decode_sums_codes_times_quantized_activations_exactly(bits, group_size, digits):
     hidden, intermediate = 256, max(group_size, 128)
     module = _experts(bits, hidden, intermediate, group_size, seed=sum(bits))
