@@ -43,7 +43,7 @@ def main() -> None:
         module = MixedBitExperts([2, 3, 4, 8] * 2, hidden, intermediate, 128)
     module.kernel = "triton"
     generator = torch.Generator().manual_seed(0)
-    settings = [("decode", 1, {}), ("decode", 1, {"activation_digits": 1}), ("decode", 1, {"gemv_kernel": "float"})]
+    settings = [("decode", 1, {})] + [("decode", 1, {"gemv_kernel": "dp4a", "activation_digits": d}) for d in (1, 2)]
     settings += [("prefill", 2048, {})]
     settings += [("prefill", 2048, {**c, "gemm_block_m_small": c["gemm_block_m"]}) for c in candidates(PREFILL_GRID)]
     rows, seen = [], set()
