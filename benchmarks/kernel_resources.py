@@ -53,11 +53,12 @@ def main() -> None:
         with kernel_tuning(**changes):
             launches = record_launches(lambda x=x, index=index: module(x, index, torch.rand(index.shape)))
         for launch in launches:
-            c = dict(launch.kwargs)
+            c = launch.kwargs
             if "N2" not in c:  # dp4a's activation quantization: no weights
                 continue
-            c.setdefault("FUSE_SWIGLU", c.get("GATE_AND_UP", False))  # dp4a: gate and up, SwiGLU after
-            key = (launch.name, c["N2"], c["HAS_Q1"], c["FUSE_SWIGLU"], c.get("BLOCK_M"), c["BLOCK_N"],
+            dp4a = "DIGITS" in c  # its gate_up computes gate and up; SwiGLU runs after the splits
+            gate_up = c["GATE_AND_UP"] if dp4a else c["FUSE_SWIGLU"]
+            key = (launch.name, c["N2"], c["HAS_Q1"], gate_up, c.get("BLOCK_M"), c["BLOCK_N"],
                    c["num_warps"], c.get("num_stages"), c.get("DIGITS"))  # fmt: skip
             if key in seen:
                 continue
@@ -66,10 +67,9 @@ def main() -> None:
             tiles = f"{c.get('BLOCK_M', 1)}x{c['BLOCK_N']}x{c['BLOCK_K']}, {c['num_warps']} warps"
             tiles += f", {c['num_stages']} stages" if "num_stages" in c else f", split-K {c['SPLIT_K']}"
             # weights one thread decodes per pass of the K loop
-            per_thread = c["BLOCK_K"] * c["BLOCK_N"] * (2 if c["FUSE_SWIGLU"] else 1) / (c["num_warps"] * 32)
-            kernel = "dp4a, " + ("int8" if c["DIGITS"] == 1 else "2 digits") if "DIGITS" in c else "float"
-            projection = ("gate_up (SiLU fused)" if "GATE_AND_UP" not in launch.kwargs else "gate_up") if c[
-                "FUSE_SWIGLU"] else "down"  # fmt: skip
+            per_thread = c["BLOCK_K"] * c["BLOCK_N"] * (2 if gate_up else 1) / (c["num_warps"] * 32)
+            kernel = ("dp4a, " + ("int8" if c["DIGITS"] == 1 else "2 digits")) if dp4a else "float"
+            projection = "down" if not gate_up else "gate_up" if dp4a else "gate_up (SiLU fused)"
             rows.append([
                 regime, projection, kernel, c["N2"] * 2 + c["HAS_Q1"], tiles,
                 "default" if not changes else "candidate", f"{found.shared_bytes / 1024:.0f}", found.registers,

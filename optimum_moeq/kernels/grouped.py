@@ -97,14 +97,6 @@ def launch_projection(
     into blocks (``sorted_pairs``, ``block_expert``, ``block_m`` from ``align_pairs_by_expert``)
     select the tl.dot kernel, otherwise the GEMV kernel runs.
     """
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        # Triton launches on the current device and its stream, not the tensors' (triton-lang/triton#5205)
-        _launch(x, out, bits, planes, local_index, top_k_index, group_size, n_out, x_rows_per_pair_div, fuse_swiglu,
-                routing_weights, sorted_pairs, block_expert, block_m)  # fmt: skip
-
-
-def _launch(x, out, bits, planes, local_index, top_k_index, group_size, n_out, x_rows_per_pair_div, fuse_swiglu,
-            routing_weights, sorted_pairs, block_expert, block_m) -> None:  # fmt: skip
     kernels = _kernels()
     tuning = current_tuning()
     num_pairs = top_k_index.numel()
@@ -236,18 +228,20 @@ def _mixed_bit_projection(
     fuse_swiglu: bool,
     block_m: int,
 ) -> torch.Tensor:
-    if sorted_pairs is None and dp4a_applies(x.dtype, group_size):
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    # Triton launches on the current device and its stream, not the tensors' (triton-lang/triton#5205)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        if sorted_pairs is None and dp4a_applies(x.dtype, group_size):
             return _dp4a_projection(x, pair_expert, routing_weights, planes, local_indices, bit_widths, group_size,
                                     n_out, out_dtype, x_rows_per_pair_div, fuse_swiglu)  # fmt: skip
-    out = torch.zeros(pair_expert.numel(), n_out, dtype=out_dtype, device=x.device)
-    for i, bits in enumerate(bit_widths):
-        launch_projection(
-            x, out, bits, planes[4 * i : 4 * i + 4], local_indices[i], pair_expert, group_size=group_size,
-            n_out=n_out, x_rows_per_pair_div=x_rows_per_pair_div, fuse_swiglu=fuse_swiglu,
-            routing_weights=routing_weights, sorted_pairs=sorted_pairs, block_expert=block_expert, block_m=block_m,
-        )  # fmt: skip
-    return out
+        out = torch.zeros(pair_expert.numel(), n_out, dtype=out_dtype, device=x.device)
+        for i, bits in enumerate(bit_widths):
+            launch_projection(
+                x, out, bits, planes[4 * i : 4 * i + 4], local_indices[i], pair_expert, group_size=group_size,
+                n_out=n_out, x_rows_per_pair_div=x_rows_per_pair_div, fuse_swiglu=fuse_swiglu,
+                routing_weights=routing_weights, sorted_pairs=sorted_pairs, block_expert=block_expert,
+                block_m=block_m,
+            )  # fmt: skip
+        return out
 
 
 # torch.compile sees the launches as one opaque op (tracing into Triton's launcher is not needed,
