@@ -28,7 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import results_path, write_table  # noqa: E402
+from common import PeakWhere, results_path, write_table  # noqa: E402
 
 GIB = 2**30
 
@@ -44,11 +44,12 @@ def child(path: str, nsamples: int, seqlen: int, group_size: int, device: str) -
     ids = torch.randint(0, config["vocab_size"], (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     quantization = RouterNormConfig(avg_bits=2.5, group_size=group_size, dataset=ids, nsamples=nsamples, seqlen=seqlen)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=quantization, dtype=torch.bfloat16, device_map=device
-    )
-    if device == "cuda":
-        torch.cuda.synchronize()
+    with PeakWhere() as peak:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quantization, dtype=torch.bfloat16, device_map=device
+        )
+        if device == "cuda":
+            torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     assert model.config.quantization_config.method == "gptq" and model.hf_quantizer._streamed == {}
     return {
@@ -57,6 +58,8 @@ def child(path: str, nsamples: int, seqlen: int, group_size: int, device: str) -
         "peak_gpu": torch.cuda.max_memory_allocated() if device == "cuda" else 0,
         "model_bytes": model_footprint(model).total_bytes,
         "device": torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU cores",
+        "peak_where": peak.where,
+        "rss_by_place": sorted(peak.by_place.items(), key=lambda item: -item[1])[:8],
     }
 
 
@@ -135,6 +138,10 @@ def main() -> None:
         f"`python benchmarks/calibration_memory.py{' --smoke' if args.smoke else ''}"
         f"{' --device cuda' if args.device == 'cuda' else ''}`"
         + (" Tiny smoke shapes: not the measurement." if args.smoke else "")
+        + "\n\nHost RSS peak sampled every 20 ms, set in: "
+        + " < ".join(f"`{frame}`" for frame in reversed(figures["peak_where"]))
+        + ".\n\nHighest sampled RSS by the innermost function running (of optimum_moeq / transformers):\n\n"
+        + "\n".join(f"- `{place}`: {rss / GIB:.2f} GiB" for place, rss in figures["rss_by_place"])
     )
     write_table(args.out, "Streaming GPTQ memory", header, rows, notes)
 

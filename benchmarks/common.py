@@ -64,3 +64,47 @@ def write_table(path: str, title: str, header: Sequence[str], rows: Sequence[Seq
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return text
+
+
+class PeakWhere:
+    """Where a process's resident memory peaks: a thread reads the RSS every ``interval`` seconds
+    and, whenever it passes the highest seen, keeps the main thread's innermost frames in the
+    named packages, and the highest RSS seen in each innermost such function (``by_place``: the
+    peak of each phase). ``ru_maxrss`` gives the peak's exact size; this gives the code running."""
+
+    def __init__(self, packages=("optimum_moeq", "transformers"), interval: float = 0.02, frames: int = 4):
+        import threading
+
+        self._packages, self._interval, self._frames = packages, interval, frames
+        self._main = threading.main_thread().ident
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.peak_bytes, self.where, self.by_place = 0, [], {}
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        import traceback
+
+        while not self._stop.wait(self._interval):
+            rss = self._rss()
+            frame = sys._current_frames().get(self._main)
+            stack = traceback.extract_stack(frame) if frame is not None else []
+            ours = [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in stack
+                    if any(f"/{p}/" in f.filename for p in self._packages)]  # fmt: skip
+            if ours:
+                file_line, function = ours[-1].split(" ")
+                place = f"{file_line.split(':')[0]} {function}"
+                self.by_place[place] = max(self.by_place.get(place, 0), rss)
+            if rss > self.peak_bytes:
+                self.peak_bytes, self.where = rss, ours[-self._frames :]

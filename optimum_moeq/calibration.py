@@ -338,7 +338,8 @@ def _gptq_with(inputs, weights: list[torch.Tensor], config: RouterNormConfig):
     def quantize(expert_weights: torch.Tensor, bits: int, experts: tuple[int, ...]) -> GroupQuantized:
         hessians = [_weighted_hessian(rows_of(e), weights[e]) for e in experts]
         hessians = hessians[0][None] if len(hessians) == 1 else torch.stack(hessians)  # one expert: no copy
-        return quantize_gptq(expert_weights.float(), hessians, bits, config.group_size,
+        # the weights as stored (bf16): GPTQ makes its own float64 copy, a float32 one would only add to the peak
+        return quantize_gptq(expert_weights, hessians, bits, config.group_size,
                              damp_percent=config.damp_percent, act_order=config.desc_act,
                              overwrite_hessian=True)  # fmt: skip
 

@@ -78,3 +78,28 @@ def test_streaming_gptq_on_the_gpu_matches_the_cpu_walk(tiny_mixtral_path):
     # float64 Hessians on both; GPU arithmetic differs by rounding only, so nearly every code agrees
     same = sum(int((cpu_state[k] == gpu_state[k].cpu()).sum()) for k in codes)
     assert same / sum(cpu_state[k].numel() for k in codes) > 0.95
+
+
+def test_the_walk_fuses_per_expert_tensors_in_place_and_names_a_shape_mismatch():
+    from optimum_moeq.calibration_stream import _read_checkpoint_tensor
+    from optimum_moeq.models.mixtral import MIXTRAL
+
+    g = torch.Generator().manual_seed(0)
+    base = "model.layers.0.block_sparse_moe.experts"  # Mixtral's names on disk (w1 gate, w3 up, w2 down)
+    reader = {f"{base}.{e}.{p}.weight": torch.randn(6, 4, generator=g) for e in range(3) for p in ("w1", "w3")}
+    gate_up = torch.empty(3, 12, 4)
+    _read_checkpoint_tensor(reader, MIXTRAL, "model.layers.0.mlp.experts.gate_up_proj", gate_up)
+    expected = torch.stack([torch.cat([reader[f"{base}.{e}.w1.weight"], reader[f"{base}.{e}.w3.weight"]])
+                            for e in range(3)])  # fmt: skip
+    assert torch.equal(gate_up, expected)
+    reader[f"{base}.1.w3.weight"] = torch.randn(6, 5, generator=g)
+    with pytest.raises(ValueError, match=r"experts\.1\.w3\.weight: the checkpoint holds \(6, 5\), the model \(6, 4\)"):
+        _read_checkpoint_tensor(reader, MIXTRAL, "model.layers.0.mlp.experts.gate_up_proj", gate_up)
+    reader[f"{base}.1.w3.weight"] = torch.randn(5, 4, generator=g)
+    with pytest.raises(ValueError, match="the checkpoint's experts give 11 rows, the model 12"):
+        _read_checkpoint_tensor(reader, MIXTRAL, "model.layers.0.mlp.experts.gate_up_proj", gate_up)
+    reader[f"{base}.1.w3.weight"] = torch.randn(6, 4, generator=g)
+    with pytest.raises(ValueError, match="the checkpoint holds 3 experts, the model 4"):
+        _read_checkpoint_tensor(reader, MIXTRAL, "model.layers.0.mlp.experts.gate_up_proj", torch.empty(4, 12, 4))
+    with pytest.raises(KeyError, match="no tensor for model.layers.0.mlp.experts.down_proj"):
+        _read_checkpoint_tensor(reader, MIXTRAL, "model.layers.0.mlp.experts.down_proj", torch.empty(3, 4, 6))

@@ -67,7 +67,7 @@ def quantize_gptq(
     zeros = torch.zeros_like(scales)
     grid = {}
 
-    def grid_at(column, block, i, end):
+    def grid_at(column, block, i, end, w):
         if column % group_size == 0:  # the group's grid, from the weights as updated so far
             group = torch.cat([block[..., i:], w[..., end : column + group_size]], dim=-1)[..., :group_size]
             start_grid = (quantize_hqq if use_hqq else quantize_rtn)(group.float(), bits, group_size)
@@ -77,33 +77,40 @@ def quantize_gptq(
         return grid["scale"], grid["zero"]
 
     codes = _solve_columns(w, h_inv, bits, block_size, grid_at)
-    return GroupQuantized(codes, scales, zeros, bits, group_size)
+    del w  # the float64 working copy, before the codes' int32 copy
+    return GroupQuantized(_int32_codes(codes), scales, zeros, bits, group_size)
 
 
 def _solve_columns(w, h_inv, bits, block_size, grid_at) -> torch.Tensor:
     """GPTQ's column loop over ``w`` [E, N, K] (updated in place) with the upper Cholesky factor
-    of its inverse Hessian: each column is rounded on the grid ``grid_at(column, block, i, end)``
+    of its inverse Hessian: each column is rounded on the grid ``grid_at(column, block, i, end, w)``
     gives (scale, zero [E, N]), and its error spread over the columns after it, lazily by blocks.
 
     A block is held transposed, [E, B, N], so that a column is a contiguous row: the loop's
     per-column rounding and rank-1 update then read whole cache lines (a column of [E, N, B]
-    touches one line per output)."""
+    touches one line per output). Codes come back uint8 [E, K, N] (a fourth of int32's memory: a
+    Mixtral gate_up expert's are 117 M)."""
     e, n, k = w.shape
-    codes = torch.zeros(e, k, n, dtype=torch.int32, device=w.device)
+    codes = torch.zeros(e, k, n, dtype=torch.uint8, device=w.device)
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
         block = w[..., start:end].transpose(-1, -2).contiguous()
         errors = torch.zeros_like(block)
         h_inv_block = h_inv[:, start:end, start:end]
         for i in range(end - start):
-            scale, zero = grid_at(start + i, block.transpose(-1, -2), i, end)
+            scale, zero = grid_at(start + i, block.transpose(-1, -2), i, end, w)
             q = torch.round(block[:, i] / scale + zero).clamp_(0, 2**bits - 1)
-            codes[:, start + i] = q.to(torch.int32)
+            codes[:, start + i] = q.to(torch.uint8)
             error = (block[:, i] - (q - zero) * scale) / h_inv_block[:, i, i, None]
             block[:, i:].baddbmm_(h_inv_block[:, i, i:, None], error[:, None, :], alpha=-1)  # one pass
             errors[:, i] = error
         w[..., end:] -= errors.transpose(-1, -2) @ h_inv[:, start:end, end:]
-    return codes.transpose(-1, -2).contiguous()
+    return codes
+
+
+def _int32_codes(codes_kn: torch.Tensor) -> torch.Tensor:
+    """[E, N, K] int32 codes (every quantizer's convention) from the column loop's uint8 [E, K, N]."""
+    return codes_kn.transpose(-1, -2).to(torch.int32, memory_format=torch.contiguous_format)
 
 
 def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size, use_hqq,
@@ -112,21 +119,26 @@ def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size,
     grid fitted up front on the (dead-input-zeroed) weights; codes are put back in column order."""
     e, n, k = weight.shape
     order = torch.argsort(torch.diagonal(hessian, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
-    rows = order[:, None, :].expand(e, n, k)
+    # the grids, fitted before the float64 working copy exists; of the fit only scales and zeros are kept
+    dead = torch.diagonal(hessian, dim1=-2, dim2=-1) == 0
+    fitted = (quantize_hqq if use_hqq else quantize_rtn)(weight.float().masked_fill(dead[:, None, :], 0.0),
+                                                         bits, group_size)  # fmt: skip
+    scale, zero = fitted.scale, fitted.zero
+    del fitted, dead
     w, h_inv = _prepared(weight, hessian, damp_percent, order, overwrite_hessian)
-    permuted = w.float()
-    fitted = (quantize_hqq if use_hqq else quantize_rtn)(permuted.scatter(-1, rows, permuted), bits, group_size)
     group_of = order // group_size  # [E, K]: each permuted column's group
-    scale_rows = fitted.scale.double().transpose(-1, -2).contiguous()  # [E, K / G, N]
-    zero_rows = fitted.zero.double().transpose(-1, -2).contiguous()
+    scale_rows = scale.double().transpose(-1, -2).contiguous()  # [E, K / G, N]
+    zero_rows = zero.double().transpose(-1, -2).contiguous()
     experts = torch.arange(e, device=weight.device)
 
     def static_grid(column, *_):
         return scale_rows[experts, group_of[:, column]], zero_rows[experts, group_of[:, column]]
 
-    codes = _solve_columns(w, h_inv, bits, block_size, static_grid)
-    codes = torch.zeros_like(codes).scatter_(-1, rows, codes)
-    return GroupQuantized(codes, fitted.scale, fitted.zero, bits, group_size)
+    permuted = _solve_columns(w, h_inv, bits, block_size, static_grid)  # [E, K, N], rows in solve order
+    del w
+    codes = torch.empty_like(permuted).scatter_(1, order[:, :, None].expand(e, k, n), permuted)
+    del permuted
+    return GroupQuantized(_int32_codes(codes), scale, zero, bits, group_size)
 
 
 def _prepared(weight: torch.Tensor, hessian: torch.Tensor, damp_percent: float, order: torch.Tensor | None = None,
