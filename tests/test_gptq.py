@@ -466,3 +466,23 @@ def test_gptq_may_factor_in_the_callers_hessian_with_the_same_result(act_order):
     assert not torch.equal(hessians, kept)  # its buffer held the factorization
     for field in ("codes", "scale", "zero"):
         assert torch.equal(getattr(copied, field), getattr(given, field))
+
+
+def test_the_hessian_is_permuted_and_symmetrized_in_place_by_chunks(monkeypatch):
+    """The factorization's K x K passes work chunk by chunk in the Hessian's own memory (no K x K
+    temporary); with chunks of 5 rows they must still give h[order][:, order] and its lower triangle
+    mirrored, exactly."""
+    from optimum_moeq.quant import gptq
+
+    monkeypatch.setattr(gptq, "_chunk_rows", lambda k: 5)
+    generator = torch.Generator().manual_seed(7)
+    h = torch.randn(2, 37, 37, generator=generator, dtype=torch.float64)  # not symmetric: every entry counts
+    order = torch.stack([torch.randperm(37, generator=generator) for _ in range(2)])
+    expected = torch.stack([h[e][order[e]][:, order[e]] for e in range(2)])
+    buffer = h.clone()
+    pointer = buffer.data_ptr()
+    gptq._permute_in_place(buffer, order)
+    assert torch.equal(buffer, expected) and buffer.data_ptr() == pointer
+    gptq._symmetrize_from_lower(buffer)
+    lower = expected.tril()
+    assert torch.equal(buffer, lower + lower.tril(-1).mT) and buffer.data_ptr() == pointer

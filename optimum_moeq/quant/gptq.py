@@ -147,9 +147,10 @@ def _prepared(weight: torch.Tensor, hessian: torch.Tensor, damp_percent: float, 
     Cholesky factor of the damped inverse Hessian, per batch entry; with ``order`` [E, K], columns
     (and the Hessian's rows and columns) permuted to it first.
 
-    Memory: the factors are computed in the Hessian's own buffer (``overwrite_hessian``: the caller's,
-    which it gives up; else one copy) with one K x K float64 temporary per expert at a time (a
-    Mixtral down projection's is 1.6 GB); the damping works on the diagonal in place."""
+    Memory: no K x K temporary (a Mixtral down projection's Hessian is 1.6 GB). The factors are
+    computed in the Hessian's own buffer (``overwrite_hessian``: the caller's, which it gives up;
+    else one copy), viewed column-major so that LAPACK works in it in place (torch clones a
+    row-major input); the permutation and the damping work in place too."""
     e, n, k = weight.shape
     if overwrite_hessian and hessian.dtype == torch.float64 and hessian.is_contiguous():
         h = hessian
@@ -159,10 +160,9 @@ def _prepared(weight: torch.Tensor, hessian: torch.Tensor, damp_percent: float, 
         w = weight.to(torch.float64, copy=True)  # one copy (.double().clone() made two of a float32 weight)
     else:
         w = weight.gather(-1, order[:, None, :].expand(e, n, k)).to(torch.float64)
-        spare = torch.empty_like(h)
-        torch.gather(h, 1, order[:, :, None].expand(e, k, k), out=spare)
-        torch.gather(spare, 2, order[:, None, :].expand(e, k, k), out=h)
-        del spare
+        _permute_in_place(h, order)
+    _symmetrize_from_lower(h)
+    h = h.mT  # column-major; the same matrix, now that it is exactly symmetric
     diag = torch.diagonal(h, dim1=-2, dim2=-1)  # a view: the updates below write into h
     dead = diag == 0
     w.masked_fill_(dead[:, None, :], 0.0)
@@ -170,8 +170,34 @@ def _prepared(weight: torch.Tensor, hessian: torch.Tensor, damp_percent: float, 
     diag += damp_percent * diag.mean(dim=-1, keepdim=True)
     del diag
     torch.linalg.cholesky(h, out=h)
-    inverse = torch.cholesky_inverse(h)
-    h.copy_(inverse)
-    del inverse
+    torch.cholesky_inverse(h, out=h)
     torch.linalg.cholesky(h, upper=True, out=h)
     return w, h
+
+
+def _chunk_rows(k: int) -> int:
+    """Rows per chunk of the in-place passes over a K x K float64 matrix: their temporaries, 64 MB."""
+    return max(1, 2**23 // k)
+
+
+def _permute_in_place(h: torch.Tensor, order: torch.Tensor) -> None:
+    """h[e] <- h[e][order[e]][:, order[e]] for a row-major [E, K, K] ``h``, by row chunks: columns
+    permuted within each chunk of rows, then, through the transposed view, within each chunk of columns."""
+    e, k, _ = h.shape
+    step = _chunk_rows(k)
+    for view in (h, h.mT):
+        for start in range(0, k, step):
+            rows = view[:, start : start + step]
+            rows.copy_(rows.gather(-1, order[:, None, :].expand(rows.shape)))
+
+
+def _symmetrize_from_lower(h: torch.Tensor) -> None:
+    """Copy each row-major [E, K, K] matrix's lower triangle over its upper one, by blocks (a float64
+    Hessian summed by BLAS is symmetric only to rounding; LAPACK read its lower triangle before)."""
+    k = h.shape[-1]
+    step = _chunk_rows(k)
+    for start in range(0, k, step):
+        end = min(start + step, k)
+        block = h[:, start:end, start:end]
+        block.copy_(block.tril() + block.tril(-1).mT)
+        h[:, start:end, end:] = h[:, end:, start:end].mT
