@@ -104,7 +104,9 @@ def _solve_columns(w, h_inv, bits, block_size, grid_at) -> torch.Tensor:
             error = (block[:, i] - (q - zero) * scale) / h_inv_block[:, i, i, None]
             block[:, i:].baddbmm_(h_inv_block[:, i, i:, None], error[:, None, :], alpha=-1)  # one pass
             errors[:, i] = error
-        w[..., end:] -= errors.transpose(-1, -2) @ h_inv[:, start:end, end:]
+        # in place: `w[..., end:] -= errors^T @ h_inv` made an [E, N, K - end] temporary (896 MB for
+        # a Mixtral gate_up expert at the first block)
+        w[..., end:].baddbmm_(errors.transpose(-1, -2), h_inv[:, start:end, end:], alpha=-1)
     return codes
 
 
