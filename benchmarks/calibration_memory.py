@@ -1,7 +1,7 @@
 """Peak memory and time of the default quantize-on-load (streaming GPTQ) on a Mixtral-shaped
 checkpoint, against the bound: the packed model + one full-precision layer + the calibration
-activations + one expert's GPTQ working set (its float64 Hessian, factored in place, and one
-temporary of its size: 2 x 8 K^2 bytes for the widest input K) + 1 GiB.
+activations + one expert's float64 Hessian (8 K^2 bytes for the widest input K: GPTQ factors it
+in place, with no temporary of its size) + 1 GiB.
 
     python benchmarks/calibration_memory.py                      # Mixtral-8x7B layers, 4 of 32
     python benchmarks/calibration_memory.py --device cuda        # the walk on a GPU (device_map)
@@ -116,7 +116,7 @@ def main() -> None:
         figures = json.loads(run.stdout.strip().splitlines()[-1])
         one_layer = layer_bytes(tmp)
     activations = nsamples * seqlen * shapes["hidden"] * 4 * 4  # layer inputs, outputs and the experts' copies
-    gptq = 2 * 8 * max(shapes["hidden"], shapes["intermediate"]) ** 2  # a Hessian factored in place + a temporary
+    gptq = 8 * max(shapes["hidden"], shapes["intermediate"]) ** 2  # one float64 Hessian, factored in place
     bound = figures["model_bytes"] + one_layer + activations + gptq + GIB
     peak = figures["peak_gpu"] if args.device == "cuda" else figures["peak_rss"]
     layers = 2 if args.smoke else args.layers
@@ -127,13 +127,13 @@ def main() -> None:
         "yes" if peak <= bound else "NO", f"{figures['seconds'] / layers:.1f}",
     ]]  # fmt: skip
     header = ["checkpoint", "walk on", "peak GiB (walk's device)", "peak host RSS GiB", "packed model GiB",
-              "one bf16 layer GiB", "activations GiB", "GPTQ working set GiB", "bound GiB", "within",
+              "one bf16 layer GiB", "activations GiB", "one Hessian GiB", "bound GiB", "within",
               "s per layer"]  # fmt: skip
     notes = (
         f"Default quantize-on-load (method None -> streaming GPTQ, {nsamples} x {seqlen} calibration tokens), "
         f"device_map={args.device!r}; bound = packed model + one full-precision layer + activations + one "
-        "expert's GPTQ working set (float64 Hessian of the widest input, factored in place, and one temporary) "
-        "+ 1 GiB, against the peak on the walk's device (GPU: torch.cuda.max_memory_allocated; CPU: the process's "
+        "expert's float64 Hessian of the widest input (GPTQ factors it in place) + 1 GiB, against the peak on "
+        "the walk's device (GPU: torch.cuda.max_memory_allocated; CPU: the process's "
         "peak RSS). "
         f"`python benchmarks/calibration_memory.py{' --smoke' if args.smoke else ''}"
         f"{' --device cuda' if args.device == 'cuda' else ''}`"
