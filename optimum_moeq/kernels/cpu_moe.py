@@ -81,8 +81,7 @@ def _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable
     return y
 
 
-@torch.library.custom_op("moeq::cpu_experts_gemm", mutates_args=())
-def experts_gemm(
+def _experts_gemm(
     x: torch.Tensor,
     seg_start: torch.Tensor,
     seg_expert: torch.Tensor,
@@ -92,33 +91,17 @@ def experts_gemm(
     group_size: int,
     portable: bool = False,
 ) -> torch.Tensor:
-    """float32 [R, n]: row r of ``x`` [R, K] times the weight of its segment's expert (rows
-    ``seg_start[s]:seg_start[s+1]``, int32, use expert ``seg_expert[s]``). ``portable`` takes the
-    library's plain-C path (the one machines without AVX2 run)."""
     return _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable)
 
 
-@experts_gemm.register_fake
-def _(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False):
-    return x.new_empty((x.shape[0], n), dtype=torch.float32)
-
-
-@torch.library.custom_op("moeq::cpu_linear", mutates_args=())
-def packed_linear_cpu(
+def _packed_linear(
     x: torch.Tensor, planes: list[torch.Tensor | None], bits: int, n: int, group_size: int
 ) -> torch.Tensor:
-    """float32 [R, n] = x [R, K] @ W.T for one packed weight (planes with a one-expert axis)."""
     seg_start = torch.tensor([0, x.shape[0]], dtype=torch.int32)
     return _gemm(x, seg_start, torch.zeros(1, dtype=torch.int32), planes, [bits], n, group_size)
 
 
-@packed_linear_cpu.register_fake
-def _(x, planes, bits, n, group_size):
-    return x.new_empty((x.shape[0], n), dtype=torch.float32)
-
-
-@torch.library.custom_op("moeq::cpu_silu_experts", mutates_args=())
-def silu_experts(
+def _silu_experts(
     x: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
@@ -128,8 +111,6 @@ def silu_experts(
     intermediate_dim: int,
     group_size: int,
 ) -> torch.Tensor:
-    """float32 [T, H]: a SiLU-gated experts layer in one kernel call, routing included; pairs whose
-    expert index is outside [0, E) contribute nothing."""
     x = x.float().contiguous()
     index = top_k_index.to(torch.int64).contiguous()
     weights = top_k_weights.float().contiguous()
@@ -145,9 +126,49 @@ def silu_experts(
     return out
 
 
-@silu_experts.register_fake
+# Custom ops, so that torch.compile(fullgraph=True) sees one opaque call each; eager calls go to the
+# functions directly (the dispatcher costs about 20 us a call, benchmarks/results/notes.md).
+_experts_gemm_op = torch.library.custom_op("moeq::cpu_experts_gemm", _experts_gemm, mutates_args=())
+_packed_linear_op = torch.library.custom_op("moeq::cpu_linear", _packed_linear, mutates_args=())
+_silu_experts_op = torch.library.custom_op("moeq::cpu_silu_experts", _silu_experts, mutates_args=())
+
+
+@_experts_gemm_op.register_fake
+def _(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False):
+    return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+@_packed_linear_op.register_fake
+def _(x, planes, bits, n, group_size):
+    return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+@_silu_experts_op.register_fake
 def _(x, top_k_index, top_k_weights, gate_up_planes, down_planes, expert_bits, intermediate_dim, group_size):
     return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def experts_gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False) -> torch.Tensor:
+    """float32 [R, n]: row r of ``x`` [R, K] times the weight of its segment's expert (rows
+    ``seg_start[s]:seg_start[s+1]``, int32, use expert ``seg_expert[s]``). ``portable`` takes the
+    library's plain-C path (the one machines without AVX2 run)."""
+    gemm = _experts_gemm_op if torch.compiler.is_compiling() else _experts_gemm
+    return gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable)
+
+
+def packed_linear_cpu(x, planes, bits, n, group_size) -> torch.Tensor:
+    """float32 [R, n] = x [R, K] @ W.T for one packed weight (planes with a one-expert axis)."""
+    linear = _packed_linear_op if torch.compiler.is_compiling() else _packed_linear
+    return linear(x, planes, bits, n, group_size)
+
+
+def silu_experts(x, top_k_index, top_k_weights, gate_up_planes, down_planes, expert_bits, intermediate_dim,
+                 group_size) -> torch.Tensor:  # fmt: skip
+    """float32 [T, H]: a SiLU-gated experts layer in one kernel call, routing included; pairs whose
+    expert index is outside [0, E) contribute nothing."""
+    layer = _silu_experts_op if torch.compiler.is_compiling() else _silu_experts
+    return layer(x, top_k_index, top_k_weights, gate_up_planes, down_planes, expert_bits, intermediate_dim,
+                 group_size)  # fmt: skip
 
 
 def segments(expert_of_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
