@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from importlib.util import find_spec
 
 import torch
-from transformers.core_model_loading import ConversionOps
+from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.quantizers.auto import register_quantizer
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
@@ -28,7 +29,7 @@ from .dequantize import dequantized_module
 from .hub import push_to_hub
 from .kernels.grouped import triton_available
 from .models import get_adapter
-from .nn import QUANTIZED_MODULES, replace_with_mixed_bit_experts, replace_with_quantized_linears
+from .nn import QUANTIZED_MODULES, MixedBitExperts, replace_with_mixed_bit_experts, replace_with_quantized_linears
 from .offload import (
     check_offload_folder,
     may_offload_to_disk,
@@ -190,7 +191,14 @@ class RouterNormHfQuantizer(HfQuantizer):
         adapter = get_adapter(model.config)
         if not self.pre_quantized and adapter.extra_weight_conversions is not None:
             weight_conversions = list(weight_conversions) + adapter.extra_weight_conversions()
-        return super().update_weight_conversions(weight_conversions, model)
+        weight_conversions = super().update_weight_conversions(weight_conversions, model)
+        if self._streamed:
+            placeholders = _experts_placeholders(model)
+            weight_conversions = [
+                _unread(converter) if _feeds_only(converter, placeholders) else converter
+                for converter in weight_conversions
+            ]
+        return weight_conversions
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         if self.pre_quantized:
@@ -283,6 +291,10 @@ class QuantizeExperts(ConversionOps):
         prefix = full_layer_name.rsplit(".", 1)[0]
         packed = self._streamed_tensors(module, proj, prefix)
         if packed is None:  # rtn / hqq, and bitsandbytes' dense linears, quantize as they load
+            if value is None:
+                raise RuntimeError(
+                    f"{full_layer_name}: streaming GPTQ packed no tensors for it, and its weight was not read."
+                )
             packed = module.quantize_projection(proj, value)
         module.drop_placeholder(proj)
         if missing_keys is not None:
@@ -298,6 +310,70 @@ class QuantizeExperts(ConversionOps):
         if f"{prefix}.{names[0]}" not in streamed:
             return None
         return {n: streamed.pop(f"{prefix}.{n}") for n in names}
+
+
+class _AlreadyPacked(ConversionOps):
+    """Stands in for a family's merge of experts weights (``operations``) that streaming GPTQ has
+    already read and packed."""
+
+    def __init__(self, operations: list[ConversionOps]):
+        self.operations = operations
+
+    def convert(self, input_dict, source_patterns=None, target_patterns=None, **kwargs):
+        return dict.fromkeys(target_patterns)
+
+
+class _UnreadWeights(WeightConverter):
+    """A family's converter whose checkpoint tensors are never read: streaming GPTQ already read
+    them and holds their packed form. Reading, stacking and concatenating a Mixtral-8x7B layer's
+    gate and up experts again (three copies of 1.9 GB) set the whole load's peak memory. Saving
+    reverses the family's own merge, as it would without streaming."""
+
+    __slots__ = ()
+
+    def materialize_tensors(self) -> dict:
+        self.collected_tensors.clear()  # the lazy readers, dropped unread
+        return {}
+
+    def reverse_transform(self) -> WeightConverter:
+        original = WeightConverter(
+            list(self._original_source_patterns), list(self._original_target_patterns),
+            self.operations[0].operations, force_cpu=self.force_cpu,
+        )  # fmt: skip
+        original.scope_prefix, original.base_model_prefix = self.scope_prefix, self.base_model_prefix
+        return original.reverse_transform()
+
+
+def _unread(converter: WeightConverter) -> WeightConverter:
+    unread = _UnreadWeights(
+        list(converter._original_source_patterns), list(converter._original_target_patterns),
+        [_AlreadyPacked(converter.operations)], force_cpu=converter.force_cpu,
+    )  # fmt: skip
+    unread.scope_prefix, unread.base_model_prefix = converter.scope_prefix, converter.base_model_prefix
+    return unread
+
+
+def _experts_placeholders(model) -> list[str]:
+    """Names of the full-precision placeholders of the mixed-bit experts modules."""
+    return [
+        f"{name}.{proj}"
+        for name, module in model.named_modules()
+        if isinstance(module, MixedBitExperts)
+        for proj in module.projection_shapes
+        if proj in module._parameters
+    ]
+
+
+def _feeds_only(converter, placeholders: list[str]) -> bool:
+    """Whether every target of a family's converter is an experts placeholder (streamed)."""
+    if not isinstance(converter, WeightConverter) or not placeholders:
+        return False
+
+    def pattern(target: str) -> re.Pattern:
+        return re.compile(r"(^|\.)" + re.escape(target.lstrip(".")).replace(r"\*", r"[^.]+") + "$")
+
+    targets = [pattern(t) for t in converter._original_target_patterns]
+    return all(any(t.search(name) for name in placeholders) for t in targets)
 
 
 def _check_packable(shapes: dict, config: RouterNormConfig) -> None:

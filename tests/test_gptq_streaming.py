@@ -1,10 +1,13 @@
 """Streaming GPTQ (the checkpoint walked one layer at a time before loading) gives the same model
 as GPTQ over the fully loaded full-precision model, for every decoder-only family."""
 
+from unittest import mock
+
 import pytest
 import torch
+from safetensors import safe_open
 from test_families import FAMILIES
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, core_model_loading
 
 from optimum_moeq import RouterNormConfig
 from optimum_moeq.calibration import quantize_model_gptq
@@ -19,10 +22,17 @@ def test_streaming_gptq_equals_gptq_on_the_loaded_model(model_type, tmp_path):
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     ids = torch.randint(2, 64, (8, 24), generator=torch.Generator().manual_seed(0))
     options = dict(avg_bits=2.5, group_size=16, method="gptq", dataset=ids, nsamples=6, seqlen=24, attention_bits=4)
-    streamed = AutoModelForCausalLM.from_pretrained(
-        tmp_path, quantization_config=RouterNormConfig(**options), dtype=torch.float32
-    )
+    read = []
+    materialize = core_model_loading._materialize_copy
+    counted = lambda t, *a: read.append(1) or materialize(t, *a)  # noqa: E731
+    with mock.patch.object(core_model_loading, "_materialize_copy", counted):
+        streamed = AutoModelForCausalLM.from_pretrained(
+            tmp_path, quantization_config=RouterNormConfig(**options), dtype=torch.float32
+        )
     assert streamed.hf_quantizer._streamed == {}  # walked before loading, and every tensor loaded
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        experts_keys = [k for k in f.keys() if ".experts." in k]
+        assert experts_keys and len(read) == len(f.keys()) - len(experts_keys)  # the walk read the experts once
     full = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     reference_config = RouterNormConfig(**options, allocation=streamed.config.quantization_config.allocation)
     quantize_model_gptq(full, reference_config, progress=False, quantize_linear=_same_linears(streamed))
