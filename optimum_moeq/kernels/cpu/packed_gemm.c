@@ -97,11 +97,12 @@ static inline __attribute__((always_inline)) void word_row_avx2(
     }
 }
 
-/* A 1-bit plane's word row at one row of activations (decode), by table lookup: the word's 32 bits
- * are read 3 at a time (bits 3c..3c+2, c = 0..10), each triple indexing an 8-entry table of the
- * partial sums of its 3 activations (vpermps reads the low 3 bits of each lane), so a lookup and
- * an add replace three masks, conversions and FMAs. */
-static inline __attribute__((always_inline)) void one_bit_row_lut(
+/* A plane's word row at one row of activations (decode), by table lookup: the word's 32 bits are
+ * read 3 at a time (bits 3c..3c+2, c = 0..10), each triple indexing an 8-entry table of the partial
+ * sums of what its 3 bits weigh (vpermps reads the low 3 bits of each lane). A bit of a 1-bit plane
+ * weighs its activation; bit 2j + i of a 2-bit plane, 2^i times activation j. So 11 lookups and adds
+ * (and shifts) replace the 16 masks, conversions and FMAs of a 2-bit word, 32 of a 1-bit one. */
+static inline __attribute__((always_inline)) void word_row_lut(
     const int32_t *words, int na, int nb, const float *lut, float *acc)
 {
     for (int n0 = na; n0 < nb; n0 += 16) {
@@ -127,7 +128,7 @@ static inline __attribute__((always_inline)) void task_avx2(
     const float *xsum, const moeq_expert *ex, const float *xs_scaled, const float *lut, float *y, int ldy, float *acc)
 {
     /* xs_scaled: [nplanes][rows][K] activations already multiplied by plane weight and 2^-(width*j);
-     * lut: with one row, the 1-bit plane's tables, [K/32][LUT_CHUNKS][8] */
+     * lut: with one row, each plane's tables, [nplanes][K/16][LUT_CHUNKS][8] */
     const int lda = nb - na;
     for (int g = 0; g < ngroups; g++) {
         memset(acc, 0, sizeof(float) * (size_t)rows * lda);
@@ -136,9 +137,9 @@ static inline __attribute__((always_inline)) void task_avx2(
             for (int w = 0; w < G / per_word; w++) {
                 const int32_t *words = planes[p].words + (size_t)(g * G / per_word + w) * N;
                 const float *xw = xs_scaled + (size_t)p * rows * K + g * G + w * per_word;
-                if (width == 2) word_row_avx2(rows, 2, words, na, nb, xw, K, acc, lda);
-                else if (rows == 1) one_bit_row_lut(words, na, nb, lut + (size_t)(g * G / 32 + w) * LUT_CHUNKS * 8, acc);
-                else word_row_avx2(rows, 1, words, na, nb, xw, K, acc, lda);
+                if (rows == 1)
+                    word_row_lut(words, na, nb, lut + ((size_t)p * (K / 16) + g * G / per_word + w) * LUT_CHUNKS * 8, acc);
+                else word_row_avx2(rows, width, words, na, nb, xw, K, acc, lda);
             }
         }
         for (int n0 = na; n0 < nb; n0 += 8) {
@@ -196,18 +197,20 @@ static int expert_planes(const moeq_expert *ex, int K, int N, plane_ref *planes)
  * of a word; and each row's sum over each group. */
 static void prepare_rows(const float *x, int rows, int K, int G, const plane_ref *planes, int nplanes,
                          float *xs_scaled, float *xsum, float *lut) {
-    for (int p = 0; p < nplanes && rows == 1; p++) { /* the 1-bit plane's lookup tables, one row */
-        if (planes[p].width != 1) continue;
-        for (int k0 = 0; k0 < K; k0 += 32)
-            for (int c = 0; c < LUT_CHUNKS; c++) {
-                float *table = lut + ((size_t)(k0 / 32) * LUT_CHUNKS + c) * 8;
-                for (int idx = 0; idx < 8; idx++) {
-                    float sum = 0.0f;
-                    for (int i = 0; i < 3; i++)
-                        if ((idx >> i) & 1 && 3 * c + i < 32) sum += x[k0 + 3 * c + i] * planes[p].weight;
-                    table[idx] = sum;
-                }
+    for (int p = 0; p < nplanes && rows == 1; p++) { /* each plane's lookup tables, one row */
+        const int width = planes[p].width, per_word = 32 / width;
+        float weigh[33]; /* what each bit of a word weighs; bit 32 (chunk 10's third) does not exist */
+        weigh[32] = 0.0f;
+        for (int k0 = 0, word = 0; k0 < K; k0 += per_word, word++) {
+            for (int bit = 0; bit < 32; bit++)
+                weigh[bit] = x[k0 + bit / width] * planes[p].weight * (float)(1 + (width == 2 && bit % 2));
+            float *table = lut + ((size_t)p * (K / 16) + word) * LUT_CHUNKS * 8;
+            for (int c = 0; c < LUT_CHUNKS; c++, table += 8) { /* entry idx: the sum of what idx's bits weigh */
+                const float a = weigh[3 * c], b = weigh[3 * c + 1], d = weigh[3 * c + 2];
+                table[0] = 0.0f, table[1] = a, table[2] = b, table[3] = a + b;
+                table[4] = d, table[5] = a + d, table[6] = b + d, table[7] = (a + b) + d;
             }
+        }
     }
     for (int p = 0; p < nplanes; p++) {
         const int width = planes[p].width, per_word = 32 / width, half = per_word / 2;
@@ -257,7 +260,7 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
         float *xs_scaled = malloc(sizeof(float) * (size_t)MAX_PLANES * MAX_ROWS * K);
         float *xsum = malloc(sizeof(float) * (size_t)MAX_ROWS * (K / G));
         float *acc = malloc(sizeof(float) * (size_t)MAX_ROWS * task_n);
-        float *lut = malloc(sizeof(float) * ((size_t)K / 32 * LUT_CHUNKS * 8 + 1));
+        float *lut = malloc(sizeof(float) * ((size_t)MAX_PLANES * (K / 16) * LUT_CHUNKS * 8 + 1));
         int prepared_block = -1;
         if (!xs_scaled || !xsum || !acc || !lut) {
 #pragma omp atomic write
