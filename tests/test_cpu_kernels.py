@@ -76,18 +76,24 @@ def test_each_width_alone_through_the_avx2_and_the_portable_path(bits):
         assert _relative(y, expected) < 1e-6, portable
 
 
-def test_the_portable_build_compiles_and_agrees(tmp_path, monkeypatch):
-    """Built without AVX2 (as on a machine that lacks it), the plain-C path gives the same result."""
+@pytest.mark.parametrize("variant", ["portable", "avx2"])
+def test_the_builds_of_smaller_machines_compile_and_agree(variant, tmp_path, monkeypatch):
+    """Built as on a machine without AVX2 (plain C) or without AVX-512 (AVX2, 3-bit lookups at
+    decode), every width gives the float64 result, one row (decode's lookups) and a block of five."""
     monkeypatch.setenv("MOEQ_CPU_KERNEL_CACHE", str(tmp_path))
-    library = cpu_build.library(portable=True)
-    assert library is not None and library.moeq_has_avx2() == 0
-    module = _module([3, 2])
+    library = cpu_build.library(variant)
+    assert library is not None and library.moeq_has_avx2() == (variant == "avx2")
+    assert variant == "portable" or library.moeq_lut_bits() == 3
+    module = _module()
     planes, bits = module.layout.kernel_planes(module._parameters, "down_proj"), module.expert_bits
-    x = torch.randn(5, INTER)
-    seg_start, seg_expert = torch.tensor([0, 5], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
-    expected = cpu_moe.experts_gemm(x, seg_start, seg_expert, planes, bits, H, G)
-    got = cpu_moe._gemm(x, seg_start, seg_expert, planes, bits, H, G, library=library)
-    assert _relative(got, expected) < 1e-6
+    x = torch.randn(6, INTER, generator=torch.Generator().manual_seed(1))
+    seg_start = torch.tensor([0, 1, 6], dtype=torch.int32)
+    for expert in range(len(BITS)):
+        seg_expert = torch.tensor([expert, len(BITS) - 1 - expert], dtype=torch.int32)
+        weights = [dequantize_packed(module.expert_projection("down_proj", e)).double() for e in seg_expert.tolist()]
+        expected = torch.cat([x[:1].double() @ weights[0].T, x[1:].double() @ weights[1].T])
+        got = cpu_moe._gemm(x, seg_start, seg_expert, planes, bits, H, G, library=library)
+        assert _relative(got, expected) < 1e-6, BITS[expert]
 
 
 def test_thread_count_does_not_change_the_result():

@@ -44,13 +44,21 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc"))
 
 
-def build(portable: bool = False) -> str:
-    """Path of the compiled library, built if missing; ``portable`` builds the plain-C path only
-    (no AVX2), as on a machine without it. Raises RuntimeError with the compiler's output."""
+# What each build variant adds to FLAGS: "native" all this machine has (AVX-512 where it is),
+# "avx2" the AVX2 code of a machine without AVX-512, "portable" plain C only (no AVX2).
+VARIANTS = {"native": (), "avx2": ("-mno-avx512f",), "portable": ("-DMOEQ_PORTABLE",)}
+
+
+def build(variant: str = "native") -> str:
+    """Path of the compiled library of a build ``variant`` (see VARIANTS; the others build the code
+    paths of machines with less than this one), built if missing. Raises RuntimeError with the
+    compiler's output."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError(f"no C compiler found (looked for {os.environ.get('CC', 'cc')!r}; set $CC)")
-    flags = (*FLAGS, "-DMOEQ_PORTABLE") if portable else FLAGS
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: allowed are {sorted(VARIANTS)}.")
+    flags = (*FLAGS, *VARIANTS[variant])
     with open(SOURCE, "rb") as f:
         source = f.read()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
@@ -83,16 +91,17 @@ def _load(path: str) -> ctypes.CDLL:
         ctypes.c_int, ctypes.c_int,
     ]  # fmt: skip
     library.moeq_has_avx2.restype = ctypes.c_int
+    library.moeq_lut_bits.restype = ctypes.c_int
     return library
 
 
 @functools.cache
-def library(portable: bool = False) -> ctypes.CDLL | None:
+def library(variant: str = "native") -> ctypes.CDLL | None:
     """The loaded kernels, or None (with one warning) where they cannot be built here."""
     if os.environ.get("MOEQ_CPU_KERNELS", "1") == "0":
         return None
     try:
-        return _load(build(portable))
+        return _load(build(variant))
     except (RuntimeError, OSError) as err:
         warnings.warn(
             f"optimum-moeq's CPU kernels are unavailable ({err}); packed modules run the slower torch reference. "

@@ -24,7 +24,15 @@
 
 #define TILE_N 16          /* outputs per inner tile: two 8-lane vectors */
 #define MAX_ROWS 4         /* rows sharing one decode */
-#define LUT_CHUNKS 11      /* 3-bit lookups per 32-bit word of a 1-bit plane */
+/* Decode reads a word's bits LUT_BITS at a time through tables of 2^LUT_BITS sums: 4 with AVX-512
+ * (vpermps over 16 lanes), else 3 (vpermps over 8). */
+#if defined(MOEQ_AVX2) && defined(__AVX512F__)
+#define LUT_BITS 4
+#else
+#define LUT_BITS 3
+#endif
+#define LUT_SIZE (1 << LUT_BITS)
+#define LUT_CHUNKS ((32 + LUT_BITS - 1) / LUT_BITS) /* lookups per 32-bit word: 8 or 11 */
 #define MAX_PLANES 5       /* 8 bits: four 2-bit planes; 7 bits: three + a 1-bit plane */
 
 typedef struct {
@@ -98,13 +106,27 @@ static inline __attribute__((always_inline)) void word_row_avx2(
 }
 
 /* A plane's word row at one row of activations (decode), by table lookup: the word's 32 bits are
- * read 3 at a time (bits 3c..3c+2, c = 0..10), each triple indexing an 8-entry table of the partial
- * sums of what its 3 bits weigh (vpermps reads the low 3 bits of each lane). A bit of a 1-bit plane
- * weighs its activation; bit 2j + i of a 2-bit plane, 2^i times activation j. So 11 lookups and adds
- * (and shifts) replace the 16 masks, conversions and FMAs of a 2-bit word, 32 of a 1-bit one. */
+ * read LUT_BITS at a time (chunk c: bits c*LUT_BITS and up), each chunk indexing a table of the
+ * partial sums of what its bits weigh (vpermps reads the low bits of each lane). A bit of a 1-bit
+ * plane weighs its activation; bit 2j + i of a 2-bit plane, 2^i times activation j. So 8 (AVX-512)
+ * or 11 lookups and adds (and shifts) replace the 16 masks, conversions and FMAs of a 2-bit word. */
 static inline __attribute__((always_inline)) void word_row_lut(
     const int32_t *words, int na, int nb, const float *lut, float *acc)
 {
+#if LUT_BITS == 4
+    for (int n0 = na; n0 < nb; n0 += 16) {
+        __m512 a[4];
+        for (int c = 0; c < 4; c++) a[c] = _mm512_setzero_ps();
+        const __m512i w = _mm512_loadu_si512((const void *)(words + n0));
+#pragma GCC unroll 8
+        for (int c = 0; c < LUT_CHUNKS; c++)
+            a[c % 4] = _mm512_add_ps(a[c % 4], _mm512_permutexvar_ps(_mm512_srli_epi32(w, LUT_BITS * c),
+                                                                      _mm512_loadu_ps(lut + LUT_SIZE * c)));
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+        _mm512_storeu_ps(acc + (n0 - na), _mm512_add_ps(_mm512_loadu_ps(acc + (n0 - na)), sum));
+    }
+    return;
+#endif
     for (int n0 = na; n0 < nb; n0 += 16) {
         __m256 a0[4], a1[4];
         for (int c = 0; c < 4; c++) a0[c] = a1[c] = _mm256_setzero_ps();
@@ -128,7 +150,7 @@ static inline __attribute__((always_inline)) void task_avx2(
     const float *xsum, const moeq_expert *ex, const float *xs_scaled, const float *lut, float *y, int ldy, float *acc)
 {
     /* xs_scaled: [nplanes][rows][K] activations already multiplied by plane weight and 2^-(width*j);
-     * lut: with one row, each plane's tables, [nplanes][K/16][LUT_CHUNKS][8] */
+     * lut: with one row, each plane's tables, [nplanes][K/16][LUT_CHUNKS][LUT_SIZE] */
     const int lda = nb - na;
     for (int g = 0; g < ngroups; g++) {
         memset(acc, 0, sizeof(float) * (size_t)rows * lda);
@@ -138,7 +160,7 @@ static inline __attribute__((always_inline)) void task_avx2(
                 const int32_t *words = planes[p].words + (size_t)(g * G / per_word + w) * N;
                 const float *xw = xs_scaled + (size_t)p * rows * K + g * G + w * per_word;
                 if (rows == 1)
-                    word_row_lut(words, na, nb, lut + ((size_t)p * (K / 16) + g * G / per_word + w) * LUT_CHUNKS * 8, acc);
+                    word_row_lut(words, na, nb, lut + ((size_t)p * (K / 16) + g * G / per_word + w) * LUT_CHUNKS * LUT_SIZE, acc);
                 else word_row_avx2(rows, width, words, na, nb, xw, K, acc, lda);
             }
         }
@@ -199,16 +221,15 @@ static void prepare_rows(const float *x, int rows, int K, int G, const plane_ref
                          float *xs_scaled, float *xsum, float *lut) {
     for (int p = 0; p < nplanes && rows == 1; p++) { /* each plane's lookup tables, one row */
         const int width = planes[p].width, per_word = 32 / width;
-        float weigh[33]; /* what each bit of a word weighs; bit 32 (chunk 10's third) does not exist */
-        weigh[32] = 0.0f;
+        float weigh[LUT_CHUNKS * LUT_BITS] = {0}; /* what each bit of a word weighs; bits past 31: nothing */
         for (int k0 = 0, word = 0; k0 < K; k0 += per_word, word++) {
             for (int bit = 0; bit < 32; bit++)
                 weigh[bit] = x[k0 + bit / width] * planes[p].weight * (float)(1 + (width == 2 && bit % 2));
-            float *table = lut + ((size_t)p * (K / 16) + word) * LUT_CHUNKS * 8;
-            for (int c = 0; c < LUT_CHUNKS; c++, table += 8) { /* entry idx: the sum of what idx's bits weigh */
-                const float a = weigh[3 * c], b = weigh[3 * c + 1], d = weigh[3 * c + 2];
-                table[0] = 0.0f, table[1] = a, table[2] = b, table[3] = a + b;
-                table[4] = d, table[5] = a + d, table[6] = b + d, table[7] = (a + b) + d;
+            float *table = lut + ((size_t)p * (K / 16) + word) * LUT_CHUNKS * LUT_SIZE;
+            for (int c = 0; c < LUT_CHUNKS; c++, table += LUT_SIZE) { /* entry idx: the sum of what idx's bits weigh */
+                table[0] = 0.0f;
+                for (int b = 0; b < LUT_BITS; b++)
+                    for (int idx = 0; idx < 1 << b; idx++) table[(1 << b) + idx] = table[idx] + weigh[LUT_BITS * c + b];
             }
         }
     }
@@ -260,7 +281,7 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
         float *xs_scaled = malloc(sizeof(float) * (size_t)MAX_PLANES * MAX_ROWS * K);
         float *xsum = malloc(sizeof(float) * (size_t)MAX_ROWS * (K / G));
         float *acc = malloc(sizeof(float) * (size_t)MAX_ROWS * task_n);
-        float *lut = malloc(sizeof(float) * ((size_t)MAX_PLANES * (K / 16) * LUT_CHUNKS * 8 + 1));
+        float *lut = malloc(sizeof(float) * ((size_t)MAX_PLANES * (K / 16) * LUT_CHUNKS * LUT_SIZE + 1));
         int prepared_block = -1;
         if (!xs_scaled || !xsum || !acc || !lut) {
 #pragma omp atomic write
@@ -361,6 +382,8 @@ done:
     free(count); free(pair_of_row); free(seg_start); free(seg_expert); free(rows_x); free(h); free(y);
     return status;
 }
+
+int moeq_lut_bits(void) { return LUT_BITS; }
 
 int moeq_has_avx2(void) {
 #ifdef MOEQ_AVX2
