@@ -217,9 +217,17 @@ static int expert_planes(const moeq_expert *ex, int K, int N, plane_ref *planes)
 
 /* Activations of `rows` rows, per plane, times the plane's weight and 2^-(width*j) for value j
  * of a word; and each row's sum over each group. */
-static void prepare_rows(const float *x, int rows, int K, int G, const plane_ref *planes, int nplanes,
-                         float *xs_scaled, float *xsum, float *lut) {
-    for (int p = 0; p < nplanes && rows == 1; p++) { /* each plane's lookup tables, one row */
+/* Each plane's lookup tables for one row of activations: [nplanes][K/16][LUT_CHUNKS][LUT_SIZE]. */
+static void build_tables(const float *x, int K, const plane_ref *planes, int nplanes, float *lut) {
+#if LUT_BITS == 4
+    __m512 has_bit[LUT_BITS]; /* lane idx: 1.0 where idx has bit b */
+    for (int b = 0; b < LUT_BITS; b++) {
+        float m[LUT_SIZE];
+        for (int idx = 0; idx < LUT_SIZE; idx++) m[idx] = (float)((idx >> b) & 1);
+        has_bit[b] = _mm512_loadu_ps(m);
+    }
+#endif
+    for (int p = 0; p < nplanes; p++) {
         const int width = planes[p].width, per_word = 32 / width;
         float weigh[LUT_CHUNKS * LUT_BITS] = {0}; /* what each bit of a word weighs; bits past 31: nothing */
         for (int k0 = 0, word = 0; k0 < K; k0 += per_word, word++) {
@@ -227,13 +235,28 @@ static void prepare_rows(const float *x, int rows, int K, int G, const plane_ref
                 weigh[bit] = x[k0 + bit / width] * planes[p].weight * (float)(1 + (width == 2 && bit % 2));
             float *table = lut + ((size_t)p * (K / 16) + word) * LUT_CHUNKS * LUT_SIZE;
             for (int c = 0; c < LUT_CHUNKS; c++, table += LUT_SIZE) { /* entry idx: the sum of what idx's bits weigh */
+                const float *w = weigh + LUT_BITS * c;
+#if LUT_BITS == 4
+                __m512 t = _mm512_mul_ps(has_bit[0], _mm512_set1_ps(w[0]));
+                for (int b = 1; b < LUT_BITS; b++) t = _mm512_fmadd_ps(has_bit[b], _mm512_set1_ps(w[b]), t);
+                _mm512_storeu_ps(table, t);
+#else
                 table[0] = 0.0f;
                 for (int b = 0; b < LUT_BITS; b++)
-                    for (int idx = 0; idx < 1 << b; idx++) table[(1 << b) + idx] = table[idx] + weigh[LUT_BITS * c + b];
+                    for (int idx = 0; idx < 1 << b; idx++) table[(1 << b) + idx] = table[idx] + w[b];
+#endif
             }
         }
     }
-    for (int p = 0; p < nplanes; p++) {
+}
+
+/* For `rows` rows: with `lookups` (one row, the AVX2 path), each plane's tables; else the
+ * activations per plane, times the plane's weight and 2^-(width*j) for value j of a word. And each
+ * row's sum over each group. */
+static void prepare_rows(const float *x, int rows, int K, int G, const plane_ref *planes, int nplanes,
+                         int lookups, float *xs_scaled, float *xsum, float *lut) {
+    if (lookups) build_tables(x, K, planes, nplanes, lut);
+    for (int p = 0; p < nplanes && !lookups; p++) {
         const int width = planes[p].width, per_word = 32 / width, half = per_word / 2;
         for (int r = 0; r < rows; r++)
             for (int k = 0; k < K; k++) {
@@ -297,7 +320,12 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
             plane_ref planes[MAX_PLANES];
             const int nplanes = expert_planes(ex, K, N, planes);
             if (prepared_block != b) {
-                prepare_rows(x + (size_t)r0 * K, rows, K, G, planes, nplanes, xs_scaled, xsum, lut);
+#ifdef MOEQ_AVX2
+                const int lookups = rows == 1 && !portable;
+#else
+                const int lookups = 0;
+#endif
+                prepare_rows(x + (size_t)r0 * K, rows, K, G, planes, nplanes, lookups, xs_scaled, xsum, lut);
                 prepared_block = b;
             }
             const int na = nb * task_n, n_end = (nb + 1) * task_n < N ? (nb + 1) * task_n : N;
