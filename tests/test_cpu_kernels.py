@@ -76,6 +76,26 @@ def test_each_width_alone_through_the_avx2_and_the_portable_path(bits):
         assert _relative(y, expected) < 1e-6, portable
 
 
+@pytest.mark.parametrize("rows", [2, 5, 8, 9, 17])
+def test_bf16_rows_at_every_width_equal_the_float64_reference(rows):
+    """bf16 activations in blocks of rows (prefill): on CPUs with AVX-512 BF16 they take bf16 dot
+    products (codes as 1 + c/m, the offset taken out with the zero), elsewhere the float path; both
+    give the float64 product of the same bf16 values to float32 rounding, for every width."""
+    module = _module(seed=rows)
+    generator = torch.Generator().manual_seed(rows)
+    for proj, (n, k) in (("gate_up_proj", (2 * INTER, H)), ("down_proj", (H, INTER))):
+        planes = module.layout.kernel_planes(module._parameters, proj)
+        x = torch.randn(rows * len(BITS), k, generator=generator).bfloat16()
+        seg_start = torch.arange(0, rows * len(BITS) + 1, rows, dtype=torch.int32)
+        seg_expert = torch.arange(len(BITS), dtype=torch.int32).flip(0)
+        y = cpu_moe.experts_gemm(x, seg_start, seg_expert, planes, module.expert_bits, n, G)
+        assert y.dtype == torch.float32 and y.shape == (rows * len(BITS), n)
+        for block, expert in enumerate(seg_expert.tolist()):
+            weight = dequantize_packed(module.expert_projection(proj, expert)).double()
+            expected = x[block * rows : (block + 1) * rows].double() @ weight.T
+            assert _relative(y[block * rows : (block + 1) * rows], expected) < 1e-5, (proj, BITS[expert])
+
+
 @pytest.mark.parametrize("variant", ["portable", "avx2"])
 def test_the_builds_of_smaller_machines_compile_and_agree(variant, tmp_path, monkeypatch):
     """Built as on a machine without AVX2 (plain C) or without AVX-512 (AVX2, 3-bit lookups at

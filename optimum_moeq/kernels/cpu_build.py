@@ -83,14 +83,16 @@ def _load(path: str) -> ctypes.CDLL:
     library.moeq_packed_gemm.argtypes = [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ExpertRecord), ctypes.c_int, ctypes.c_int,
+        ctypes.c_int,
     ]  # fmt: skip
     library.moeq_experts_forward.restype = ctypes.c_int
     library.moeq_experts_forward.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
         ctypes.c_int, ctypes.c_int, ctypes.POINTER(ExpertRecord), ctypes.POINTER(ExpertRecord), ctypes.c_void_p,
-        ctypes.c_int, ctypes.c_int,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int,
     ]  # fmt: skip
     library.moeq_has_avx2.restype = ctypes.c_int
+    library.moeq_has_bf16.restype = ctypes.c_int
     library.moeq_lut_bits.restype = ctypes.c_int
     return library
 

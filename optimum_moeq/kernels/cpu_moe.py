@@ -67,6 +67,7 @@ def _records(key: tuple):
 
 
 def _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False, library=None):
+    exact_bf16 = x.dtype == torch.bfloat16  # the kernel may take bf16 dot products
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     if x.shape[0] == 0:
@@ -75,6 +76,7 @@ def _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable
     status = library.moeq_packed_gemm(
         x.data_ptr(), y.data_ptr(), x.shape[1], n, group_size, seg_expert.numel(), seg_start.data_ptr(),
         seg_expert.data_ptr(), _records(_addresses(planes, expert_bits)), torch.get_num_threads(), int(portable),
+        int(exact_bf16),
     )  # fmt: skip
     if status:
         raise MemoryError("optimum-moeq's CPU kernel could not allocate its scratch buffers.")
@@ -111,6 +113,7 @@ def _silu_experts(
     intermediate_dim: int,
     group_size: int,
 ) -> torch.Tensor:
+    exact_bf16 = x.dtype == torch.bfloat16
     x = x.float().contiguous()
     index = top_k_index.to(torch.int64).contiguous()
     weights = top_k_weights.float().contiguous()
@@ -120,6 +123,7 @@ def _silu_experts(
     status = cpu_build.library().moeq_experts_forward(
         x.data_ptr(), x.shape[0], index.shape[-1], index.data_ptr(), weights.data_ptr(), len(expert_bits),
         x.shape[1], intermediate_dim, group_size, gate_up, down, out.data_ptr(), torch.get_num_threads(), 0,
+        int(exact_bf16),
     )  # fmt: skip
     if status:
         raise MemoryError("optimum-moeq's CPU kernel could not allocate its scratch buffers.")

@@ -35,6 +35,16 @@
 #define LUT_CHUNKS ((32 + LUT_BITS - 1) / LUT_BITS) /* lookups per 32-bit word: 8 or 11 */
 #define MAX_PLANES 5       /* 8 bits: four 2-bit planes; 7 bits: three + a 1-bit plane */
 
+/* Rows that hold exact bfloat16 values (a bf16 model's activations) go through AVX-512 BF16 dot
+ * products where the CPU has them: blocks of BF16_ROWS rows share each decoded code pair. */
+#if defined(MOEQ_AVX2) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define MOEQ_BF16 1
+#define BF16_ROWS 8
+#else
+#define BF16_ROWS MAX_ROWS
+#endif
+#define ROWS_CAP (BF16_ROWS > MAX_ROWS ? BF16_ROWS : MAX_ROWS)
+
 typedef struct {
     int32_t bits;
     const int32_t *q2;    /* [bits/2, K/16, N] or NULL */
@@ -179,6 +189,100 @@ static inline __attribute__((always_inline)) void task_avx2(
 }
 #endif
 
+#ifdef MOEQ_BF16
+/* Rows of exact bf16 activations, by bf16 dot products (vdpbf16ps: two products per float32 lane,
+ * exact, summed in float32). A code c of a b-bit plane goes in as the bf16 1 + c/m (m = 4 for a
+ * 2-bit plane, 2 for a 1-bit plane): one shift puts a word's codes j and j + per_word/2 into the
+ * top of the two mantissas of a lane, one AND-OR (vpternlogd) adds the exponent of 1.0. Its
+ * activations come paired the same way, times m and the plane's weight (powers of two: exact), so
+ * sum (1 + c/m) m w x = m w sum x + w sum c x, and `corr` = sum over planes of m w takes the first
+ * term back out with the zero. */
+static inline __attribute__((always_inline)) void group_tile_bf16(
+    const int rows, const int T, const plane_ref *planes, int nplanes, int g, int G, int K, int N, int n0,
+    const uint32_t *xpairs, const float *xsum, float corr, int ngroups, const moeq_expert *ex, float *y, int ldy)
+{
+    __m512 acc[BF16_ROWS][2];
+    for (int r = 0; r < rows; r++) for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int p = 0; p < nplanes; p++) {
+        const int width = planes[p].width, per_word = 32 / width, pairs = per_word / 2;
+        for (int w = 0; w < G / per_word; w++) {
+            const int32_t *row = planes[p].words + (size_t)(g * G / per_word + w) * N + n0;
+            const uint32_t *xp = xpairs + (size_t)p * (K / 2) + (size_t)(g * G / per_word + w) * pairs;
+            __m512i words[2];
+            for (int t = 0; t < T; t++) words[t] = _mm512_loadu_si512((const void *)(row + 16 * t));
+            if (width == 2) {
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++) /* codes i, i + 8 (bits 2i, 2i + 16) to bits 5-6, 21-22 */
+                    for (int t = 0; t < T; t++) {
+                        const __m512i s = i < 3 ? _mm512_slli_epi32(words[t], 5 - 2 * i) : _mm512_srli_epi32(words[t], 2 * i - 5);
+                        const __m512bh c = (__m512bh)_mm512_ternarylogic_epi32(s, _mm512_set1_epi32(0x00600060),
+                                                                               _mm512_set1_epi32(0x3F803F80), 0xEA);
+                        for (int r = 0; r < rows; r++)
+                            acc[r][t] = _mm512_dpbf16_ps(acc[r][t], c, (__m512bh)_mm512_set1_epi32((int)xp[(size_t)r * nplanes * (K / 2) + i]));
+                    }
+            } else {
+#pragma GCC unroll 16
+                for (int i = 0; i < 16; i++) /* bits i, i + 16 to bits 6, 22 */
+                    for (int t = 0; t < T; t++) {
+                        const __m512i s = i < 6 ? _mm512_slli_epi32(words[t], 6 - i) : _mm512_srli_epi32(words[t], i - 6);
+                        const __m512bh c = (__m512bh)_mm512_ternarylogic_epi32(s, _mm512_set1_epi32(0x00400040),
+                                                                               _mm512_set1_epi32(0x3F803F80), 0xEA);
+                        for (int r = 0; r < rows; r++)
+                            acc[r][t] = _mm512_dpbf16_ps(acc[r][t], c, (__m512bh)_mm512_set1_epi32((int)xp[(size_t)r * nplanes * (K / 2) + i]));
+                    }
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        const size_t meta = (size_t)g * N + n0 + 16 * t;
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ex->scale + meta)));
+        const __m512 z = _mm512_add_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ex->zero + meta))),
+                                       _mm512_set1_ps(corr));
+        for (int r = 0; r < rows; r++) {
+            float *out = y + (size_t)r * ldy + n0 + 16 * t;
+            const __m512 v = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[(size_t)r * ngroups + g]), acc[r][t]);
+            _mm512_storeu_ps(out, _mm512_fmadd_ps(s, v, _mm512_loadu_ps(out)));
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void task_bf16(
+    const int rows, const plane_ref *planes, int nplanes, int G, int K, int N, int na, int nb,
+    const uint32_t *xpairs, const float *xsum, float corr, const moeq_expert *ex, float *y, int ldy)
+{
+    for (int g = 0; g < K / G; g++) {
+        int n0 = na;
+        for (; n0 + 32 <= nb; n0 += 32)
+            group_tile_bf16(rows, 2, planes, nplanes, g, G, K, N, n0, xpairs, xsum, corr, K / G, ex, y, ldy);
+        if (n0 < nb)
+            group_tile_bf16(rows, 1, planes, nplanes, g, G, K, N, n0, xpairs, xsum, corr, K / G, ex, y, ldy);
+    }
+}
+
+/* The rows' activations as bf16 pairs for task_bf16: [rows][nplanes][K/2], pair i of word w of
+ * plane p holding rows k0 + i and k0 + i + per_word/2 (k0 = w per_word), times m and the plane's
+ * weight; returns corr. */
+static float prepare_pairs(const float *x, int rows, int K, const plane_ref *planes, int nplanes, uint32_t *xpairs) {
+    float corr = 0.0f;
+    for (int p = 0; p < nplanes; p++) {
+        const int width = planes[p].width, per_word = 32 / width, pairs = per_word / 2;
+        const float scale = (float)(width == 2 ? 4 : 2) * planes[p].weight;
+        corr += scale;
+        for (int r = 0; r < rows; r++) {
+            uint32_t *out = xpairs + ((size_t)r * nplanes + p) * (K / 2);
+            for (int k0 = 0; k0 < K; k0 += per_word)
+                for (int i = 0; i < pairs; i++) {
+                    float a = x[(size_t)r * K + k0 + i] * scale, b = x[(size_t)r * K + k0 + i + pairs] * scale;
+                    uint32_t ua, ub;
+                    memcpy(&ua, &a, 4), memcpy(&ub, &b, 4);
+                    *out++ = (ua >> 16) | (ub & 0xFFFF0000u);
+                }
+        }
+    }
+    return corr;
+}
+#endif
+
 /* Portable path: the same arithmetic, one output at a time. */
 static void tile_portable(
     int rows, const plane_ref *planes, int nplanes, int G, int K, int N, int n0, int ngroups_total,
@@ -250,13 +354,14 @@ static void build_tables(const float *x, int K, const plane_ref *planes, int npl
     }
 }
 
-/* For `rows` rows: with `lookups` (one row, the AVX2 path), each plane's tables; else the
- * activations per plane, times the plane's weight and 2^-(width*j) for value j of a word. And each
- * row's sum over each group. */
+/* For `rows` rows: what the path `kind` reads (LOOKUPS: one row's tables; SCALED: the activations
+ * per plane, times the plane's weight and 2^-(width*j) for value j of a word; PAIRS: nothing here,
+ * prepare_pairs makes them), and each row's sum over each group. */
+enum { SCALED, LOOKUPS, PAIRS };
 static void prepare_rows(const float *x, int rows, int K, int G, const plane_ref *planes, int nplanes,
-                         int lookups, float *xs_scaled, float *xsum, float *lut) {
-    if (lookups) build_tables(x, K, planes, nplanes, lut);
-    for (int p = 0; p < nplanes && !lookups; p++) {
+                         int kind, float *xs_scaled, float *xsum, float *lut) {
+    if (kind == LOOKUPS) build_tables(x, K, planes, nplanes, lut);
+    for (int p = 0; p < nplanes && kind == SCALED; p++) {
         const int width = planes[p].width, per_word = 32 / width, half = per_word / 2;
         for (int r = 0; r < rows; r++)
             for (int k = 0; k < K; k++) {
@@ -277,8 +382,15 @@ static void prepare_rows(const float *x, int rows, int K, int G, const plane_ref
  * experts[seg_expert[s]]. y is overwritten. Returns 0, or -1 if scratch memory ran out. */
 int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
                      int nseg, const int32_t *seg_start, const int32_t *seg_expert,
-                     const moeq_expert *experts, int nthreads, int portable)
+                     const moeq_expert *experts, int nthreads, int portable, int exact_bf16)
 {
+#ifdef MOEQ_BF16
+    const int bf16 = exact_bf16 && !portable; /* x holds bf16 values: rows of two or more take dot products */
+#else
+    const int bf16 = 0;
+    (void)exact_bf16;
+#endif
+    const int block_rows = bf16 ? BF16_ROWS : MAX_ROWS;
     const int total_rows = seg_start[nseg];
     memset(y, 0, (size_t)total_rows * N * sizeof(float));
     int64_t ntasks = 0;
@@ -286,7 +398,7 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
     if (!task_seg_block) return -1;
     int nrowblocks = 0;
     for (int s = 0; s < nseg; s++)
-        for (int r = seg_start[s]; r < seg_start[s + 1]; r += MAX_ROWS) {
+        for (int r = seg_start[s]; r < seg_start[s + 1]; r += block_rows) {
             task_seg_block[2 * nrowblocks] = s;
             task_seg_block[2 * nrowblocks + 1] = r;
             nrowblocks++;
@@ -302,11 +414,13 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
 #pragma omp parallel num_threads(nthreads)
     {
         float *xs_scaled = malloc(sizeof(float) * (size_t)MAX_PLANES * MAX_ROWS * K);
-        float *xsum = malloc(sizeof(float) * (size_t)MAX_ROWS * (K / G));
+        float *xsum = malloc(sizeof(float) * (size_t)ROWS_CAP * (K / G));
         float *acc = malloc(sizeof(float) * (size_t)MAX_ROWS * task_n);
         float *lut = malloc(sizeof(float) * ((size_t)MAX_PLANES * (K / 16) * LUT_CHUNKS * LUT_SIZE + 1));
+        uint32_t *xpairs = bf16 ? malloc(sizeof(uint32_t) * (size_t)ROWS_CAP * MAX_PLANES * (K / 2)) : NULL;
+        float corr = 0.0f;
         int prepared_block = -1;
-        if (!xs_scaled || !xsum || !acc || !lut) {
+        if (!xs_scaled || !xsum || !acc || !lut || (bf16 && !xpairs)) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -315,21 +429,38 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
             if (failed) continue;
             const int b = (int)(t / nblocks_n), nb = (int)(t % nblocks_n);
             const int s = task_seg_block[2 * b], r0 = task_seg_block[2 * b + 1];
-            const int rows = (seg_start[s + 1] - r0) < MAX_ROWS ? (seg_start[s + 1] - r0) : MAX_ROWS;
+            const int rows = (seg_start[s + 1] - r0) < block_rows ? (seg_start[s + 1] - r0) : block_rows;
             const moeq_expert *ex = &experts[seg_expert[s]];
             plane_ref planes[MAX_PLANES];
             const int nplanes = expert_planes(ex, K, N, planes);
             if (prepared_block != b) {
 #ifdef MOEQ_AVX2
-                const int lookups = rows == 1 && !portable;
+                const int kind = portable ? SCALED : rows == 1 ? LOOKUPS : bf16 ? PAIRS : SCALED;
 #else
-                const int lookups = 0;
+                const int kind = SCALED;
 #endif
-                prepare_rows(x + (size_t)r0 * K, rows, K, G, planes, nplanes, lookups, xs_scaled, xsum, lut);
+                prepare_rows(x + (size_t)r0 * K, rows, K, G, planes, nplanes, kind, xs_scaled, xsum, lut);
+#ifdef MOEQ_BF16
+                if (kind == PAIRS) corr = prepare_pairs(x + (size_t)r0 * K, rows, K, planes, nplanes, xpairs);
+#endif
                 prepared_block = b;
             }
             const int na = nb * task_n, n_end = (nb + 1) * task_n < N ? (nb + 1) * task_n : N;
             float *out = y + (size_t)r0 * N;
+#ifdef MOEQ_BF16
+            if (bf16 && rows > 1) {
+                switch (rows) {
+                case 2: task_bf16(2, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 3: task_bf16(3, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 4: task_bf16(4, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 5: task_bf16(5, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 6: task_bf16(6, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 7: task_bf16(7, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                default: task_bf16(BF16_ROWS, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                }
+                continue;
+            }
+#endif
 #ifdef MOEQ_AVX2
             if (!portable) {
                 switch (rows) {
@@ -348,6 +479,7 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
         free(xsum);
         free(acc);
         free(lut);
+        free(xpairs);
     }
     free(task_seg_block);
     return failed ? -1 : 0;
@@ -361,7 +493,7 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
  * Returns 0, or -1 if scratch memory ran out. */
 int moeq_experts_forward(const float *x, int T, int topk, const int64_t *index, const float *weight,
                          int E, int H, int I, int G, const moeq_expert *gate_up, const moeq_expert *down,
-                         float *out, int nthreads, int portable)
+                         float *out, int nthreads, int portable, int exact_bf16)
 {
     const int pairs = T * topk;
     int32_t *count = calloc((size_t)E + 1, sizeof(int32_t));
@@ -391,13 +523,15 @@ int moeq_experts_forward(const float *x, int T, int topk, const int64_t *index, 
     memset(out, 0, sizeof(float) * (size_t)T * H);
     if (rows == 0) { status = 0; goto done; }
     for (int r = 0; r < rows; r++) memcpy(rows_x + (size_t)r * H, x + (size_t)(pair_of_row[r] / topk) * H, sizeof(float) * H);
-    if (moeq_packed_gemm(rows_x, h, H, 2 * I, G, nseg, seg_start, seg_expert, gate_up, nthreads, portable)) goto done;
+    if (moeq_packed_gemm(rows_x, h, H, 2 * I, G, nseg, seg_start, seg_expert, gate_up, nthreads, portable, exact_bf16))
+        goto done;
     for (int r = 0; r < rows; r++) { /* silu(gate) * up, packed to [rows, I] in place */
         const float *gate = h + (size_t)r * 2 * I, *up = gate + I;
         float *act = h + (size_t)r * I;
         for (int i = 0; i < I; i++) act[i] = silu(gate[i]) * up[i];
     }
-    if (moeq_packed_gemm(h, y, I, H, G, nseg, seg_start, seg_expert, down, nthreads, portable)) goto done;
+    /* silu(gate) * up is float32, not bf16: the down projection takes the float path */
+    if (moeq_packed_gemm(h, y, I, H, G, nseg, seg_start, seg_expert, down, nthreads, portable, 0)) goto done;
     for (int r = 0; r < rows; r++) {
         const int p = pair_of_row[r];
         const float w = weight[p];
@@ -412,6 +546,14 @@ done:
 }
 
 int moeq_lut_bits(void) { return LUT_BITS; }
+
+int moeq_has_bf16(void) {
+#ifdef MOEQ_BF16
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 int moeq_has_avx2(void) {
 #ifdef MOEQ_AVX2
