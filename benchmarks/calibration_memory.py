@@ -82,6 +82,16 @@ def layer_bytes(path: str) -> int:
     return max(sizes.values())
 
 
+def command_as_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The command line, with every option that differs from its default."""
+    command = "python benchmarks/calibration_memory.py"
+    for dest in ("layers", "hidden", "intermediate", "nsamples", "seqlen", "group_size", "device", "smoke"):
+        value = getattr(args, dest)
+        if value != parser.get_default(dest):
+            command += f" --{dest.replace('_', '-')}" + ("" if value is True else f" {value}")
+    return command
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
@@ -135,8 +145,7 @@ def main() -> None:
         "expert's float64 Hessian of the widest input (GPTQ factors it in place) + 1 GiB, against the peak on "
         "the walk's device (GPU: torch.cuda.max_memory_allocated; CPU: the process's "
         "peak RSS). "
-        f"`python benchmarks/calibration_memory.py{' --smoke' if args.smoke else ''}"
-        f"{' --device cuda' if args.device == 'cuda' else ''}`"
+        f"`{command_as_run(parser, args)}`"
         + (" Tiny smoke shapes: not the measurement." if args.smoke else "")
         + "\n\nHost RSS peak sampled every 20 ms, set in: "
         + " < ".join(f"`{frame}`" for frame in reversed(figures["peak_where"]))

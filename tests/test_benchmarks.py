@@ -49,5 +49,6 @@ def test_calibration_memory_smoke_run_states_its_bound(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     header, _, row = out.read_text().split("\n")[2:5]
     cells = dict(zip(header.split("|"), row.split("|")))
-    assert " GPTQ working set GiB " in cells and cells[" within "].strip() in ("yes", "NO")
+    assert " one Hessian GiB " in cells and cells[" within "].strip() in ("yes", "NO")
     assert float(cells[" bound GiB "]) >= 1.0  # the stated slack alone
+    assert "`python benchmarks/calibration_memory.py --smoke`" in out.read_text()  # the command as run
