@@ -155,6 +155,40 @@ static inline __attribute__((always_inline)) void word_row_lut(
     }
 }
 
+#if LUT_BITS == 4
+/* Decode of one group for outputs [n0, n0 + 16 T): every plane's words of the group through their
+ * tables into registers, then the scale and zero straight into y: no accumulator in memory. */
+static inline __attribute__((always_inline)) void group_lut(
+    const int T, const plane_ref *planes, int nplanes, int g, int G, int K, int N, int n0, const float *lut,
+    float xsum, const moeq_expert *ex, float *y)
+{
+    __m512 a[2][4];
+    for (int t = 0; t < T; t++) for (int c = 0; c < 4; c++) a[t][c] = _mm512_setzero_ps();
+    for (int p = 0; p < nplanes; p++) {
+        const int per_word = 32 / planes[p].width, first = g * G / per_word;
+        const float *tables = lut + ((size_t)p * (K / 16) + first) * LUT_CHUNKS * LUT_SIZE;
+        for (int w = 0; w < G / per_word; w++, tables += LUT_CHUNKS * LUT_SIZE) {
+            const int32_t *words = planes[p].words + (size_t)(first + w) * N + n0;
+            for (int t = 0; t < T; t++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(words + 16 * t));
+#pragma GCC unroll 8
+                for (int c = 0; c < LUT_CHUNKS; c++)
+                    a[t][c % 4] = _mm512_add_ps(a[t][c % 4], _mm512_permutexvar_ps(_mm512_srli_epi32(v, LUT_BITS * c),
+                                                                                  _mm512_loadu_ps(tables + LUT_SIZE * c)));
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        const size_t meta = (size_t)g * N + n0 + 16 * t;
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ex->scale + meta)));
+        const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ex->zero + meta)));
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(a[t][0], a[t][1]), _mm512_add_ps(a[t][2], a[t][3]));
+        float *out = y + n0 + 16 * t;
+        _mm512_storeu_ps(out, _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum), sum), _mm512_loadu_ps(out)));
+    }
+}
+#endif
+
 static inline __attribute__((always_inline)) void task_avx2(
     const int rows, const plane_ref *planes, int nplanes, int G, int K, int N, int na, int nb, int ngroups,
     const float *xsum, const moeq_expert *ex, const float *xs_scaled, const float *lut, float *y, int ldy, float *acc)
@@ -162,6 +196,16 @@ static inline __attribute__((always_inline)) void task_avx2(
     /* xs_scaled: [nplanes][rows][K] activations already multiplied by plane weight and 2^-(width*j);
      * lut: with one row, each plane's tables, [nplanes][K/16][LUT_CHUNKS][LUT_SIZE] */
     const int lda = nb - na;
+#if LUT_BITS == 4
+    if (rows == 1) {
+        for (int g = 0; g < ngroups; g++) {
+            int n0 = na;
+            for (; n0 + 32 <= nb; n0 += 32) group_lut(2, planes, nplanes, g, G, K, N, n0, lut, xsum[g], ex, y);
+            if (n0 < nb) group_lut(1, planes, nplanes, g, G, K, N, n0, lut, xsum[g], ex, y);
+        }
+        return;
+    }
+#endif
     for (int g = 0; g < ngroups; g++) {
         memset(acc, 0, sizeof(float) * (size_t)rows * lda);
         for (int p = 0; p < nplanes; p++) {
