@@ -115,49 +115,14 @@ static inline __attribute__((always_inline)) void word_row_avx2(
     }
 }
 
-/* A plane's word row at one row of activations (decode), by table lookup: the word's 32 bits are
- * read LUT_BITS at a time (chunk c: bits c*LUT_BITS and up), each chunk indexing a table of the
- * partial sums of what its bits weigh (vpermps reads the low bits of each lane). A bit of a 1-bit
- * plane weighs its activation; bit 2j + i of a 2-bit plane, 2^i times activation j. So 8 (AVX-512)
- * or 11 lookups and adds (and shifts) replace the 16 masks, conversions and FMAs of a 2-bit word. */
-static inline __attribute__((always_inline)) void word_row_lut(
-    const int32_t *words, int na, int nb, const float *lut, float *acc)
-{
+/* Decode (one row) by table lookup: a word's 32 bits are read LUT_BITS at a time (chunk c: bits
+ * c*LUT_BITS and up), each chunk indexing a table of the partial sums of what its bits weigh
+ * (vpermps reads the low bits of each lane). A bit of a 1-bit plane weighs its activation; bit
+ * 2j + i of a 2-bit plane, 2^i times activation j. So 8 (AVX-512) or 11 lookups, shifts and adds
+ * replace the 16 masks, conversions and FMAs of a 2-bit word. group_lut takes one group for outputs
+ * [n0, n0 + 16 T): every plane's words of the group into registers, then the scale and zero
+ * straight into y, with no accumulator in memory. */
 #if LUT_BITS == 4
-    for (int n0 = na; n0 < nb; n0 += 16) {
-        __m512 a[4];
-        for (int c = 0; c < 4; c++) a[c] = _mm512_setzero_ps();
-        const __m512i w = _mm512_loadu_si512((const void *)(words + n0));
-#pragma GCC unroll 8
-        for (int c = 0; c < LUT_CHUNKS; c++)
-            a[c % 4] = _mm512_add_ps(a[c % 4], _mm512_permutexvar_ps(_mm512_srli_epi32(w, LUT_BITS * c),
-                                                                      _mm512_loadu_ps(lut + LUT_SIZE * c)));
-        const __m512 sum = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-        _mm512_storeu_ps(acc + (n0 - na), _mm512_add_ps(_mm512_loadu_ps(acc + (n0 - na)), sum));
-    }
-    return;
-#endif
-    for (int n0 = na; n0 < nb; n0 += 16) {
-        __m256 a0[4], a1[4];
-        for (int c = 0; c < 4; c++) a0[c] = a1[c] = _mm256_setzero_ps();
-        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(words + n0));
-        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(words + n0 + 8));
-#pragma GCC unroll 11
-        for (int c = 0; c < LUT_CHUNKS; c++) {
-            const __m256 table = _mm256_loadu_ps(lut + 8 * c);
-            a0[c % 4] = _mm256_add_ps(a0[c % 4], _mm256_permutevar8x32_ps(table, _mm256_srli_epi32(w0, 3 * c)));
-            a1[c % 4] = _mm256_add_ps(a1[c % 4], _mm256_permutevar8x32_ps(table, _mm256_srli_epi32(w1, 3 * c)));
-        }
-        __m256 s0 = _mm256_loadu_ps(acc + (n0 - na)), s1 = _mm256_loadu_ps(acc + (n0 - na) + 8);
-        for (int c = 0; c < 4; c++) { s0 = _mm256_add_ps(s0, a0[c]); s1 = _mm256_add_ps(s1, a1[c]); }
-        _mm256_storeu_ps(acc + (n0 - na), s0);
-        _mm256_storeu_ps(acc + (n0 - na) + 8, s1);
-    }
-}
-
-#if LUT_BITS == 4
-/* Decode of one group for outputs [n0, n0 + 16 T): every plane's words of the group through their
- * tables into registers, then the scale and zero straight into y: no accumulator in memory. */
 static inline __attribute__((always_inline)) void group_lut(
     const int T, const plane_ref *planes, int nplanes, int g, int G, int K, int N, int n0, const float *lut,
     float xsum, const moeq_expert *ex, float *y)
@@ -187,6 +152,38 @@ static inline __attribute__((always_inline)) void group_lut(
         _mm512_storeu_ps(out, _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum), sum), _mm512_loadu_ps(out)));
     }
 }
+#else
+/* The same over 16 outputs as two 8-lane halves, 3 bits a lookup. */
+static inline __attribute__((always_inline)) void group_lut(
+    const int T, const plane_ref *planes, int nplanes, int g, int G, int K, int N, int n0, const float *lut,
+    float xsum, const moeq_expert *ex, float *y)
+{
+    (void)T;
+    __m256 a[2][4];
+    for (int h = 0; h < 2; h++) for (int c = 0; c < 4; c++) a[h][c] = _mm256_setzero_ps();
+    for (int p = 0; p < nplanes; p++) {
+        const int per_word = 32 / planes[p].width, first = g * G / per_word;
+        const float *tables = lut + ((size_t)p * (K / 16) + first) * LUT_CHUNKS * LUT_SIZE;
+        for (int w = 0; w < G / per_word; w++, tables += LUT_CHUNKS * LUT_SIZE) {
+            const int32_t *words = planes[p].words + (size_t)(first + w) * N + n0;
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)words), v1 = _mm256_loadu_si256((const __m256i *)(words + 8));
+#pragma GCC unroll 11
+            for (int c = 0; c < LUT_CHUNKS; c++) {
+                const __m256 table = _mm256_loadu_ps(tables + LUT_SIZE * c);
+                a[0][c % 4] = _mm256_add_ps(a[0][c % 4], _mm256_permutevar8x32_ps(table, _mm256_srli_epi32(v0, LUT_BITS * c)));
+                a[1][c % 4] = _mm256_add_ps(a[1][c % 4], _mm256_permutevar8x32_ps(table, _mm256_srli_epi32(v1, LUT_BITS * c)));
+            }
+        }
+    }
+    for (int h = 0; h < 2; h++) {
+        const size_t meta = (size_t)g * N + n0 + 8 * h;
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ex->scale + meta)));
+        const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ex->zero + meta)));
+        const __m256 sum = _mm256_add_ps(_mm256_add_ps(a[h][0], a[h][1]), _mm256_add_ps(a[h][2], a[h][3]));
+        float *out = y + n0 + 8 * h;
+        _mm256_storeu_ps(out, _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, _mm256_set1_ps(xsum), sum), _mm256_loadu_ps(out)));
+    }
+}
 #endif
 
 static inline __attribute__((always_inline)) void task_avx2(
@@ -196,16 +193,14 @@ static inline __attribute__((always_inline)) void task_avx2(
     /* xs_scaled: [nplanes][rows][K] activations already multiplied by plane weight and 2^-(width*j);
      * lut: with one row, each plane's tables, [nplanes][K/16][LUT_CHUNKS][LUT_SIZE] */
     const int lda = nb - na;
-#if LUT_BITS == 4
     if (rows == 1) {
         for (int g = 0; g < ngroups; g++) {
             int n0 = na;
-            for (; n0 + 32 <= nb; n0 += 32) group_lut(2, planes, nplanes, g, G, K, N, n0, lut, xsum[g], ex, y);
-            if (n0 < nb) group_lut(1, planes, nplanes, g, G, K, N, n0, lut, xsum[g], ex, y);
+            for (; LUT_BITS == 4 && n0 + 32 <= nb; n0 += 32) group_lut(2, planes, nplanes, g, G, K, N, n0, lut, xsum[g], ex, y);
+            for (; n0 < nb; n0 += 16) group_lut(1, planes, nplanes, g, G, K, N, n0, lut, xsum[g], ex, y);
         }
         return;
     }
-#endif
     for (int g = 0; g < ngroups; g++) {
         memset(acc, 0, sizeof(float) * (size_t)rows * lda);
         for (int p = 0; p < nplanes; p++) {
@@ -213,9 +208,7 @@ static inline __attribute__((always_inline)) void task_avx2(
             for (int w = 0; w < G / per_word; w++) {
                 const int32_t *words = planes[p].words + (size_t)(g * G / per_word + w) * N;
                 const float *xw = xs_scaled + (size_t)p * rows * K + g * G + w * per_word;
-                if (rows == 1)
-                    word_row_lut(words, na, nb, lut + ((size_t)p * (K / 16) + g * G / per_word + w) * LUT_CHUNKS * LUT_SIZE, acc);
-                else word_row_avx2(rows, width, words, na, nb, xw, K, acc, lda);
+                word_row_avx2(rows, width, words, na, nb, xw, K, acc, lda);
             }
         }
         for (int n0 = na; n0 < nb; n0 += 8) {
