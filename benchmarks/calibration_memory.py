@@ -28,7 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PeakWhere, results_path, write_table  # noqa: E402
+from common import PeakWhere, results_path, watch_rss, write_table  # noqa: E402
 
 GIB = 2**30
 
@@ -116,14 +116,17 @@ def main() -> None:
     nsamples, seqlen = (2, 32) if args.smoke else (args.nsamples, args.seqlen)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(__file__))) as tmp:
         shapes = write_checkpoint(tmp, 2 if args.smoke else args.layers, args.smoke, **sizes)
-        run = subprocess.run(
-            [sys.executable, __file__, "--child", tmp, "--nsamples", str(nsamples), "--seqlen", str(seqlen),
-             "--group-size", str(32 if args.smoke else args.group_size), "--device", args.device],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        if run.returncode != 0:
-            sys.exit(f"the quantize-on-load child failed:\n{run.stderr[-4000:]}")
-        figures = json.loads(run.stdout.strip().splitlines()[-1])
+        with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, __file__, "--child", tmp, "--nsamples", str(nsamples), "--seqlen", str(seqlen),
+                 "--group-size", str(32 if args.smoke else args.group_size), "--device", args.device],
+                stdout=stdout, stderr=stderr, text=True,
+            )  # fmt: skip
+            outside = watch_rss(process)
+            stdout.seek(0), stderr.seek(0)
+            if process.wait() != 0:
+                sys.exit(f"the quantize-on-load child failed:\n{stderr.read()[-4000:]}")
+            figures = json.loads(stdout.read().strip().splitlines()[-1])
         one_layer = layer_bytes(tmp)
     activations = nsamples * seqlen * shapes["hidden"] * 4 * 4  # layer inputs, outputs and the experts' copies
     gptq = 8 * max(shapes["hidden"], shapes["intermediate"]) ** 2  # one float64 Hessian, factored in place
@@ -147,7 +150,10 @@ def main() -> None:
         "peak RSS). "
         f"`{command_as_run(parser, args)}`"
         + (" Tiny smoke shapes: not the measurement." if args.smoke else "")
-        + "\n\nHost RSS peak sampled every 20 ms, set in: "
+        + " Sampled from the parent every 10 ms (no GIL of the child's can hide a peak): "
+        f"{outside['rss'] / GIB:.2f} GiB at most, {outside['anon'] / GIB:.2f} anonymous and "
+        f"{outside['file'] / GIB:.2f} file-backed (shared libraries, mapped checkpoint pages) at that moment."
+        + "\n\nHost RSS peak sampled every 20 ms from inside the child, set in: "
         + " < ".join(f"`{frame}`" for frame in reversed(figures["peak_where"]))
         + ".\n\nHighest sampled RSS by the innermost function running (of optimum_moeq / transformers):\n\n"
         + "\n".join(f"- `{place}`: {rss / GIB:.2f} GiB" for place, rss in figures["rss_by_place"])
