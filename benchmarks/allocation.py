@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import results_path, write_table  # noqa: E402
+from common import own_peak_rss, results_path, write_table  # noqa: E402
 
 MIXTRAL_LAYERS = 32
 
@@ -138,9 +138,7 @@ def child(mode: str, path: str) -> dict:
             for e in range(gate_up.shape[0]):
                 max_neuron_variance(gate_up[e, : gate_up.shape[1] // 2])
     elapsed = time.perf_counter() - start
-    with open("/proc/self/status") as f:  # VmHWM: this process's own peak (ru_maxrss survives exec)
-        peak_rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    return {"seconds": elapsed, "peak_rss": peak_rss, "peak_anon": peak_anon[0], "bytes": nbytes}
+    return {"seconds": elapsed, "peak_rss": own_peak_rss(), "peak_anon": peak_anon[0], "bytes": nbytes}
 
 
 def _median_run(runs: list[dict]) -> dict:

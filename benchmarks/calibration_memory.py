@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PeakWhere, results_path, watch_rss, write_table  # noqa: E402
+from common import PeakWhere, own_peak_rss, results_path, watch_rss, write_table  # noqa: E402
 
 GIB = 2**30
 
@@ -54,7 +53,7 @@ def child(path: str, nsamples: int, seqlen: int, group_size: int, device: str) -
     assert model.config.quantization_config.method == "gptq" and model.hf_quantizer._streamed == {}
     return {
         "seconds": seconds,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": own_peak_rss(),
         "peak_gpu": torch.cuda.max_memory_allocated() if device == "cuda" else 0,
         "model_bytes": model_footprint(model).total_bytes,
         "device": torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU cores",

@@ -66,11 +66,18 @@ def write_table(path: str, title: str, header: Sequence[str], rows: Sequence[Seq
     return text
 
 
+def own_peak_rss() -> int:
+    """This process's own peak resident memory in bytes (Linux VmHWM). Not ``ru_maxrss``: it survives
+    exec, so a child started by ``subprocess`` (vfork) reports its parent's peak when that is higher."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 class PeakWhere:
     """Where a process's resident memory peaks: a thread reads the RSS every ``interval`` seconds
     and, whenever it passes the highest seen, keeps the main thread's innermost frames in the
     named packages, and the highest RSS seen in each innermost such function (``by_place``: the
-    peak of each phase). ``ru_maxrss`` gives the peak's exact size; this gives the code running."""
+    peak of each phase). ``own_peak_rss()`` gives the peak's exact size; this gives the code running."""
 
     def __init__(self, packages=("optimum_moeq", "transformers"), interval: float = 0.02, frames: int = 4):
         import threading
