@@ -144,6 +144,25 @@ def test_pairs_routed_outside_the_experts_contribute_nothing():
     assert _relative(out, _expected_f64(module, x, top_k_index, top_k_weights)) < 1e-5
 
 
+def test_the_kernel_reads_the_tensors_a_module_holds_now():
+    """Address tables are cached by address: a module whose packed tensors are replaced (a new
+    load, ``.to()``) is read from the new tensors, and a non-contiguous plane is refused."""
+    module = _module([2, 3])
+    x = torch.randn(3, H)
+    top_k_index, top_k_weights = torch.tensor([[0, 1], [1, 0], [0, 1]]), torch.rand(3, 2)
+    module.kernel = "cpu"
+    module(x, top_k_index, top_k_weights)
+    other = _module([2, 3], seed=7)
+    for name, tensor in other.named_parameters():
+        getattr(module, name).data = tensor.data.clone()  # new storage: new addresses
+    assert _relative(module(x, top_k_index, top_k_weights), _expected_f64(other, x, top_k_index, top_k_weights)) < 1e-5
+    planes = module.layout.kernel_planes(module._parameters, "gate_up_proj")
+    planes[0] = planes[0].transpose(-1, -2).contiguous().transpose(-1, -2)  # same shape, other strides
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_moe.experts_gemm(x, torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
+                             planes, module.expert_bits, 2 * INTER, G)  # fmt: skip
+
+
 def test_packed_linear_equals_its_dequantized_weight():
     torch.manual_seed(1)
     linear = PackedLinear(H, 48, bits=3, group_size=G, bias=True)

@@ -10,8 +10,6 @@ expert's bit-width; the per-expert address table is made once per set of address
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from transformers.activations import ACT2FN
 
@@ -43,15 +41,11 @@ def _addresses(planes: list[torch.Tensor | None], expert_bits: list[int]) -> tup
     key = []
     for w, bits in enumerate(widths):
         fields = planes[len(FIELDS) * w : len(FIELDS) * (w + 1)]
-        for t in fields:
-            if t is not None and not t.is_contiguous():
-                raise ValueError("packed expert tensors must be contiguous for the CPU kernels.")
         key.append((bits, tuple((t.data_ptr(), t.stride(0) * t.element_size()) if t is not None else None
                                 for t in fields)))  # fmt: skip
     return tuple(expert_bits), tuple(key)
 
 
-@functools.lru_cache(maxsize=1024)
 def _records(key: tuple):
     """The ctypes table of ``moeq_expert`` records for an address key (a pure function of it)."""
     expert_bits, widths = key
@@ -66,6 +60,23 @@ def _records(key: tuple):
     return records
 
 
+_TABLES: dict[tuple, object] = {}
+
+
+def _table(planes: list[torch.Tensor | None], expert_bits: list[int]):
+    """The address table of a layer's planes. Looked up by each plane's address and expert stride
+    alone (every forward of every layer asks); contiguity is checked when a table is made."""
+    key = (tuple(expert_bits), tuple((t.data_ptr(), t.stride(0)) if t is not None else None for t in planes))
+    table = _TABLES.get(key)
+    if table is None:
+        if any(t is not None and not t.is_contiguous() for t in planes):
+            raise ValueError("packed expert tensors must be contiguous for the CPU kernels.")
+        if len(_TABLES) >= 1024:  # addresses of freed models
+            _TABLES.clear()
+        table = _TABLES[key] = _records(_addresses(planes, expert_bits))
+    return table
+
+
 def _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False, library=None):
     exact_bf16 = x.dtype == torch.bfloat16  # the kernel may take bf16 dot products
     x = x.float().contiguous()
@@ -75,7 +86,7 @@ def _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable
     library = library or cpu_build.library()
     status = library.moeq_packed_gemm(
         x.data_ptr(), y.data_ptr(), x.shape[1], n, group_size, seg_expert.numel(), seg_start.data_ptr(),
-        seg_expert.data_ptr(), _records(_addresses(planes, expert_bits)), torch.get_num_threads(), int(portable),
+        seg_expert.data_ptr(), _table(planes, expert_bits), torch.get_num_threads(), int(portable),
         int(exact_bf16),
     )  # fmt: skip
     if status:
@@ -118,8 +129,8 @@ def _silu_experts(
     index = top_k_index.to(torch.int64).contiguous()
     weights = top_k_weights.float().contiguous()
     out = torch.empty(x.shape, dtype=torch.float32)
-    gate_up = _records(_addresses(gate_up_planes, expert_bits))
-    down = _records(_addresses(down_planes, expert_bits))
+    gate_up = _table(gate_up_planes, expert_bits)
+    down = _table(down_planes, expert_bits)
     status = cpu_build.library().moeq_experts_forward(
         x.data_ptr(), x.shape[0], index.shape[-1], index.data_ptr(), weights.data_ptr(), len(expert_bits),
         x.shape[1], intermediate_dim, group_size, gate_up, down, out.data_ptr(), torch.get_num_threads(), 0,

@@ -23,6 +23,7 @@ from .routing import ExpertBlocks, align_pairs_by_expert
 from .tuning import current_tuning
 
 
+@functools.cache  # asked in every forward of every packed module
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -64,6 +64,9 @@ class PackedLayout:
             for b in self.bit_widths
             for field in self.fields(b)
         }
+        # per projection, the names of kernel_planes' entries (formatted once: it runs every forward)
+        self._plane_names = {proj: [self.name(proj, b, f) for b in self.bit_widths for f in FIELDS]
+                             for proj in self.projections}  # fmt: skip
         self._local_indices: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     @classmethod
@@ -127,7 +130,7 @@ class PackedLayout:
     def kernel_planes(self, tensors: Mapping[str, torch.Tensor], proj: str) -> list[torch.Tensor | None]:
         """The layer flattened for the kernel boundary: each width's ``FIELDS`` in ``bit_widths``
         order (None where a field is absent), every tensor with its expert axis."""
-        planes = [tensors.get(self.name(proj, b, f)) for b in self.bit_widths for f in FIELDS]
+        planes = [tensors.get(name) for name in self._plane_names[proj]]
         return planes if self.stacked else [None if t is None else t.unsqueeze(0) for t in planes]
 
     def local_index(self, bits: int, device: torch.device) -> torch.Tensor:
