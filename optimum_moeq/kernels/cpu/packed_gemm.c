@@ -234,6 +234,14 @@ static inline __attribute__((always_inline)) void task_avx2(
  * activations come paired the same way, times m and the plane's weight (powers of two: exact), so
  * sum (1 + c/m) m w x = m w sum x + w sum c x, and `corr` = sum over planes of m w takes the first
  * term back out with the zero. */
+/* acc + the bf16 pairs c times the pair at x in every lane, with the pair broadcast from memory
+ * by the instruction itself ({1to16}): left to itself the compiler made every row's broadcasts
+ * full vectors first, spilled them and the accumulators to the stack and reloaded them. */
+static inline __attribute__((always_inline)) __m512 dp_broadcast(__m512 acc, __m512bh c, const uint32_t *x) {
+    __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(c), "m"(*x));
+    return acc;
+}
+
 static inline __attribute__((always_inline)) void group_tile_bf16(
     const int rows, const int T, const plane_ref *planes, int nplanes, int g, int G, int K, int N, int n0,
     const uint32_t *xpairs, const float *xsum, float corr, int ngroups, const moeq_expert *ex, float *y, int ldy)
@@ -244,7 +252,7 @@ static inline __attribute__((always_inline)) void group_tile_bf16(
         const int width = planes[p].width, per_word = 32 / width, pairs = per_word / 2;
         for (int w = 0; w < G / per_word; w++) {
             const int32_t *row = planes[p].words + (size_t)(g * G / per_word + w) * N + n0;
-            const uint32_t *xp = xpairs + (size_t)p * (K / 2) + (size_t)(g * G / per_word + w) * pairs;
+            const uint32_t *xp = xpairs + ((size_t)p * (K / 2) + (size_t)(g * G / per_word + w) * pairs) * rows;
             __m512i words[2];
             for (int t = 0; t < T; t++) words[t] = _mm512_loadu_si512((const void *)(row + 16 * t));
             if (width == 2) {
@@ -255,7 +263,7 @@ static inline __attribute__((always_inline)) void group_tile_bf16(
                         const __m512bh c = (__m512bh)_mm512_ternarylogic_epi32(s, _mm512_set1_epi32(0x00600060),
                                                                                _mm512_set1_epi32(0x3F803F80), 0xEA);
                         for (int r = 0; r < rows; r++)
-                            acc[r][t] = _mm512_dpbf16_ps(acc[r][t], c, (__m512bh)_mm512_set1_epi32((int)xp[(size_t)r * nplanes * (K / 2) + i]));
+                            acc[r][t] = dp_broadcast(acc[r][t], c, xp + i * rows + r);
                     }
             } else {
 #pragma GCC unroll 16
@@ -265,7 +273,7 @@ static inline __attribute__((always_inline)) void group_tile_bf16(
                         const __m512bh c = (__m512bh)_mm512_ternarylogic_epi32(s, _mm512_set1_epi32(0x00400040),
                                                                                _mm512_set1_epi32(0x3F803F80), 0xEA);
                         for (int r = 0; r < rows; r++)
-                            acc[r][t] = _mm512_dpbf16_ps(acc[r][t], c, (__m512bh)_mm512_set1_epi32((int)xp[(size_t)r * nplanes * (K / 2) + i]));
+                            acc[r][t] = dp_broadcast(acc[r][t], c, xp + i * rows + r);
                     }
             }
         }
@@ -296,25 +304,26 @@ static inline __attribute__((always_inline)) void task_bf16(
     }
 }
 
-/* The rows' activations as bf16 pairs for task_bf16: [rows][nplanes][K/2], pair i of word w of
- * plane p holding rows k0 + i and k0 + i + per_word/2 (k0 = w per_word), times m and the plane's
- * weight; returns corr. */
+/* The rows' activations as bf16 pairs for task_bf16: [nplanes][K/2][rows] (a pair's rows side by
+ * side, so that the kernel reaches every row from one address at constant offsets), pair i of word
+ * w of plane p holding inputs k0 + i and k0 + i + per_word/2 (k0 = w per_word), times m and the
+ * plane's weight; returns corr. */
 static float prepare_pairs(const float *x, int rows, int K, const plane_ref *planes, int nplanes, uint32_t *xpairs) {
     float corr = 0.0f;
     for (int p = 0; p < nplanes; p++) {
         const int width = planes[p].width, per_word = 32 / width, pairs = per_word / 2;
         const float scale = (float)(width == 2 ? 4 : 2) * planes[p].weight;
         corr += scale;
-        for (int r = 0; r < rows; r++) {
-            uint32_t *out = xpairs + ((size_t)r * nplanes + p) * (K / 2);
-            for (int k0 = 0; k0 < K; k0 += per_word)
-                for (int i = 0; i < pairs; i++) {
+        for (int k0 = 0; k0 < K; k0 += per_word)
+            for (int i = 0; i < pairs; i++) {
+                uint32_t *out = xpairs + ((size_t)p * (K / 2) + k0 / 2 + i) * rows;
+                for (int r = 0; r < rows; r++) {
                     float a = x[(size_t)r * K + k0 + i] * scale, b = x[(size_t)r * K + k0 + i + pairs] * scale;
                     uint32_t ua, ub;
                     memcpy(&ua, &a, 4), memcpy(&ub, &b, 4);
-                    *out++ = (ua >> 16) | (ub & 0xFFFF0000u);
+                    out[r] = (ua >> 16) | (ub & 0xFFFF0000u);
                 }
-        }
+            }
     }
     return corr;
 }
