@@ -77,8 +77,9 @@ def _table(planes: list[torch.Tensor | None], expert_bits: list[int]):
     return table
 
 
-def _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False, library=None):
-    exact_bf16 = x.dtype == torch.bfloat16  # the kernel may take bf16 dot products
+def _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False, split=False, library=None):
+    # the kernel may take bf16 dot products: of x itself when it is bf16, of its bf16 hi + lo with split
+    bf16_rows = 1 if x.dtype == torch.bfloat16 else 2 if split else 0
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     if x.shape[0] == 0:
@@ -86,8 +87,7 @@ def _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable
     library = library or cpu_build.library()
     status = library.moeq_packed_gemm(
         x.data_ptr(), y.data_ptr(), x.shape[1], n, group_size, seg_expert.numel(), seg_start.data_ptr(),
-        seg_expert.data_ptr(), _table(planes, expert_bits), torch.get_num_threads(), int(portable),
-        int(exact_bf16),
+        seg_expert.data_ptr(), _table(planes, expert_bits), torch.get_num_threads(), int(portable), bf16_rows,
     )  # fmt: skip
     if status:
         raise MemoryError("optimum-moeq's CPU kernel could not allocate its scratch buffers.")
@@ -103,8 +103,9 @@ def _experts_gemm(
     n: int,
     group_size: int,
     portable: bool = False,
+    split: bool = False,
 ) -> torch.Tensor:
-    return _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable)
+    return _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable, split)
 
 
 def _packed_linear(
@@ -149,7 +150,7 @@ _silu_experts_op = torch.library.custom_op("moeq::cpu_silu_experts", _silu_exper
 
 
 @_experts_gemm_op.register_fake
-def _(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False):
+def _(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False, split=False):
     return x.new_empty((x.shape[0], n), dtype=torch.float32)
 
 
@@ -163,12 +164,16 @@ def _(x, top_k_index, top_k_weights, gate_up_planes, down_planes, expert_bits, i
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
-def experts_gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False) -> torch.Tensor:
+def experts_gemm(
+    x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False, split=False
+) -> torch.Tensor:
     """float32 [R, n]: row r of ``x`` [R, K] times the weight of its segment's expert (rows
     ``seg_start[s]:seg_start[s+1]``, int32, use expert ``seg_expert[s]``). ``portable`` takes the
-    library's plain-C path (the one machines without AVX2 run)."""
+    library's plain-C path (the one machines without AVX2 run). ``split``: float32 rows may go
+    through bf16 dot products as bf16 hi + lo (within 2^-17 of each value: for a bf16 model's
+    float32 intermediates)."""
     gemm = _experts_gemm_op if torch.compiler.is_compiling() else _experts_gemm
-    return gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable)
+    return gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable, split)
 
 
 def packed_linear_cpu(x, planes, bits, n, group_size) -> torch.Tensor:
@@ -231,7 +236,8 @@ def experts_forward(
         h = act_fn(gate) * up
     else:
         h = act_fn(h)
-    y = experts_gemm(h, seg_start, seg_expert, down_planes, bits, hidden, layout.group_size)
+    split = hidden_states.dtype == torch.bfloat16  # a bf16 model: its float32 h may be split into bf16 hi + lo
+    y = experts_gemm(h, seg_start, seg_expert, down_planes, bits, hidden, layout.group_size, split=split)
     y *= top_k_weights.reshape(-1)[pair, None].float()
     out = torch.zeros(tokens, hidden, dtype=torch.float32)
     out.index_add_(0, token, y)

@@ -243,7 +243,7 @@ static inline __attribute__((always_inline)) __m512 dp_broadcast(__m512 acc, __m
 }
 
 static inline __attribute__((always_inline)) void group_tile_bf16(
-    const int rows, const int T, const plane_ref *planes, int nplanes, int g, int G, int K, int N, int n0,
+    const int rows, const int split, const int T, const plane_ref *planes, int nplanes, int g, int G, int K, int N, int n0,
     const uint32_t *xpairs, const float *xsum, float corr, int ngroups, const moeq_expert *ex, float *y, int ldy)
 {
     __m512 acc[BF16_ROWS][2];
@@ -283,48 +283,83 @@ static inline __attribute__((always_inline)) void group_tile_bf16(
         const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ex->scale + meta)));
         const __m512 z = _mm512_add_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ex->zero + meta))),
                                        _mm512_set1_ps(corr));
-        for (int r = 0; r < rows; r++) {
+        for (int r = 0; r < rows / (split ? 2 : 1); r++) { /* split: pair-rows 2r, 2r + 1 are row r's hi, lo */
             float *out = y + (size_t)r * ldy + n0 + 16 * t;
-            const __m512 v = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[(size_t)r * ngroups + g]), acc[r][t]);
+            const __m512 a = split ? _mm512_add_ps(acc[2 * r][t], acc[2 * r + 1][t]) : acc[r][t];
+            const __m512 v = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[(size_t)r * ngroups + g]), a);
             _mm512_storeu_ps(out, _mm512_fmadd_ps(s, v, _mm512_loadu_ps(out)));
         }
     }
 }
 
 static inline __attribute__((always_inline)) void task_bf16(
-    const int rows, const plane_ref *planes, int nplanes, int G, int K, int N, int na, int nb,
+    const int rows, const int split, const plane_ref *planes, int nplanes, int G, int K, int N, int na, int nb,
     const uint32_t *xpairs, const float *xsum, float corr, const moeq_expert *ex, float *y, int ldy)
 {
     for (int g = 0; g < K / G; g++) {
         int n0 = na;
         for (; n0 + 32 <= nb; n0 += 32)
-            group_tile_bf16(rows, 2, planes, nplanes, g, G, K, N, n0, xpairs, xsum, corr, K / G, ex, y, ldy);
+            group_tile_bf16(rows, split, 2, planes, nplanes, g, G, K, N, n0, xpairs, xsum, corr, K / G, ex, y, ldy);
         if (n0 < nb)
-            group_tile_bf16(rows, 1, planes, nplanes, g, G, K, N, n0, xpairs, xsum, corr, K / G, ex, y, ldy);
+            group_tile_bf16(rows, split, 1, planes, nplanes, g, G, K, N, n0, xpairs, xsum, corr, K / G, ex, y, ldy);
     }
 }
 
-/* The rows' activations as bf16 pairs for task_bf16: [nplanes][K/2][rows] (a pair's rows side by
- * side, so that the kernel reaches every row from one address at constant offsets), pair i of word
- * w of plane p holding inputs k0 + i and k0 + i + per_word/2 (k0 = w per_word), times m and the
- * plane's weight; returns corr. */
-static float prepare_pairs(const float *x, int rows, int K, const plane_ref *planes, int nplanes, uint32_t *xpairs) {
+/* bf16 nearest to v (ties to even), as float32 bits; v - result is exact in float32. */
+static inline uint32_t bf16_bits(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+}
+
+/* The rows' activations as bf16 pairs for task_bf16: [nplanes][K/2][pair-rows] (a pair's rows side
+ * by side, so that the kernel reaches every row from one address at constant offsets), pair i of
+ * word w of plane p holding inputs k0 + i and k0 + i + per_word/2 (k0 = w per_word), times m and the
+ * plane's weight; returns corr. Rows are exact bf16 values (split 0: one pair-row each), or float32
+ * values split into bf16 hi + lo (split 1: pair-rows 2r, 2r + 1; hi + lo is within 2^-17 of the
+ * value, and xsum is recomputed as the sum of hi + lo so that the zero's term matches exactly). */
+static float prepare_pairs(const float *x, int rows, int K, int G, const plane_ref *planes, int nplanes, int split,
+                           uint32_t *xpairs, float *xsum) {
     float corr = 0.0f;
+    const int prow = split ? 2 * rows : rows;
     for (int p = 0; p < nplanes; p++) {
         const int width = planes[p].width, per_word = 32 / width, pairs = per_word / 2;
         const float scale = (float)(width == 2 ? 4 : 2) * planes[p].weight;
         corr += scale;
         for (int k0 = 0; k0 < K; k0 += per_word)
             for (int i = 0; i < pairs; i++) {
-                uint32_t *out = xpairs + ((size_t)p * (K / 2) + k0 / 2 + i) * rows;
+                uint32_t *out = xpairs + ((size_t)p * (K / 2) + k0 / 2 + i) * prow;
                 for (int r = 0; r < rows; r++) {
-                    float a = x[(size_t)r * K + k0 + i] * scale, b = x[(size_t)r * K + k0 + i + pairs] * scale;
-                    uint32_t ua, ub;
-                    memcpy(&ua, &a, 4), memcpy(&ub, &b, 4);
-                    out[r] = (ua >> 16) | (ub & 0xFFFF0000u);
+                    float a = x[(size_t)r * K + k0 + i], b = x[(size_t)r * K + k0 + i + pairs];
+                    uint32_t ua = bf16_bits(a), ub = bf16_bits(b); /* = a, b for exact bf16 rows */
+                    float ah, bh, al, bl;
+                    memcpy(&ah, &ua, 4), memcpy(&bh, &ub, 4);
+                    al = (a - ah) * scale, bl = (b - bh) * scale, ah *= scale, bh *= scale;
+                    memcpy(&ua, &ah, 4), memcpy(&ub, &bh, 4);
+                    if (!split) {
+                        out[r] = (ua >> 16) | (ub & 0xFFFF0000u);
+                        continue;
+                    }
+                    out[2 * r] = (ua >> 16) | (ub & 0xFFFF0000u);
+                    const uint32_t la = bf16_bits(al), lb = bf16_bits(bl);
+                    out[2 * r + 1] = (la >> 16) | lb;
                 }
             }
     }
+    for (int r = 0; r < rows && split; r++)
+        for (int g = 0; g < K / G; g++) {
+            float sum = 0.0f;
+            for (int k = g * G; k < (g + 1) * G; k++) {
+                const float v = x[(size_t)r * K + k];
+                const uint32_t h = bf16_bits(v);
+                float hv, lv;
+                memcpy(&hv, &h, 4);
+                const uint32_t l = bf16_bits(v - hv);
+                memcpy(&lv, &l, 4);
+                sum += hv + lv;
+            }
+            xsum[(size_t)r * (K / G) + g] = sum;
+        }
     return corr;
 }
 #endif
@@ -425,18 +460,21 @@ static void prepare_rows(const float *x, int rows, int K, int G, const plane_ref
 }
 
 /* y [R, N] = x [R, K] @ W^T for segments of rows: rows seg_start[s]..seg_start[s+1]-1 use
- * experts[seg_expert[s]]. y is overwritten. Returns 0, or -1 if scratch memory ran out. */
+ * experts[seg_expert[s]]. y is overwritten. bf16_rows: 0, x is float32; 1, x holds exact bf16
+ * values; 2, x is float32 that may be split into bf16 hi + lo (a bf16 model's float32
+ * intermediates: within 2^-17 of each value). With 1 or 2, blocks of two or more rows take bf16 dot
+ * products where the CPU has them. Returns 0, or -1 if scratch memory ran out. */
 int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
                      int nseg, const int32_t *seg_start, const int32_t *seg_expert,
-                     const moeq_expert *experts, int nthreads, int portable, int exact_bf16)
+                     const moeq_expert *experts, int nthreads, int portable, int bf16_rows)
 {
 #ifdef MOEQ_BF16
-    const int bf16 = exact_bf16 && !portable; /* x holds bf16 values: rows of two or more take dot products */
+    const int bf16 = bf16_rows && !portable, split = bf16 && bf16_rows == 2;
 #else
-    const int bf16 = 0;
-    (void)exact_bf16;
+    const int bf16 = 0, split = 0;
+    (void)bf16_rows;
 #endif
-    const int block_rows = bf16 ? BF16_ROWS : MAX_ROWS;
+    const int block_rows = bf16 ? (split ? BF16_ROWS / 2 : BF16_ROWS) : MAX_ROWS;
     const int total_rows = seg_start[nseg];
     memset(y, 0, (size_t)total_rows * N * sizeof(float));
     int64_t ntasks = 0;
@@ -487,22 +525,31 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
 #endif
                 prepare_rows(x + (size_t)r0 * K, rows, K, G, planes, nplanes, kind, xs_scaled, xsum, lut);
 #ifdef MOEQ_BF16
-                if (kind == PAIRS) corr = prepare_pairs(x + (size_t)r0 * K, rows, K, planes, nplanes, xpairs);
+                if (kind == PAIRS)
+                    corr = prepare_pairs(x + (size_t)r0 * K, rows, K, G, planes, nplanes, split, xpairs, xsum);
 #endif
                 prepared_block = b;
             }
             const int na = nb * task_n, n_end = (nb + 1) * task_n < N ? (nb + 1) * task_n : N;
             float *out = y + (size_t)r0 * N;
 #ifdef MOEQ_BF16
+            if (bf16 && rows > 1 && split) {
+                switch (rows) { /* pair-rows: hi and lo of each row */
+                case 2: task_bf16(4, 1, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 3: task_bf16(6, 1, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                default: task_bf16(BF16_ROWS, 1, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                }
+                continue;
+            }
             if (bf16 && rows > 1) {
                 switch (rows) {
-                case 2: task_bf16(2, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
-                case 3: task_bf16(3, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
-                case 4: task_bf16(4, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
-                case 5: task_bf16(5, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
-                case 6: task_bf16(6, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
-                case 7: task_bf16(7, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
-                default: task_bf16(BF16_ROWS, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 2: task_bf16(2, 0, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 3: task_bf16(3, 0, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 4: task_bf16(4, 0, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 5: task_bf16(5, 0, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 6: task_bf16(6, 0, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 7: task_bf16(7, 0, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                default: task_bf16(BF16_ROWS, 0, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
                 }
                 continue;
             }
@@ -576,8 +623,10 @@ int moeq_experts_forward(const float *x, int T, int topk, const int64_t *index, 
         float *act = h + (size_t)r * I;
         for (int i = 0; i < I; i++) act[i] = silu(gate[i]) * up[i];
     }
-    /* silu(gate) * up is float32, not bf16: the down projection takes the float path */
-    if (moeq_packed_gemm(h, y, I, H, G, nseg, seg_start, seg_expert, down, nthreads, portable, 0)) goto done;
+    /* silu(gate) * up is float32: in a bf16 model (exact_bf16) it goes to the down projection as
+     * bf16 hi + lo pairs, else the float path */
+    if (moeq_packed_gemm(h, y, I, H, G, nseg, seg_start, seg_expert, down, nthreads, portable, exact_bf16 ? 2 : 0))
+        goto done;
     for (int r = 0; r < rows; r++) {
         const int p = pair_of_row[r];
         const float w = weight[p];
