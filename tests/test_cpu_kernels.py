@@ -158,10 +158,11 @@ def test_pairs_routed_outside_the_experts_contribute_nothing():
     x = torch.randn(4, H)
     top_k_index = torch.tensor([[0, -1], [len(BITS), 3], [-1, len(BITS)], [2, 5]])
     top_k_weights = torch.rand(4, 2)
-    module.kernel = "cpu"
-    out = module(x, top_k_index, top_k_weights)
-    assert torch.equal(out[2], torch.zeros(H))
-    assert _relative(out, _expected_f64(module, x, top_k_index, top_k_weights)) < 1e-5
+    for kernel in ("cpu", "torch"):  # the compiled kernel and the reference
+        module.kernel = kernel
+        out = module(x, top_k_index, top_k_weights)
+        assert torch.equal(out[2], torch.zeros(H)), kernel
+        assert _relative(out, _expected_f64(module, x, top_k_index, top_k_weights)) < 1e-5, kernel
 
 
 def test_the_kernel_reads_the_tensors_a_module_holds_now():

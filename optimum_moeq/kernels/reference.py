@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 
+from ..quant.layout import PackedLayout
 from ..quant.packed import PackedProjection
 from ..quant.packing import unpack_codes
 
@@ -22,3 +25,35 @@ def packed_linear(x: torch.Tensor, packed: PackedProjection) -> torch.Tensor:
     from the exact weights: a bf16 copy of the weight would round each one by up to 2^-9, an error
     the packed format does not have and the kernels do not make."""
     return torch.nn.functional.linear(x.float(), dequantize_packed(packed)).to(x.dtype)
+
+
+def experts_reference(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    layout: PackedLayout,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    input_projection: str,
+    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    gated: bool,
+) -> torch.Tensor:
+    """An experts layer [T, H] in ``hidden_states``' dtype, expert by expert through the dequantized
+    weights. In float32 throughout, as the kernels: bf16/fp16 intermediates and sums over top-k
+    would round at every step. Pairs routed outside [0, E) (experts held elsewhere, dropped
+    tokens) contribute nothing."""
+    x = hidden_states.float()
+    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    for expert in torch.unique(top_k_index).tolist():
+        if not 0 <= expert < layout.num_experts:
+            continue
+        token_idx, k_pos = torch.where(top_k_index == expert)
+        h = packed_linear(x[token_idx], layout.expert(tensors, input_projection, expert))
+        if gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = act_fn(gate) * up
+        else:
+            h = act_fn(h)
+        y = packed_linear(h, layout.expert(tensors, "down_proj", expert))
+        out.index_add_(0, token_idx, y * top_k_weights[token_idx, k_pos, None].float())
+    return out.to(hidden_states.dtype)

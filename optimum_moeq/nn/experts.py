@@ -17,7 +17,7 @@ from transformers.activations import ACT2FN
 
 from ..kernels.cpu_moe import experts_forward
 from ..kernels.grouped import grouped_experts_forward
-from ..kernels.reference import packed_linear
+from ..kernels.reference import experts_reference
 from ..quant.layout import PackedLayout
 from .stored import PackedModule
 
@@ -91,23 +91,10 @@ class MixedBitExperts(PackedModule):
     def _reference_forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        # In float32 throughout, as the kernels: bf16/fp16 intermediates and sums over top-k would
-        # round at every step.
-        x = hidden_states.float()
-        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
-        for expert in torch.unique(top_k_index).tolist():
-            if expert >= self.num_experts:  # index used for experts on another rank
-                continue
-            token_idx, k_pos = torch.where(top_k_index == expert)
-            h = packed_linear(x[token_idx], self.expert_projection(self.input_projection, expert))
-            if self.gated:
-                gate, up = h.chunk(2, dim=-1)
-                h = self.act_fn(gate) * up
-            else:
-                h = self.act_fn(h)
-            y = packed_linear(h, self.expert_projection("down_proj", expert))
-            out.index_add_(0, token_idx, y * top_k_weights[token_idx, k_pos, None].float())
-        return out.to(hidden_states.dtype)
+        return experts_reference(
+            hidden_states, top_k_index, top_k_weights, self.layout, self._tensors(),
+            input_projection=self.input_projection, act_fn=self.act_fn, gated=self.gated,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         counts = ", ".join(f"{len(self.members[b])}x{b}-bit" for b in self.bit_widths)
