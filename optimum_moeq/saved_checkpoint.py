@@ -98,14 +98,27 @@ def check_checkpoint(
     tensors = {name: info for h in headers.values() if h is not None for name, info in h.tensors.items()}
     for name, disk_name in disk_names(expected, set(tensors), adapter).items():
         shape, dtype = expected[name]
-        info, implied = tensors[disk_name], _SAFETENSORS_DTYPES.get(dtype)
-        if info["dtype"] != implied or tuple(info["shape"]) != tuple(shape):
-            raise ValueError(
-                f"{disk_name} is stored as {info['dtype']} {info['shape']}, but the allocation in config.json "
-                f"implies {implied} {list(shape)}: the file was converted (a dtype cast of every tensor?) or does "
-                f"not belong to this config.json; {_RESAVE}."
-            )
+        info = tensors[disk_name]
+        if info["dtype"] != _SAFETENSORS_DTYPES.get(dtype) or tuple(info["shape"]) != tuple(shape):
+            raise stored_mismatch(disk_name, info["dtype"], info["shape"], dtype, shape)
     _check_records(headers, allocation)
+
+
+def stored_mismatch(disk_name: str, stored_dtype, stored_shape, dtype: torch.dtype, shape) -> ValueError:
+    """The error for a packed tensor stored with another dtype or shape than the allocation implies
+    (``stored_dtype``: a safetensors dtype string or a torch dtype)."""
+    stored_dtype = _SAFETENSORS_DTYPES.get(stored_dtype, stored_dtype)
+    return ValueError(
+        f"{disk_name} is stored as {stored_dtype} {list(stored_shape)}, but the allocation in config.json implies "
+        f"{_SAFETENSORS_DTYPES.get(dtype)} {list(shape)}: the file was converted (a dtype cast of every tensor?) or "
+        f"does not belong to this config.json; {_RESAVE}."
+    )
+
+
+def check_records(checkpoint_files: Iterable[str], allocation: Mapping[str, list[int]]) -> None:
+    """Refuse shards of different saves, or a config.json whose allocation is not the one the
+    packed weights were saved with (the record in the safetensors metadata)."""
+    _check_records(read_headers(checkpoint_files), allocation)
 
 
 def _check_records(headers: Mapping[str, SafetensorsHeader | None], allocation: Mapping[str, list[int]]) -> None:

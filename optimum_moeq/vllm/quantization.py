@@ -1,0 +1,208 @@
+"""vLLM's side of an optimum-moeq checkpoint: quantization method ``"moeq"`` (imports vLLM).
+
+``MoeqVllmConfig`` reads config.json's ``quantization_config`` (the allocation, the group size)
+and gives each decoder layer's routed experts a ``MoeqFusedMoEMethod``. That method registers the
+checkpoint's own packed tensors, ``{gate_up_proj,down_proj}_b{bits}_{q2,q1,scale,zero}``, as the
+parameters of vLLM's experts layer, so they load as saved (no conversion, no second copy), and
+computes the layer with this project's kernels: Triton on CUDA, the compiled CPU kernels on CPU,
+the torch reference where neither runs. Everything else (attention, routers, shared experts,
+embeddings) loads and runs as vLLM's own unquantized layers.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import types
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, RoutedExperts
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.utils import set_weight_attrs
+
+from ..kernels import cpu_moe
+from ..kernels.grouped import grouped_experts_forward, use_triton
+from ..kernels.reference import experts_reference
+from ..quant.layout import PackedLayout
+from ..saved_checkpoint import check_records, stored_mismatch
+from .sharding import check_tensor_parallel, shard_packed
+
+logger = init_logger("vllm.optimum_moeq")  # under "vllm", so vLLM's handler prints it
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+
+@register_quantization_config("moeq")
+class MoeqVllmConfig(QuantizationConfig):
+    """config.json's moeq ``quantization_config`` as vLLM sees it."""
+
+    def __init__(self, allocation: dict[str, list[int]], group_size: int):
+        super().__init__()
+        self.allocation = {name: list(bits) for name, bits in allocation.items()}
+        self.group_size = group_size
+        # The allocation names transformers' modules ("model.layers.3.mlp.experts"); vLLM's prefixes
+        # differ by family ("model.layers.3.block_sparse_moe.experts" for Mixtral), so each layer's
+        # experts are found by their decoder-layer index.
+        self.bits_by_layer: dict[int, list[int]] = {}
+        for name, bits in self.allocation.items():
+            match = _LAYER.search(name)
+            if match is None or int(match.group(1)) in self.bits_by_layer:
+                raise ValueError(
+                    f"allocation entry {name!r} is not the experts of one decoder layer (model.layers.N....): "
+                    "vLLM serves optimum-moeq checkpoints of decoder-only MoE models."
+                )
+            self.bits_by_layer[int(match.group(1))] = list(bits)
+
+    def get_name(self) -> str:
+        return "moeq"
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70  # Triton's tensor-core kernels (not consulted on CPU)
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # all of it is in config.json's quantization_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MoeqVllmConfig:
+        version = config.get("format_version", 1)
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise ValueError(
+                f"moeq format_version {version} is not supported by this optimum-moeq "
+                f"(supported: {list(SUPPORTED_FORMAT_VERSIONS)}): upgrade optimum-moeq."
+            )
+        if config.get("attention_bits") is not None:
+            raise ValueError(
+                f"this checkpoint quantizes attention (attention_bits={config['attention_bits']}, "
+                f"attention_method={config.get('attention_method')!r}), which vLLM cannot load through "
+                "optimum-moeq yet: serve a checkpoint quantized without attention_bits."
+            )
+        allocation = cls.get_from_keys(config, ["allocation"])
+        if not allocation:
+            raise ValueError("the checkpoint's quantization_config has no allocation: it cannot be served.")
+        return cls(allocation, cls.get_from_keys(config, ["group_size"]))
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        """A local checkpoint's shards must record this allocation (as transformers checks)."""
+        files = sorted(glob.glob(os.path.join(model_name, "*.safetensors"))) if os.path.isdir(model_name) else []
+        if files:
+            check_records(files, self.allocation)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, RoutedExperts):
+            match = _LAYER.search(prefix)
+            bits = self.bits_by_layer.get(int(match.group(1))) if match else None
+            return None if bits is None else MoeqFusedMoEMethod(self, layer.moe_config, bits)
+        if isinstance(layer, LinearBase):
+            return UnquantizedLinearMethod()
+        return None  # embeddings, lm_head, attention: vLLM's defaults
+
+
+class MoeqFusedMoEMethod(FusedMoEMethodBase):
+    """One decoder layer's routed experts at their own bit-widths."""
+
+    def __init__(self, quant_config: MoeqVllmConfig, moe, expert_bits: list[int]):
+        super().__init__(moe)
+        self.quant_config = quant_config
+        self.expert_bits = expert_bits
+
+    def create_weights(
+        self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, **extra_weight_attrs
+    ):
+        name = layer.layer_name
+        if num_experts != len(self.expert_bits):
+            raise ValueError(
+                f"{name}: this rank holds {num_experts} experts but the allocation lists {len(self.expert_bits)}: "
+                "expert parallelism and redundant experts are not supported for optimum-moeq checkpoints; "
+                "use tensor parallelism."
+            )
+        parallel = self.moe.moe_parallel_config
+        rank, tp_size = parallel.tp_rank, parallel.tp_size
+        self.gated = self.moe.is_act_and_mul
+        self.input_projection = "gate_up_proj" if self.gated else "up_proj"
+        self.intermediate = intermediate_size_per_partition
+        check_tensor_parallel(self.intermediate * tp_size, self.quant_config.group_size, tp_size, name)
+        shapes = {
+            self.input_projection: ((2 if self.gated else 1) * self.intermediate, hidden_size),
+            "down_proj": (hidden_size, self.intermediate),
+        }
+        self.layout = PackedLayout(self.expert_bits, shapes, self.quant_config.group_size, name=name)
+        self.names = list(self.layout.specs())
+        for tensor_name, (shape, dtype) in self.layout.specs().items():
+            param = torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+            layer.register_parameter(tensor_name, param)
+            proj = self.layout.field_of(tensor_name)[0]
+            full_shape = list(shape)
+            full_shape[-2 if proj == "down_proj" else -1] *= tp_size
+
+            def weight_loader(param, loaded, *_, proj=proj, tensor_name=tensor_name, full_shape=full_shape):
+                if loaded.dtype != param.dtype or list(loaded.shape) != full_shape:
+                    raise stored_mismatch(f"{name}.{tensor_name}", loaded.dtype, loaded.shape, param.dtype, full_shape)
+                param.data.copy_(shard_packed(loaded, proj, rank, tp_size, self.gated))
+                param.moeq_loaded = True
+
+            set_weight_attrs(param, {"weight_loader": weight_loader})
+        # vLLM's experts layer loads only the names of its own expert mapping (experts.w13_weight,
+        # experts.0.w1.weight, ...) and drops the rest without a word, so ours are routed here.
+        own, vllm_load_weights = set(self.names), layer.load_weights
+
+        def load_weights(experts_layer, weights):
+            rest = []
+            for tensor_name, tensor in weights:
+                if tensor_name in own:
+                    param = getattr(experts_layer, tensor_name)
+                    param.weight_loader(param, tensor)
+                    yield tensor_name
+                else:
+                    rest.append((tensor_name, tensor))
+            if rest:
+                yield from vllm_load_weights(rest)
+
+        layer.load_weights = types.MethodType(load_weights, layer)
+
+    def process_weights_after_loading(self, layer) -> None:
+        # vLLM tracks unloaded parameters only for unquantized models: a missing packed tensor would
+        # otherwise run on uninitialised memory.
+        missing = [n for n in self.names if not getattr(getattr(layer, n), "moeq_loaded", False)]
+        if missing:
+            raise ValueError(
+                f"{layer.layer_name}: the checkpoint has no {', '.join(missing)}: it does not belong to this "
+                "config.json's allocation (re-save the model with optimum-moeq)."
+            )
+
+    def get_fused_moe_quant_config(self, layer):
+        return None  # no modular kernel: apply() computes the whole layer
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+        # With no modular kernel, vLLM's runner has routed (top-k, renormalized as the model asks)
+        # and runs the shared experts itself; this returns the routed experts' sum.
+        activation = getattr(layer.activation, "value", layer.activation)
+        if layer.apply_router_weight_on_input:
+            raise NotImplementedError(f"{layer.layer_name}: router weights on the input are not supported.")
+        kwargs = dict(input_projection=self.input_projection, gated=self.gated)
+        if use_triton("auto", self.layout.group_size, x.is_cuda):
+            return grouped_experts_forward(
+                x, topk_ids, topk_weights, self.layout, layer._parameters, intermediate_dim=self.intermediate,
+                activation=activation, **kwargs,
+            )  # fmt: skip
+        if cpu_moe.available(self.layout, x):
+            return cpu_moe.experts_forward(
+                x, topk_ids, topk_weights, self.layout, layer._parameters, intermediate_dim=self.intermediate,
+                activation=activation, **kwargs,
+            )  # fmt: skip
+        from transformers.activations import ACT2FN
+
+        return experts_reference(x, topk_ids, topk_weights, self.layout, layer._parameters,
+                                 act_fn=ACT2FN[activation], **kwargs)  # fmt: skip
+
+
+__all__ = ["MoeqFusedMoEMethod", "MoeqVllmConfig"]
