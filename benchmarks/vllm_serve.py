@@ -37,7 +37,7 @@ def engine_child(paths: dict[str, str], rounds: int, new_tokens: int) -> dict:
 
     engines = {
         name: LLM(path, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=256, enforce_eager=True,
-                  max_num_seqs=CONCURRENT, gpu_memory_utilization=0.05)
+                  max_num_seqs=CONCURRENT, gpu_memory_utilization=0.15)
         for name, path in paths.items()
     }  # fmt: skip
     generator = random.Random(0)
