@@ -74,7 +74,7 @@ def test_tensor_parallel_slices_are_the_dequantized_weight_sliced(gated):
 
 
 def test_splits_off_groups_or_blocks_are_refused_with_the_sizes_allowed():
-    with pytest.raises(ValueError, match=r"tensor parallel size 3 does not divide .* 128"):
+    with pytest.raises(ValueError, match=r"tensor parallel size 3 does not divide its 128 intermediate features"):
         check_tensor_parallel(128, 32, 3)
     with pytest.raises(
         ValueError, match=r"gives each rank 32 .*multiples of 64\); tensor parallel sizes allowed here: \[1, 2\]"
@@ -126,7 +126,7 @@ def _transformers_greedy(folder, prompts=PROMPTS, dtype=torch.float32) -> list[d
     return results
 
 
-def _quantized(tmp_path, family: str):
+def _quantized(tmp_path, family: str, **quantization_options):
     cls, config = _families()[family]
     torch.manual_seed(0)
     dense = tmp_path / "dense"
@@ -135,7 +135,7 @@ def _quantized(tmp_path, family: str):
         model.lm_head.weight *= LOGIT_SCALE
     model.to(torch.bfloat16).save_pretrained(dense)
     folder = tmp_path / "moeq"
-    quantization = RouterNormConfig(avg_bits=2.5, method="rtn", group_size=32)
+    quantization = RouterNormConfig(avg_bits=2.5, method="rtn", group_size=32, **quantization_options)
     model = AutoModelForCausalLM.from_pretrained(dense, quantization_config=quantization, dtype=torch.bfloat16)
     assert len({b for bits in model.hf_quantizer.allocation.bits.values() for b in bits}) == 2  # mixed widths
     model.save_pretrained(folder)
@@ -187,6 +187,38 @@ def test_vllm_tensor_parallel_2_on_cpu_gives_the_same_tokens(tmp_path):
     _assert_same(
         _vllm(folder, "--tensor-parallel", "2", "--no-server")["offline"], _transformers_greedy(folder), "TP=2"
     )
+
+
+def _packed_linears(folder) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {name.removesuffix(".weight_scale") for name in f.keys() if name.endswith(".weight_scale")}
+
+
+@needs_vllm
+@pytest.mark.parametrize("family, tensor_parallel", [("qwen2_moe (shared expert)", 1), ("mixtral", 2)])
+def test_vllm_serves_packed_attention_and_dense_linears(family, tensor_parallel, tmp_path):
+    """attention_bits: vLLM's fused qkv_proj (with Qwen2-MoE's biases) and the shared expert's
+    merged gate_up_proj hold the checkpoint's packed parts side by side; at TP=2 o_proj is split
+    by input groups, qkv_proj by heads."""
+    folder = _quantized(tmp_path, family, attention_bits=4)
+    packed = _packed_linears(folder)
+    assert "model.layers.1.self_attn.k_proj" in packed and "model.layers.1.self_attn.o_proj" in packed
+    assert ("model.layers.0.mlp.shared_expert.gate_proj" in packed) == family.startswith("qwen2_moe")
+    assert not any(name.endswith("gate") for name in packed)  # routers stay full precision
+    results = _vllm(folder, "--no-server", "--tensor-parallel", str(tensor_parallel))
+    _assert_same(results["offline"], _transformers_greedy(folder), f"attention_bits, TP={tensor_parallel}")
+
+
+@needs_vllm
+def test_a_fused_linear_stored_partly_packed_is_refused_by_vllm(tmp_path):
+    folder = _quantized(tmp_path, "mixtral", attention_bits=4, modules_to_not_convert=["k_proj"])
+    command = [VLLM_PYTHON, os.path.join(ROOT, "tests", "vllm_driver.py"), str(folder), json.dumps(PROMPTS), "2",
+               "--no-server"]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert run.returncode != 0
+    assert "the checkpoint stores only some of them packed" in run.stderr + run.stdout, run.stderr[-3000:]
 
 
 @needs_vllm

@@ -45,7 +45,7 @@ class PackedLinear(PackedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_triton(x):
-            out = self._triton_forward(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+            out = triton_linear_forward(x, self.layout, self._parameters)
         elif self._use_cpu_kernels(x):
             out = linear_forward(x, self.layout, self._parameters)
         else:
@@ -53,17 +53,23 @@ class PackedLinear(PackedModule):
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One "expert" that every row is routed to.
-        pair_expert = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
-        out = mixed_bit_projection(
-            x.contiguous(), pair_expert, self.layout, self.layout.kernel_planes(self._parameters, "weight"),
-            n_out=self.out_features, out_dtype=torch.float32, x_rows_per_pair_div=1,
-            blocks=blocks_for_prefill(pair_expert, num_experts=1),
-        )  # fmt: skip
-        return out.to(x.dtype)
+        return triton_linear_forward(x, self.layout, self._parameters)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}"
         )
+
+
+def triton_linear_forward(x: torch.Tensor, layout: PackedLayout, tensors) -> torch.Tensor:
+    """A packed linear ([..., in] -> [..., out] in ``x``'s dtype) by the Triton kernels: one
+    "expert" that every row is routed to."""
+    n_out, k = layout.projections["weight"]
+    rows = x.reshape(-1, k).contiguous()
+    pair_expert = torch.zeros(rows.shape[0], dtype=torch.int32, device=x.device)
+    out = mixed_bit_projection(
+        rows, pair_expert, layout, layout.kernel_planes(tensors, "weight"), n_out=n_out, out_dtype=torch.float32,
+        x_rows_per_pair_div=1, blocks=blocks_for_prefill(pair_expert, num_experts=1),
+    )  # fmt: skip
+    return out.to(x.dtype).reshape(*x.shape[:-1], n_out)

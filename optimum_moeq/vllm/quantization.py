@@ -1,12 +1,15 @@
 """vLLM's side of an optimum-moeq checkpoint: quantization method ``"moeq"`` (imports vLLM).
 
-``MoeqVllmConfig`` reads config.json's ``quantization_config`` (the allocation, the group size)
-and gives each decoder layer's routed experts a ``MoeqFusedMoEMethod``. That method registers the
-checkpoint's own packed tensors, ``{gate_up_proj,down_proj}_b{bits}_{q2,q1,scale,zero}``, as the
-parameters of vLLM's experts layer, so they load as saved (no conversion, no second copy), and
-computes the layer with this project's kernels: Triton on CUDA, the compiled CPU kernels on CPU,
-the torch reference where neither runs. Everything else (attention, routers, shared experts,
-embeddings) loads and runs as vLLM's own unquantized layers.
+``MoeqVllmConfig`` reads config.json's ``quantization_config`` (the allocation, the group size,
+``attention_bits``) and gives each decoder layer's routed experts a ``MoeqFusedMoEMethod``. That
+method registers the checkpoint's own packed tensors, ``{gate_up_proj,down_proj}_b{bits}_{q2,q1,
+scale,zero}``, as the parameters of vLLM's experts layer, so they load as saved (no conversion, no
+second copy), and computes the layer with this project's kernels: Triton on CUDA, the compiled CPU
+kernels on CPU, the torch reference where neither runs. With ``attention_bits``, the dense linears
+the checkpoint stores packed (``weight_{q2,q1,scale,zero}``) get ``MoeqLinearMethod``, the same for
+one weight; vLLM's fused linears (qkv_proj, gate_up_proj) hold their parts side by side on the
+output axis, which every packed field keeps last. Everything else (routers, embeddings, the
+linears a checkpoint keeps in full precision) loads and runs as vLLM's own layers.
 """
 
 from __future__ import annotations
@@ -20,31 +23,38 @@ from typing import Any
 import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, RoutedExperts
-from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.utils import set_weight_attrs
 
 from ..kernels import cpu_moe
 from ..kernels.grouped import grouped_experts_forward, use_triton
-from ..kernels.reference import experts_reference
+from ..kernels.reference import experts_reference, packed_linear
+from ..nn.linear import triton_linear_forward
 from ..quant.layout import PackedLayout
-from ..saved_checkpoint import check_records, stored_mismatch
+from ..saved_checkpoint import check_records, read_headers, stored_mismatch
 from .sharding import check_tensor_parallel, shard_packed
 
 logger = init_logger("vllm.optimum_moeq")  # under "vllm", so vLLM's handler prints it
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 SUPPORTED_FORMAT_VERSIONS = (1,)
+PACKED_LINEAR_FIELD = ".weight_scale"  # every packed linear stores one, whatever its width
+# vLLM's fused linears and the checkpoint modules they hold, where a model class does not say
+# (Qwen2-MoE adds its gate_up_proj to the instance's mapping only, after the quant config is set up)
+FUSED_LINEARS = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
 
 @register_quantization_config("moeq")
 class MoeqVllmConfig(QuantizationConfig):
     """config.json's moeq ``quantization_config`` as vLLM sees it."""
 
-    def __init__(self, allocation: dict[str, list[int]], group_size: int):
+    def __init__(self, allocation: dict[str, list[int]], group_size: int, attention_bits: int | None = None):
         super().__init__()
         self.allocation = {name: list(bits) for name, bits in allocation.items()}
         self.group_size = group_size
+        self.attention_bits = attention_bits
+        self.packed_linears: set[str] | None = None  # checkpoint module names, read by maybe_update_config
         # The allocation names transformers' modules ("model.layers.3.mlp.experts"); vLLM's prefixes
         # differ by family ("model.layers.3.block_sparse_moe.experts" for Mixtral), so each layer's
         # experts are found by their decoder-layer index.
@@ -80,22 +90,31 @@ class MoeqVllmConfig(QuantizationConfig):
                 f"moeq format_version {version} is not supported by this optimum-moeq "
                 f"(supported: {list(SUPPORTED_FORMAT_VERSIONS)}): upgrade optimum-moeq."
             )
-        if config.get("attention_bits") is not None:
+        attention_method = config.get("attention_method") or "moeq"
+        if attention_method != "moeq":
             raise ValueError(
-                f"this checkpoint quantizes attention (attention_bits={config['attention_bits']}, "
-                f"attention_method={config.get('attention_method')!r}), which vLLM cannot load through "
-                "optimum-moeq yet: serve a checkpoint quantized without attention_bits."
+                f"this checkpoint keeps its dense linears in bitsandbytes' format (attention_method="
+                f"{attention_method!r}), which vLLM cannot load through optimum-moeq: serve a checkpoint quantized "
+                "with attention_bits (the packed format) or without either."
             )
         allocation = cls.get_from_keys(config, ["allocation"])
         if not allocation:
             raise ValueError("the checkpoint's quantization_config has no allocation: it cannot be served.")
-        return cls(allocation, cls.get_from_keys(config, ["group_size"]))
+        return cls(allocation, cls.get_from_keys(config, ["group_size"]), config.get("attention_bits"))
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
-        """A local checkpoint's shards must record this allocation (as transformers checks)."""
+        """A local checkpoint's shards must record this allocation (as transformers checks); their
+        headers say which dense linears are packed."""
         files = sorted(glob.glob(os.path.join(model_name, "*.safetensors"))) if os.path.isdir(model_name) else []
         if files:
             check_records(files, self.allocation)
+            self.packed_linears = {
+                name.removesuffix(PACKED_LINEAR_FIELD)
+                for header in read_headers(files).values()
+                if header is not None
+                for name in header.tensors
+                if name.endswith(PACKED_LINEAR_FIELD)
+            }
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if isinstance(layer, RoutedExperts):
@@ -103,8 +122,30 @@ class MoeqVllmConfig(QuantizationConfig):
             bits = self.bits_by_layer.get(int(match.group(1))) if match else None
             return None if bits is None else MoeqFusedMoEMethod(self, layer.moe_config, bits)
         if isinstance(layer, LinearBase):
-            return UnquantizedLinearMethod()
+            return self._linear_method(prefix)
         return None  # embeddings, lm_head, attention: vLLM's defaults
+
+    def _linear_method(self, prefix: str) -> LinearMethodBase:
+        """Packed if the checkpoint stores this linear (every part of a fused one) packed."""
+        if self.attention_bits is None:
+            return UnquantizedLinearMethod()
+        if self.packed_linears is None:
+            raise ValueError(
+                f"this checkpoint quantizes its dense linears (attention_bits={self.attention_bits}); which ones is "
+                "read from its safetensors headers, so vLLM must be given the checkpoint's local folder."
+            )
+        parent, _, leaf = prefix.rpartition(".")
+        parts = (self.packed_modules_mapping or {}).get(leaf) or FUSED_LINEARS.get(leaf) or [leaf]
+        names = [f"{parent}.{part}" if parent else part for part in parts]
+        packed = [name in self.packed_linears for name in names]
+        if all(packed):
+            return MoeqLinearMethod(self, self.attention_bits, prefix)
+        if any(packed):
+            raise ValueError(
+                f"{prefix}: vLLM fuses {names} into one linear, but the checkpoint stores only some of them packed "
+                f"({[n for n, p in zip(names, packed) if p]}): re-save them all with the same attention_bits."
+            )
+        return UnquantizedLinearMethod()
 
 
 class MoeqFusedMoEMethod(FusedMoEMethodBase):
@@ -205,4 +246,68 @@ class MoeqFusedMoEMethod(FusedMoEMethodBase):
                                  act_fn=ACT2FN[activation], **kwargs)  # fmt: skip
 
 
-__all__ = ["MoeqFusedMoEMethod", "MoeqVllmConfig"]
+class MoeqLinearMethod(LinearMethodBase):
+    """A dense linear stored packed at ``bits`` (``attention_bits``): vLLM's own weight loaders
+    place the checkpoint's fields by their ``output_dim`` (last axis, unpacked: a fused linear's
+    parts and column-parallel shards are slices there) and ``input_dim`` (packed by 16 or 32 per
+    word and one group per scale: row-parallel shards must fall on groups and 32-input blocks)."""
+
+    def __init__(self, quant_config: MoeqVllmConfig, bits: int, prefix: str):
+        self.quant_config, self.bits, self.prefix = quant_config, bits, prefix
+
+    def create_weights(
+        self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size, params_dtype,
+        **extra_weight_attrs,
+    ):  # fmt: skip
+        group_size, name = self.quant_config.group_size, self.prefix
+        if input_size_per_partition != input_size:
+            check_tensor_parallel(input_size, group_size, input_size // input_size_per_partition, name, "inputs")
+        layout = PackedLayout.single(self.bits, sum(output_partition_sizes), input_size_per_partition, group_size,
+                                     name=name)  # fmt: skip
+        vllm_loader = extra_weight_attrs.pop("weight_loader")
+        parts = len(output_partition_sizes)  # a fused linear's parts load one at a time
+        for tensor_name, (shape, dtype) in layout.specs().items():
+            param = torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+            param.moeq_loaded = set()
+
+            def weight_loader(param, loaded, shard_id=None, tensor_name=tensor_name):
+                if loaded.dtype != param.dtype:
+                    raise stored_mismatch(
+                        f"{name}.{tensor_name}", loaded.dtype, loaded.shape, param.dtype, param.shape
+                    )
+                try:
+                    vllm_loader(param, loaded, *([] if shard_id is None else [shard_id]))
+                except AssertionError:  # vLLM's loaders assert equal shapes, with no message
+                    raise stored_mismatch(
+                        f"{name}.{tensor_name}{'' if shard_id is None else f' (part {shard_id})'}", loaded.dtype,
+                        loaded.shape, param.dtype, param.shape,
+                    ) from None  # fmt: skip
+                param.moeq_loaded.add(shard_id)
+
+            layer.register_parameter(tensor_name, param)
+            set_weight_attrs(param, {**extra_weight_attrs, "output_dim": len(shape) - 1, "input_dim": len(shape) - 2,
+                                     "weight_loader": weight_loader, "moeq_parts": parts})  # fmt: skip
+        layer.moeq_layout = layout
+
+    def process_weights_after_loading(self, layer) -> None:
+        missing = [
+            n for n in layer.moeq_layout.specs() if len(getattr(layer, n).moeq_loaded) < getattr(layer, n).moeq_parts
+        ]
+        if missing:
+            raise ValueError(
+                f"{self.prefix}: the checkpoint lacks {', '.join(missing)} (or a part of it): it does not belong to "
+                "this config.json (re-save the model with optimum-moeq)."
+            )
+
+    def apply(self, layer, x, bias=None):
+        layout, tensors = layer.moeq_layout, layer._parameters
+        if use_triton("auto", layout.group_size, x.is_cuda):
+            out = triton_linear_forward(x, layout, tensors)
+        elif cpu_moe.available(layout, x):
+            out = cpu_moe.linear_forward(x, layout, tensors)
+        else:
+            out = packed_linear(x, layout.packed(tensors, "weight", self.bits))
+        return out if bias is None else out + bias.to(out.dtype)
+
+
+__all__ = ["MoeqFusedMoEMethod", "MoeqLinearMethod", "MoeqVllmConfig"]

@@ -15,20 +15,21 @@ import math
 import torch
 
 
-def check_tensor_parallel(intermediate_size: int, group_size: int, tp_size: int, name: str = "experts") -> None:
-    """Raise ValueError, naming the values, unless ``tp_size`` ranks can split the packed experts."""
-    if tp_size < 1 or intermediate_size % tp_size:
-        raise ValueError(
-            f"{name}: tensor parallel size {tp_size} does not divide the experts' intermediate size "
-            f"{intermediate_size}."
-        )
-    per_rank, block = intermediate_size // tp_size, math.lcm(group_size, 32)
+def check_tensor_parallel(
+    split_size: int, group_size: int, tp_size: int, name: str = "experts", what: str = "intermediate features"
+) -> None:
+    """Raise ValueError, naming the values, unless ``tp_size`` ranks can split ``split_size`` packed
+    inputs (the experts' intermediate features, which down_proj takes in; a row-parallel linear's
+    inputs)."""
+    if tp_size < 1 or split_size % tp_size:
+        raise ValueError(f"{name}: tensor parallel size {tp_size} does not divide its {split_size} {what}.")
+    per_rank, block = split_size // tp_size, math.lcm(group_size, 32)
     if per_rank % block:
-        allowed = [t for t in range(1, intermediate_size // block + 1) if (intermediate_size // block) % t == 0]
+        allowed = [t for t in range(1, split_size // block + 1) if (split_size // block) % t == 0]
         raise ValueError(
-            f"{name}: tensor parallel size {tp_size} gives each rank {per_rank} of the {intermediate_size} "
-            f"intermediate features, but the packed down_proj can only be split on its groups of {group_size} "
-            f"and 32-input blocks (multiples of {block}); tensor parallel sizes allowed here: {allowed}."
+            f"{name}: tensor parallel size {tp_size} gives each rank {per_rank} of the {split_size} {what}, but "
+            f"packed weights can only be split on their inputs' groups of {group_size} and 32-input blocks "
+            f"(multiples of {block}); tensor parallel sizes allowed here: {allowed}."
         )
 
 
