@@ -189,26 +189,35 @@ def test_vllm_tensor_parallel_2_on_cpu_gives_the_same_tokens(tmp_path):
     )
 
 
-def _packed_linears(folder) -> set[str]:
+def _quantized_linears(folder, field: str) -> set[str]:
     from safetensors import safe_open
 
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        return {name.removesuffix(".weight_scale") for name in f.keys() if name.endswith(".weight_scale")}
+        return {name.removesuffix(field) for name in f.keys() if name.endswith(field)}
 
 
 @needs_vllm
-@pytest.mark.parametrize("family, tensor_parallel", [("qwen2_moe (shared expert)", 1), ("mixtral", 2)])
-def test_vllm_serves_packed_attention_and_dense_linears(family, tensor_parallel, tmp_path):
-    """attention_bits: vLLM's fused qkv_proj (with Qwen2-MoE's biases) and the shared expert's
-    merged gate_up_proj hold the checkpoint's packed parts side by side; at TP=2 o_proj is split
-    by input groups, qkv_proj by heads."""
-    folder = _quantized(tmp_path, family, attention_bits=4)
-    packed = _packed_linears(folder)
-    assert "model.layers.1.self_attn.k_proj" in packed and "model.layers.1.self_attn.o_proj" in packed
-    assert ("model.layers.0.mlp.shared_expert.gate_proj" in packed) == family.startswith("qwen2_moe")
-    assert not any(name.endswith("gate") for name in packed)  # routers stay full precision
+@pytest.mark.parametrize(
+    "family, tensor_parallel, options, field",
+    [
+        ("qwen2_moe (shared expert)", 1, dict(attention_bits=4), ".weight_scale"),
+        ("mixtral", 2, dict(attention_bits=4), ".weight_scale"),
+        ("qwen2_moe (shared expert)", 2, dict(attention_method="bnb_nf4"), ".weight_absmax"),
+        ("mixtral", 1, dict(attention_method="bnb_int8"), ".weight_row_scale"),
+    ],
+    ids=["packed-qwen2_moe", "packed-mixtral-tp2", "nf4-qwen2_moe-tp2", "int8-mixtral"],
+)
+def test_vllm_serves_quantized_attention_and_dense_linears(family, tensor_parallel, options, field, tmp_path):
+    """attention_bits (packed) and bitsandbytes' formats: vLLM's fused qkv_proj (with Qwen2-MoE's
+    biases) and the shared expert's merged gate_up_proj hold the checkpoint's parts side by side;
+    at TP=2 o_proj is split by inputs, qkv_proj by heads."""
+    folder = _quantized(tmp_path, family, **options)
+    quantized = _quantized_linears(folder, field)
+    assert "model.layers.1.self_attn.k_proj" in quantized and "model.layers.1.self_attn.o_proj" in quantized
+    assert ("model.layers.0.mlp.shared_expert.gate_proj" in quantized) == family.startswith("qwen2_moe")
+    assert not any(name.endswith("gate") for name in quantized)  # routers stay full precision
     results = _vllm(folder, "--no-server", "--tensor-parallel", str(tensor_parallel))
-    _assert_same(results["offline"], _transformers_greedy(folder), f"attention_bits, TP={tensor_parallel}")
+    _assert_same(results["offline"], _transformers_greedy(folder), f"{options}, TP={tensor_parallel}")
 
 
 @needs_vllm
@@ -218,7 +227,7 @@ def test_a_fused_linear_stored_partly_packed_is_refused_by_vllm(tmp_path):
                "--no-server"]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert run.returncode != 0
-    assert "the checkpoint stores only some of them packed" in run.stderr + run.stdout, run.stderr[-3000:]
+    assert "the checkpoint stores only some of them quantized" in run.stderr + run.stdout, run.stderr[-3000:]
 
 
 @needs_vllm

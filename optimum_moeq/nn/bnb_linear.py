@@ -66,12 +66,9 @@ class BnbNF4Linear(_BnbLinear):
         return {"weight_nf4": packed, "weight_absmax": state.absmax, "weight_quant_map": state.code}
 
     def dequantized(self) -> torch.Tensor:
-        functional = _bnb_functional()
-        state = functional.QuantState(
-            absmax=self.weight_absmax, shape=torch.Size(self.projection_shapes["weight"]), code=self.weight_quant_map,
-            blocksize=NF4_BLOCK, quant_type="nf4", dtype=torch.float32,
-        )  # fmt: skip
-        return functional.dequantize_4bit(self.weight_nf4, state)
+        return dequantize_nf4(
+            self.weight_nf4, self.weight_absmax, self.weight_quant_map, self.projection_shapes["weight"]
+        )
 
 
 class BnbInt8Linear(_BnbLinear):
@@ -91,4 +88,20 @@ class BnbInt8Linear(_BnbLinear):
         return {"weight_int8": codes, "weight_row_scale": row_scale}
 
     def dequantized(self) -> torch.Tensor:
-        return _bnb_functional().int8_vectorwise_dequant(self.weight_int8, self.weight_row_scale).float()
+        return dequantize_int8(self.weight_int8, self.weight_row_scale)
+
+
+def dequantize_nf4(nf4: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, shape) -> torch.Tensor:
+    """The float32 weight of ``shape`` from NF4 codes (two per byte, row-major, any shape) and one
+    absmax per block of 64 of the flattened weight."""
+    functional = _bnb_functional()
+    state = functional.QuantState(
+        absmax=absmax.reshape(-1), shape=torch.Size(shape), code=quant_map, blocksize=NF4_BLOCK, quant_type="nf4",
+        dtype=torch.float32,
+    )  # fmt: skip
+    return functional.dequantize_4bit(nf4.reshape(-1, 1), state)
+
+
+def dequantize_int8(codes: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """The float32 weight from int8 codes [N, K] and each row's absmax scale [N]."""
+    return _bnb_functional().int8_vectorwise_dequant(codes, row_scale).float()

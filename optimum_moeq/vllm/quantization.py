@@ -31,6 +31,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from ..kernels import cpu_moe
 from ..kernels.grouped import grouped_experts_forward, use_triton
 from ..kernels.reference import experts_reference, packed_linear
+from ..nn.bnb_linear import NF4_BLOCK, dequantize_int8, dequantize_nf4
 from ..nn.linear import triton_linear_forward
 from ..quant.layout import PackedLayout
 from ..saved_checkpoint import check_records, read_headers, stored_mismatch
@@ -39,7 +40,8 @@ from .sharding import check_tensor_parallel, shard_packed
 logger = init_logger("vllm.optimum_moeq")  # under "vllm", so vLLM's handler prints it
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 SUPPORTED_FORMAT_VERSIONS = (1,)
-PACKED_LINEAR_FIELD = ".weight_scale"  # every packed linear stores one, whatever its width
+# a field every quantized dense linear of each attention_method stores, whatever its size
+LINEAR_FIELD = {"moeq": ".weight_scale", "bnb_nf4": ".weight_absmax", "bnb_int8": ".weight_row_scale"}
 # vLLM's fused linears and the checkpoint modules they hold, where a model class does not say
 # (Qwen2-MoE adds its gate_up_proj to the instance's mapping only, after the quant config is set up)
 FUSED_LINEARS = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -49,11 +51,20 @@ FUSED_LINEARS = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["g
 class MoeqVllmConfig(QuantizationConfig):
     """config.json's moeq ``quantization_config`` as vLLM sees it."""
 
-    def __init__(self, allocation: dict[str, list[int]], group_size: int, attention_bits: int | None = None):
+    def __init__(
+        self,
+        allocation: dict[str, list[int]],
+        group_size: int,
+        attention_bits: int | None = None,
+        attention_method: str = "moeq",
+    ):
         super().__init__()
         self.allocation = {name: list(bits) for name, bits in allocation.items()}
         self.group_size = group_size
         self.attention_bits = attention_bits
+        self.attention_method = attention_method
+        # are the dense linears quantized at all (bitsandbytes' formats need no attention_bits)
+        self.quantized_linears = attention_bits is not None or attention_method != "moeq"
         self.packed_linears: set[str] | None = None  # checkpoint module names, read by maybe_update_config
         # The allocation names transformers' modules ("model.layers.3.mlp.experts"); vLLM's prefixes
         # differ by family ("model.layers.3.block_sparse_moe.experts" for Mixtral), so each layer's
@@ -91,16 +102,17 @@ class MoeqVllmConfig(QuantizationConfig):
                 f"(supported: {list(SUPPORTED_FORMAT_VERSIONS)}): upgrade optimum-moeq."
             )
         attention_method = config.get("attention_method") or "moeq"
-        if attention_method != "moeq":
+        if attention_method not in LINEAR_FIELD:
             raise ValueError(
-                f"this checkpoint keeps its dense linears in bitsandbytes' format (attention_method="
-                f"{attention_method!r}), which vLLM cannot load through optimum-moeq: serve a checkpoint quantized "
-                "with attention_bits (the packed format) or without either."
+                f"attention_method {attention_method!r} is not one this optimum-moeq serves ({list(LINEAR_FIELD)}): "
+                "upgrade optimum-moeq."
             )
         allocation = cls.get_from_keys(config, ["allocation"])
         if not allocation:
             raise ValueError("the checkpoint's quantization_config has no allocation: it cannot be served.")
-        return cls(allocation, cls.get_from_keys(config, ["group_size"]), config.get("attention_bits"))
+        return cls(
+            allocation, cls.get_from_keys(config, ["group_size"]), config.get("attention_bits"), attention_method
+        )
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
         """A local checkpoint's shards must record this allocation (as transformers checks); their
@@ -109,11 +121,11 @@ class MoeqVllmConfig(QuantizationConfig):
         if files:
             check_records(files, self.allocation)
             self.packed_linears = {
-                name.removesuffix(PACKED_LINEAR_FIELD)
+                name.removesuffix(LINEAR_FIELD[self.attention_method])
                 for header in read_headers(files).values()
                 if header is not None
                 for name in header.tensors
-                if name.endswith(PACKED_LINEAR_FIELD)
+                if name.endswith(LINEAR_FIELD[self.attention_method])
             }
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
@@ -126,23 +138,26 @@ class MoeqVllmConfig(QuantizationConfig):
         return None  # embeddings, lm_head, attention: vLLM's defaults
 
     def _linear_method(self, prefix: str) -> LinearMethodBase:
-        """Packed if the checkpoint stores this linear (every part of a fused one) packed."""
-        if self.attention_bits is None:
+        """Quantized if the checkpoint stores this linear (every part of a fused one) quantized."""
+        if not self.quantized_linears:
             return UnquantizedLinearMethod()
         if self.packed_linears is None:
             raise ValueError(
-                f"this checkpoint quantizes its dense linears (attention_bits={self.attention_bits}); which ones is "
-                "read from its safetensors headers, so vLLM must be given the checkpoint's local folder."
+                f"this checkpoint quantizes its dense linears (attention_bits={self.attention_bits}, attention_method="
+                f"{self.attention_method!r}); which ones is read from its safetensors headers, so vLLM must be given "
+                "the checkpoint's local folder."
             )
         parent, _, leaf = prefix.rpartition(".")
         parts = (self.packed_modules_mapping or {}).get(leaf) or FUSED_LINEARS.get(leaf) or [leaf]
         names = [f"{parent}.{part}" if parent else part for part in parts]
         packed = [name in self.packed_linears for name in names]
         if all(packed):
-            return MoeqLinearMethod(self, self.attention_bits, prefix)
+            if self.attention_method == "moeq":
+                return MoeqLinearMethod(self, self.attention_bits, prefix)
+            return MoeqBnbLinearMethod(self.attention_method, prefix)
         if any(packed):
             raise ValueError(
-                f"{prefix}: vLLM fuses {names} into one linear, but the checkpoint stores only some of them packed "
+                f"{prefix}: vLLM fuses {names} into one linear, but the checkpoint stores only some of them quantized "
                 f"({[n for n, p in zip(names, packed) if p]}): re-save them all with the same attention_bits."
             )
         return UnquantizedLinearMethod()
@@ -290,14 +305,7 @@ class MoeqLinearMethod(LinearMethodBase):
         layer.moeq_layout = layout
 
     def process_weights_after_loading(self, layer) -> None:
-        missing = [
-            n for n in layer.moeq_layout.specs() if len(getattr(layer, n).moeq_loaded) < getattr(layer, n).moeq_parts
-        ]
-        if missing:
-            raise ValueError(
-                f"{self.prefix}: the checkpoint lacks {', '.join(missing)} (or a part of it): it does not belong to "
-                "this config.json (re-save the model with optimum-moeq)."
-            )
+        _refuse_unloaded(layer, layer.moeq_layout.specs(), self.prefix)
 
     def apply(self, layer, x, bias=None):
         layout, tensors = layer.moeq_layout, layer._parameters
@@ -310,4 +318,94 @@ class MoeqLinearMethod(LinearMethodBase):
         return out if bias is None else out + bias.to(out.dtype)
 
 
-__all__ = ["MoeqFusedMoEMethod", "MoeqLinearMethod", "MoeqVllmConfig"]
+class MoeqBnbLinearMethod(LinearMethodBase):
+    """A dense linear in bitsandbytes' formats as optimum-moeq saves them (``attention_method``
+    "bnb_nf4": ``weight_nf4`` two codes a byte and ``weight_absmax`` per 64 of the row-major weight,
+    ``weight_quant_map``; "bnb_int8": ``weight_int8`` [N, K], ``weight_row_scale`` [N]). The flat
+    NF4 tensors are held as [N, K/2] and [N, K/64] (each row whole blocks: K is a multiple of 64), so
+    vLLM's loaders stack a fused linear's parts and slice shards by rows and columns as for a plain
+    weight. Computed as the transformers module does: dequantized by bitsandbytes, then a matmul."""
+
+    def __init__(self, method: str, prefix: str):
+        self.method, self.prefix = method, prefix
+
+    def create_weights(
+        self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size, params_dtype,
+        **extra_weight_attrs,
+    ):  # fmt: skip
+        n, k, name = sum(output_partition_sizes), input_size_per_partition, self.prefix
+        if self.method == "bnb_nf4" and (input_size % NF4_BLOCK or k % NF4_BLOCK):
+            raise ValueError(
+                f"{name}: NF4 blocks of {NF4_BLOCK} must not straddle rows or shards, but the linear has {input_size} "
+                f"inputs ({k} on this rank): serve it without tensor parallelism or re-save with attention_bits."
+            )
+        if self.method == "bnb_nf4":
+            specs = {"weight_nf4": ((n, k // 2), torch.uint8, 1),
+                     "weight_absmax": ((n, k // NF4_BLOCK), torch.float32, 1),
+                     "weight_quant_map": ((16,), torch.float32, None)}  # fmt: skip
+            stored_width = {"weight_nf4": input_size // 2, "weight_absmax": input_size // NF4_BLOCK}
+        else:
+            specs = {"weight_int8": ((n, k), torch.int8, 1), "weight_row_scale": ((n,), torch.float32, None)}
+            stored_width = {}
+        vllm_loader = extra_weight_attrs.pop("weight_loader")
+        for tensor_name, (shape, dtype, input_dim) in specs.items():
+            param = torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+            param.moeq_loaded = set()
+            attrs = {**extra_weight_attrs, "moeq_parts": len(output_partition_sizes)}
+            if tensor_name == "weight_quant_map":  # one NF4 map for every part and rank
+
+                def weight_loader(param, loaded, shard_id=None):
+                    if param.moeq_loaded and not torch.equal(param.data, loaded.to(param.dtype)):
+                        raise ValueError(
+                            f"{name}: the parts of this fused linear were stored with different NF4 maps."
+                        )
+                    param.data.copy_(loaded)
+                    param.moeq_loaded.add(shard_id)
+
+                attrs["moeq_parts"] = 1
+            else:
+
+                def weight_loader(param, loaded, shard_id=None, tensor_name=tensor_name):
+                    if loaded.dtype != param.dtype:
+                        raise stored_mismatch(f"{name}.{tensor_name}", loaded.dtype, loaded.shape, param.dtype,
+                                              param.shape)  # fmt: skip
+                    if tensor_name in stored_width:  # flat on disk: its rows are the weight's rows
+                        loaded = loaded.reshape(-1, stored_width[tensor_name])
+                    try:
+                        vllm_loader(param, loaded, *([] if shard_id is None else [shard_id]))
+                    except AssertionError:  # vLLM's loaders assert equal shapes, with no message
+                        raise stored_mismatch(f"{name}.{tensor_name}", loaded.dtype, loaded.shape, param.dtype,
+                                              param.shape) from None  # fmt: skip
+                    param.moeq_loaded.add(shard_id)
+
+                attrs["output_dim"] = 0
+                if input_dim is not None:
+                    attrs["input_dim"] = input_dim
+            attrs["weight_loader"] = weight_loader
+            layer.register_parameter(tensor_name, param)
+            set_weight_attrs(param, attrs)
+        layer.moeq_specs, layer.moeq_shape = list(specs), (n, k)
+
+    def process_weights_after_loading(self, layer) -> None:
+        _refuse_unloaded(layer, layer.moeq_specs, self.prefix)
+
+    def apply(self, layer, x, bias=None):
+        if self.method == "bnb_nf4":
+            weight = dequantize_nf4(layer.weight_nf4, layer.weight_absmax, layer.weight_quant_map, layer.moeq_shape)
+        else:
+            weight = dequantize_int8(layer.weight_int8, layer.weight_row_scale)
+        out = torch.nn.functional.linear(x.float(), weight.to(x.device)).to(x.dtype)
+        return out if bias is None else out + bias.to(out.dtype)
+
+
+def _refuse_unloaded(layer, names, prefix: str) -> None:
+    """vLLM tracks unloaded parameters only for unquantized models: refuse what the checkpoint lacked."""
+    missing = [n for n in names if len(getattr(layer, n).moeq_loaded) < getattr(layer, n).moeq_parts]
+    if missing:
+        raise ValueError(
+            f"{prefix}: the checkpoint lacks {', '.join(missing)} (or a part of it): it does not belong to "
+            "this config.json (re-save the model with optimum-moeq)."
+        )
+
+
+__all__ = ["MoeqBnbLinearMethod", "MoeqFusedMoEMethod", "MoeqLinearMethod", "MoeqVllmConfig"]
