@@ -305,11 +305,18 @@ static inline __attribute__((always_inline)) void task_bf16(
     }
 }
 
-/* bf16 nearest to v (ties to even), as float32 bits; v - result is exact in float32. */
-static inline uint32_t bf16_bits(float v) {
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+/* bf16 nearest to each lane of v (ties to even), as float32; v - result is exact in float32. */
+static inline __m512 bf16_round(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd);
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* Pairs of 16 lanes a (values j) and b (values j + half of a word): (a >> 16) | (b & 0xFFFF0000). */
+static inline __m512i bf16_pair(__m512 a, __m512 b) {
+    return _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(a), 16),
+                           _mm512_and_si512(_mm512_castps_si512(b), _mm512_set1_epi32((int)0xFFFF0000u)));
 }
 
 /* The rows' activations as bf16 pairs for task_bf16: [nplanes][K/2][pair-rows] (a pair's rows side
@@ -317,48 +324,58 @@ static inline uint32_t bf16_bits(float v) {
  * word w of plane p holding inputs k0 + i and k0 + i + per_word/2 (k0 = w per_word), times m and the
  * plane's weight; returns corr. Rows are exact bf16 values (split 0: one pair-row each), or float32
  * values split into bf16 hi + lo (split 1: pair-rows 2r, 2r + 1; hi + lo is within 2^-17 of the
- * value, and xsum is recomputed as the sum of hi + lo so that the zero's term matches exactly). */
+ * value, and xsum is recomputed as the sum of hi + lo so that the zero's term matches exactly).
+ * Each row's pairs are made 16 at a time into `scratch` ([pair-rows][nplanes][K/2]), then
+ * transposed into place. Scaling by a power of two commutes with the rounding. */
 static float prepare_pairs(const float *x, int rows, int K, int G, const plane_ref *planes, int nplanes, int split,
-                           uint32_t *xpairs, float *xsum) {
-    float corr = 0.0f;
+                           uint32_t *xpairs, float *xsum, uint32_t *scratch) {
+    float corr = 0.0f, scale[MAX_PLANES];
+    for (int p = 0; p < nplanes; p++) corr += scale[p] = (float)(planes[p].width == 2 ? 4 : 2) * planes[p].weight;
     const int prow = split ? 2 * rows : rows;
-    for (int p = 0; p < nplanes; p++) {
-        const int width = planes[p].width, per_word = 32 / width, pairs = per_word / 2;
-        const float scale = (float)(width == 2 ? 4 : 2) * planes[p].weight;
-        corr += scale;
-        for (int k0 = 0; k0 < K; k0 += per_word)
-            for (int i = 0; i < pairs; i++) {
-                uint32_t *out = xpairs + ((size_t)p * (K / 2) + k0 / 2 + i) * prow;
-                for (int r = 0; r < rows; r++) {
-                    float a = x[(size_t)r * K + k0 + i], b = x[(size_t)r * K + k0 + i + pairs];
-                    uint32_t ua = bf16_bits(a), ub = bf16_bits(b); /* = a, b for exact bf16 rows */
-                    float ah, bh, al, bl;
-                    memcpy(&ah, &ua, 4), memcpy(&bh, &ub, 4);
-                    al = (a - ah) * scale, bl = (b - bh) * scale, ah *= scale, bh *= scale;
-                    memcpy(&ua, &ah, 4), memcpy(&ub, &bh, 4);
-                    if (!split) {
-                        out[r] = (ua >> 16) | (ub & 0xFFFF0000u);
-                        continue;
-                    }
-                    out[2 * r] = (ua >> 16) | (ub & 0xFFFF0000u);
-                    const uint32_t la = bf16_bits(al), lb = bf16_bits(bl);
-                    out[2 * r + 1] = (la >> 16) | lb;
+    for (int r = 0; r < rows; r++) {
+        const float *v = x + (size_t)r * K;
+        for (int p = 0; p < nplanes; p++) {
+            const __m512 m = _mm512_set1_ps(scale[p]);
+            uint32_t *hi_out = scratch + ((size_t)(split ? 2 * r : r) * nplanes + p) * (K / 2);
+            uint32_t *lo_out = scratch + ((size_t)(2 * r + 1) * nplanes + p) * (K / 2);
+            for (int k0 = 0; k0 < K; k0 += 32) { /* 32 inputs: two 2-bit-plane words, or one 1-bit-plane word */
+                const __m512 a = _mm512_loadu_ps(v + k0), b = _mm512_loadu_ps(v + k0 + 16);
+                const __m512 ah = bf16_round(a), bh = bf16_round(b);
+                __m512i hi, lo = _mm512_setzero_si512();
+                __m512 al = _mm512_setzero_ps(), bl = _mm512_setzero_ps();
+                if (split) {
+                    al = bf16_round(_mm512_mul_ps(_mm512_sub_ps(a, ah), m));
+                    bl = bf16_round(_mm512_mul_ps(_mm512_sub_ps(b, bh), m));
                 }
+                const __m512 as = _mm512_mul_ps(ah, m), bs = _mm512_mul_ps(bh, m);
+                if (planes[p].width == 1) { /* pair i: inputs i, i + 16 */
+                    hi = bf16_pair(as, bs);
+                    if (split) lo = bf16_pair(al, bl);
+                } else { /* per word of 16: pair i: inputs i, i + 8; lanes 8-15 of each vector to 0-7 */
+                    const __m512i idx_lo = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+                    const __m512i idx_hi = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+                    hi = bf16_pair(_mm512_permutex2var_ps(as, idx_lo, bs), _mm512_permutex2var_ps(as, idx_hi, bs));
+                    if (split)
+                        lo = bf16_pair(_mm512_permutex2var_ps(al, idx_lo, bl), _mm512_permutex2var_ps(al, idx_hi, bl));
+                }
+                _mm512_storeu_si512((void *)(hi_out + k0 / 2), hi);
+                if (split) _mm512_storeu_si512((void *)(lo_out + k0 / 2), lo);
+            }
+        }
+        if (split) /* each group's sum of hi + lo */
+            for (int g = 0; g < K / G; g++) {
+                __m512 sum = _mm512_setzero_ps();
+                for (int k = g * G; k < (g + 1) * G; k += 16) {
+                    const __m512 a = _mm512_loadu_ps(v + k), h = bf16_round(a);
+                    sum = _mm512_add_ps(sum, _mm512_add_ps(h, bf16_round(_mm512_sub_ps(a, h))));
+                }
+                xsum[(size_t)r * (K / G) + g] = _mm512_reduce_add_ps(sum);
             }
     }
-    for (int r = 0; r < rows && split; r++)
-        for (int g = 0; g < K / G; g++) {
-            float sum = 0.0f;
-            for (int k = g * G; k < (g + 1) * G; k++) {
-                const float v = x[(size_t)r * K + k];
-                const uint32_t h = bf16_bits(v);
-                float hv, lv;
-                memcpy(&hv, &h, 4);
-                const uint32_t l = bf16_bits(v - hv);
-                memcpy(&lv, &l, 4);
-                sum += hv + lv;
-            }
-            xsum[(size_t)r * (K / G) + g] = sum;
+    for (int p = 0; p < nplanes; p++)
+        for (int i = 0; i < K / 2; i++) {
+            uint32_t *out = xpairs + ((size_t)p * (K / 2) + i) * prow;
+            for (int q = 0; q < prow; q++) out[q] = scratch[((size_t)q * nplanes + p) * (K / 2) + i];
         }
     return corr;
 }
@@ -526,7 +543,8 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
                 prepare_rows(x + (size_t)r0 * K, rows, K, G, planes, nplanes, kind, xs_scaled, xsum, lut);
 #ifdef MOEQ_BF16
                 if (kind == PAIRS)
-                    corr = prepare_pairs(x + (size_t)r0 * K, rows, K, G, planes, nplanes, split, xpairs, xsum);
+                    corr = prepare_pairs(x + (size_t)r0 * K, rows, K, G, planes, nplanes, split, xpairs, xsum,
+                                         (uint32_t *)xs_scaled);
 #endif
                 prepared_block = b;
             }
@@ -595,9 +613,10 @@ int moeq_experts_forward(const float *x, int T, int topk, const int64_t *index, 
     int32_t *seg_expert = malloc(sizeof(int32_t) * ((size_t)E + 1));
     float *rows_x = malloc(sizeof(float) * ((size_t)pairs * H + 1));
     float *h = malloc(sizeof(float) * ((size_t)pairs * 2 * I + 1));
+    float *act = malloc(sizeof(float) * ((size_t)pairs * I + 1));
     float *y = malloc(sizeof(float) * ((size_t)pairs * H + 1));
     int status = -1;
-    if (!count || !pair_of_row || !seg_start || !seg_expert || !rows_x || !h || !y) goto done;
+    if (!count || !pair_of_row || !seg_start || !seg_expert || !rows_x || !h || !act || !y) goto done;
     for (int p = 0; p < pairs; p++)
         if (index[p] >= 0 && index[p] < E) count[index[p] + 1]++;
     int nseg = 0;
@@ -615,28 +634,36 @@ int moeq_experts_forward(const float *x, int T, int topk, const int64_t *index, 
     const int rows = seg_start[nseg];
     memset(out, 0, sizeof(float) * (size_t)T * H);
     if (rows == 0) { status = 0; goto done; }
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8)
     for (int r = 0; r < rows; r++) memcpy(rows_x + (size_t)r * H, x + (size_t)(pair_of_row[r] / topk) * H, sizeof(float) * H);
     if (moeq_packed_gemm(rows_x, h, H, 2 * I, G, nseg, seg_start, seg_expert, gate_up, nthreads, portable, exact_bf16))
         goto done;
-    for (int r = 0; r < rows; r++) { /* silu(gate) * up, packed to [rows, I] in place */
+    /* silu(gate) * up [rows, I], rows in parallel (a 512-token prefill: 3.7M expf) */
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8)
+    for (int r = 0; r < rows; r++) {
         const float *gate = h + (size_t)r * 2 * I, *up = gate + I;
-        float *act = h + (size_t)r * I;
-        for (int i = 0; i < I; i++) act[i] = silu(gate[i]) * up[i];
+        float *out = act + (size_t)r * I;
+        for (int i = 0; i < I; i++) out[i] = silu(gate[i]) * up[i];
     }
     /* silu(gate) * up is float32: in a bf16 model (exact_bf16) it goes to the down projection as
      * bf16 hi + lo pairs, else the float path */
-    if (moeq_packed_gemm(h, y, I, H, G, nseg, seg_start, seg_expert, down, nthreads, portable, exact_bf16 ? 2 : 0))
+    if (moeq_packed_gemm(act, y, I, H, G, nseg, seg_start, seg_expert, down, nthreads, portable, exact_bf16 ? 2 : 0))
         goto done;
-    for (int r = 0; r < rows; r++) {
-        const int p = pair_of_row[r];
-        const float w = weight[p];
-        float *o = out + (size_t)(p / topk) * H;
-        const float *yr = y + (size_t)r * H;
-        for (int n = 0; n < H; n++) o[n] += w * yr[n];
+    /* the weighted sum, in row order for every output; threads take slices of the outputs */
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8)
+    for (int n0 = 0; n0 < H; n0 += 256) {
+        const int n1 = n0 + 256 < H ? n0 + 256 : H;
+        for (int r = 0; r < rows; r++) {
+            const int p = pair_of_row[r];
+            const float w = weight[p];
+            float *o = out + (size_t)(p / topk) * H;
+            const float *yr = y + (size_t)r * H;
+            for (int n = n0; n < n1; n++) o[n] += w * yr[n];
+        }
     }
     status = 0;
 done:
-    free(count); free(pair_of_row); free(seg_start); free(seg_expert); free(rows_x); free(h); free(y);
+    free(count); free(pair_of_row); free(seg_start); free(seg_expert); free(rows_x); free(h); free(act); free(y);
     return status;
 }
 
