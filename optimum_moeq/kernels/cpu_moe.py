@@ -77,9 +77,8 @@ def _table(planes: list[torch.Tensor | None], expert_bits: list[int]):
     return table
 
 
-def _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False, split=False, library=None):
-    # the kernel may take bf16 dot products: of x itself when it is bf16, of its bf16 hi + lo with split
-    bf16_rows = 1 if x.dtype == torch.bfloat16 else 2 if split else 0
+def _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False, library=None):
+    bf16_rows = int(x.dtype == torch.bfloat16)  # exact bf16 values: the kernel may take bf16 dot products
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     if x.shape[0] == 0:
@@ -103,9 +102,8 @@ def _experts_gemm(
     n: int,
     group_size: int,
     portable: bool = False,
-    split: bool = False,
 ) -> torch.Tensor:
-    return _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable, split)
+    return _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable)
 
 
 def _packed_linear(
@@ -150,7 +148,7 @@ _silu_experts_op = torch.library.custom_op("moeq::cpu_silu_experts", _silu_exper
 
 
 @_experts_gemm_op.register_fake
-def _(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False, split=False):
+def _(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False):
     return x.new_empty((x.shape[0], n), dtype=torch.float32)
 
 
@@ -164,16 +162,12 @@ def _(x, top_k_index, top_k_weights, gate_up_planes, down_planes, expert_bits, i
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
-def experts_gemm(
-    x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False, split=False
-) -> torch.Tensor:
+def experts_gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False) -> torch.Tensor:
     """float32 [R, n]: row r of ``x`` [R, K] times the weight of its segment's expert (rows
     ``seg_start[s]:seg_start[s+1]``, int32, use expert ``seg_expert[s]``). ``portable`` takes the
-    library's plain-C path (the one machines without AVX2 run). ``split``: float32 rows may go
-    through bf16 dot products as bf16 hi + lo (within 2^-17 of each value: for a bf16 model's
-    float32 intermediates)."""
+    library's plain-C path (the one machines without AVX2 run)."""
     gemm = _experts_gemm_op if torch.compiler.is_compiling() else _experts_gemm
-    return gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable, split)
+    return gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable)
 
 
 def packed_linear_cpu(x, planes, bits, n, group_size) -> torch.Tensor:
@@ -213,12 +207,14 @@ def experts_forward(
 ) -> torch.Tensor:
     """The experts layer on CPU: [T, H] in ``hidden_states``' dtype. Pairs (token, slot) whose
     expert index is outside [0, E) (experts held elsewhere, dropped tokens) contribute nothing.
-    SiLU-gated experts (Mixtral, Qwen-MoE, DeepSeek, OLMoE) run as one call into the kernels,
-    routing included; other activations run the two projections from here."""
+    SiLU-gated experts (Mixtral, Qwen-MoE, DeepSeek, OLMoE) in float32 or bf16 run as one call into
+    the kernels, routing included; other activations and float16 run the two projections from here.
+    The down projection's input is rounded to the model's dtype, as transformers' dense experts and
+    the Triton kernels round it (``kernels.reference`` too)."""
     bits = list(layout.expert_bits)
     gate_up_planes = layout.kernel_planes(tensors, input_projection)
     down_planes = layout.kernel_planes(tensors, "down_proj")
-    if gated and activation in SILU:
+    if gated and activation in SILU and hidden_states.dtype != torch.float16:
         out = silu_experts(hidden_states, top_k_index, top_k_weights, gate_up_planes, down_planes, bits,
                            intermediate_dim, layout.group_size)  # fmt: skip
         return out.to(hidden_states.dtype)
@@ -236,8 +232,7 @@ def experts_forward(
         h = act_fn(gate) * up
     else:
         h = act_fn(h)
-    split = hidden_states.dtype == torch.bfloat16  # a bf16 model: its float32 h may be split into bf16 hi + lo
-    y = experts_gemm(h, seg_start, seg_expert, down_planes, bits, hidden, layout.group_size, split=split)
+    y = experts_gemm(h.to(hidden_states.dtype), seg_start, seg_expert, down_planes, bits, hidden, layout.group_size)
     y *= top_k_weights.reshape(-1)[pair, None].float()
     out = torch.zeros(tokens, hidden, dtype=torch.float32)
     out.index_add_(0, token, y)

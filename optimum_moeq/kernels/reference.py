@@ -39,9 +39,10 @@ def experts_reference(
     gated: bool,
 ) -> torch.Tensor:
     """An experts layer [T, H] in ``hidden_states``' dtype, expert by expert through the dequantized
-    weights. In float32 throughout, as the kernels: bf16/fp16 intermediates and sums over top-k
-    would round at every step. Pairs routed outside [0, E) (experts held elsewhere, dropped
-    tokens) contribute nothing."""
+    weights. In float32, as the kernels, except the down projection's input, which is rounded to
+    the model's dtype as transformers' dense experts and every kernel here round it (a bf16 model
+    computes its intermediate in bf16). Pairs routed outside [0, E) (experts held elsewhere,
+    dropped tokens) contribute nothing."""
     x = hidden_states.float()
     out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
     for expert in torch.unique(top_k_index).tolist():
@@ -54,6 +55,7 @@ def experts_reference(
             h = act_fn(gate) * up
         else:
             h = act_fn(h)
+        h = h.to(hidden_states.dtype).float()
         y = packed_linear(h, layout.expert(tensors, "down_proj", expert))
         out.index_add_(0, token_idx, y * top_k_weights[token_idx, k_pos, None].float())
     return out.to(hidden_states.dtype)

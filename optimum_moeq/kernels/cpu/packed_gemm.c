@@ -243,7 +243,7 @@ static inline __attribute__((always_inline)) __m512 dp_broadcast(__m512 acc, __m
 }
 
 static inline __attribute__((always_inline)) void group_tile_bf16(
-    const int rows, const int split, const int T, const plane_ref *planes, int nplanes, int g, int G, int K, int N, int n0,
+    const int rows, const int T, const plane_ref *planes, int nplanes, int g, int G, int K, int N, int n0,
     const uint32_t *xpairs, const float *xsum, float corr, int ngroups, const moeq_expert *ex, float *y, int ldy)
 {
     __m512 acc[BF16_ROWS][2];
@@ -283,34 +283,25 @@ static inline __attribute__((always_inline)) void group_tile_bf16(
         const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ex->scale + meta)));
         const __m512 z = _mm512_add_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ex->zero + meta))),
                                        _mm512_set1_ps(corr));
-        for (int r = 0; r < rows / (split ? 2 : 1); r++) { /* split: pair-rows 2r, 2r + 1 are row r's hi, lo */
+        for (int r = 0; r < rows; r++) {
             float *out = y + (size_t)r * ldy + n0 + 16 * t;
-            const __m512 a = split ? _mm512_add_ps(acc[2 * r][t], acc[2 * r + 1][t]) : acc[r][t];
-            const __m512 v = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[(size_t)r * ngroups + g]), a);
+            const __m512 v = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[(size_t)r * ngroups + g]), acc[r][t]);
             _mm512_storeu_ps(out, _mm512_fmadd_ps(s, v, _mm512_loadu_ps(out)));
         }
     }
 }
 
 static inline __attribute__((always_inline)) void task_bf16(
-    const int rows, const int split, const plane_ref *planes, int nplanes, int G, int K, int N, int na, int nb,
+    const int rows, const plane_ref *planes, int nplanes, int G, int K, int N, int na, int nb,
     const uint32_t *xpairs, const float *xsum, float corr, const moeq_expert *ex, float *y, int ldy)
 {
     for (int g = 0; g < K / G; g++) {
         int n0 = na;
         for (; n0 + 32 <= nb; n0 += 32)
-            group_tile_bf16(rows, split, 2, planes, nplanes, g, G, K, N, n0, xpairs, xsum, corr, K / G, ex, y, ldy);
+            group_tile_bf16(rows, 2, planes, nplanes, g, G, K, N, n0, xpairs, xsum, corr, K / G, ex, y, ldy);
         if (n0 < nb)
-            group_tile_bf16(rows, split, 1, planes, nplanes, g, G, K, N, n0, xpairs, xsum, corr, K / G, ex, y, ldy);
+            group_tile_bf16(rows, 1, planes, nplanes, g, G, K, N, n0, xpairs, xsum, corr, K / G, ex, y, ldy);
     }
-}
-
-/* bf16 nearest to each lane of v (ties to even), as float32; v - result is exact in float32. */
-static inline __m512 bf16_round(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd);
-    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u)));
 }
 
 /* Pairs of 16 lanes a (values j) and b (values j + half of a word): (a >> 16) | (b & 0xFFFF0000). */
@@ -319,63 +310,34 @@ static inline __m512i bf16_pair(__m512 a, __m512 b) {
                            _mm512_and_si512(_mm512_castps_si512(b), _mm512_set1_epi32((int)0xFFFF0000u)));
 }
 
-/* The rows' activations as bf16 pairs for task_bf16: [nplanes][K/2][pair-rows] (a pair's rows side
+/* The rows' exact bf16 activations as pairs for task_bf16: [nplanes][K/2][rows] (a pair's rows side
  * by side, so that the kernel reaches every row from one address at constant offsets), pair i of
  * word w of plane p holding inputs k0 + i and k0 + i + per_word/2 (k0 = w per_word), times m and the
- * plane's weight; returns corr. Rows are exact bf16 values (split 0: one pair-row each), or float32
- * values split into bf16 hi + lo (split 1: pair-rows 2r, 2r + 1; hi + lo is within 2^-17 of the
- * value, and xsum is recomputed as the sum of hi + lo so that the zero's term matches exactly).
- * Each row's pairs are made 16 at a time into `scratch` ([pair-rows][nplanes][K/2]), then
- * transposed into place. Scaling by a power of two commutes with the rounding. */
-static float prepare_pairs(const float *x, int rows, int K, int G, const plane_ref *planes, int nplanes, int split,
-                           uint32_t *xpairs, float *xsum, uint32_t *scratch) {
+ * plane's weight (powers of two: still exact); returns corr. Each row's pairs are made 16 at a time
+ * into `scratch` ([rows][nplanes][K/2]), then transposed into place. */
+static float prepare_pairs(const float *x, int rows, int K, const plane_ref *planes, int nplanes, uint32_t *xpairs,
+                           uint32_t *scratch) {
     float corr = 0.0f, scale[MAX_PLANES];
     for (int p = 0; p < nplanes; p++) corr += scale[p] = (float)(planes[p].width == 2 ? 4 : 2) * planes[p].weight;
-    const int prow = split ? 2 * rows : rows;
-    for (int r = 0; r < rows; r++) {
-        const float *v = x + (size_t)r * K;
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int r = 0; r < rows; r++)
         for (int p = 0; p < nplanes; p++) {
             const __m512 m = _mm512_set1_ps(scale[p]);
-            uint32_t *hi_out = scratch + ((size_t)(split ? 2 * r : r) * nplanes + p) * (K / 2);
-            uint32_t *lo_out = scratch + ((size_t)(2 * r + 1) * nplanes + p) * (K / 2);
+            uint32_t *out = scratch + ((size_t)r * nplanes + p) * (K / 2);
             for (int k0 = 0; k0 < K; k0 += 32) { /* 32 inputs: two 2-bit-plane words, or one 1-bit-plane word */
-                const __m512 a = _mm512_loadu_ps(v + k0), b = _mm512_loadu_ps(v + k0 + 16);
-                const __m512 ah = bf16_round(a), bh = bf16_round(b);
-                __m512i hi, lo = _mm512_setzero_si512();
-                __m512 al = _mm512_setzero_ps(), bl = _mm512_setzero_ps();
-                if (split) {
-                    al = bf16_round(_mm512_mul_ps(_mm512_sub_ps(a, ah), m));
-                    bl = bf16_round(_mm512_mul_ps(_mm512_sub_ps(b, bh), m));
-                }
-                const __m512 as = _mm512_mul_ps(ah, m), bs = _mm512_mul_ps(bh, m);
-                if (planes[p].width == 1) { /* pair i: inputs i, i + 16 */
-                    hi = bf16_pair(as, bs);
-                    if (split) lo = bf16_pair(al, bl);
-                } else { /* per word of 16: pair i: inputs i, i + 8; lanes 8-15 of each vector to 0-7 */
-                    const __m512i idx_lo = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-                    const __m512i idx_hi = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-                    hi = bf16_pair(_mm512_permutex2var_ps(as, idx_lo, bs), _mm512_permutex2var_ps(as, idx_hi, bs));
-                    if (split)
-                        lo = bf16_pair(_mm512_permutex2var_ps(al, idx_lo, bl), _mm512_permutex2var_ps(al, idx_hi, bl));
-                }
-                _mm512_storeu_si512((void *)(hi_out + k0 / 2), hi);
-                if (split) _mm512_storeu_si512((void *)(lo_out + k0 / 2), lo);
+                const __m512 a = _mm512_mul_ps(_mm512_loadu_ps(x + (size_t)r * K + k0), m);
+                const __m512 b = _mm512_mul_ps(_mm512_loadu_ps(x + (size_t)r * K + k0 + 16), m);
+                const __m512i pairs = planes[p].width == 1
+                    ? bf16_pair(a, b) /* pair i: inputs i, i + 16 */
+                    : bf16_pair(_mm512_permutex2var_ps(a, first, b), _mm512_permutex2var_ps(a, second, b));
+                _mm512_storeu_si512((void *)(out + k0 / 2), pairs); /* 2-bit planes: pair i: inputs i, i + 8 */
             }
         }
-        if (split) /* each group's sum of hi + lo */
-            for (int g = 0; g < K / G; g++) {
-                __m512 sum = _mm512_setzero_ps();
-                for (int k = g * G; k < (g + 1) * G; k += 16) {
-                    const __m512 a = _mm512_loadu_ps(v + k), h = bf16_round(a);
-                    sum = _mm512_add_ps(sum, _mm512_add_ps(h, bf16_round(_mm512_sub_ps(a, h))));
-                }
-                xsum[(size_t)r * (K / G) + g] = _mm512_reduce_add_ps(sum);
-            }
-    }
     for (int p = 0; p < nplanes; p++)
         for (int i = 0; i < K / 2; i++) {
-            uint32_t *out = xpairs + ((size_t)p * (K / 2) + i) * prow;
-            for (int q = 0; q < prow; q++) out[q] = scratch[((size_t)q * nplanes + p) * (K / 2) + i];
+            uint32_t *out = xpairs + ((size_t)p * (K / 2) + i) * rows;
+            for (int r = 0; r < rows; r++) out[r] = scratch[((size_t)r * nplanes + p) * (K / 2) + i];
         }
     return corr;
 }
@@ -478,20 +440,19 @@ static void prepare_rows(const float *x, int rows, int K, int G, const plane_ref
 
 /* y [R, N] = x [R, K] @ W^T for segments of rows: rows seg_start[s]..seg_start[s+1]-1 use
  * experts[seg_expert[s]]. y is overwritten. bf16_rows: 0, x is float32; 1, x holds exact bf16
- * values; 2, x is float32 that may be split into bf16 hi + lo (a bf16 model's float32
- * intermediates: within 2^-17 of each value). With 1 or 2, blocks of two or more rows take bf16 dot
- * products where the CPU has them. Returns 0, or -1 if scratch memory ran out. */
+ * values: blocks of two or more rows take bf16 dot products where the CPU has them. Returns 0, or
+ * -1 if scratch memory ran out. */
 int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
                      int nseg, const int32_t *seg_start, const int32_t *seg_expert,
                      const moeq_expert *experts, int nthreads, int portable, int bf16_rows)
 {
 #ifdef MOEQ_BF16
-    const int bf16 = bf16_rows && !portable, split = bf16 && bf16_rows == 2;
+    const int bf16 = bf16_rows && !portable;
 #else
-    const int bf16 = 0, split = 0;
+    const int bf16 = 0;
     (void)bf16_rows;
 #endif
-    const int block_rows = bf16 ? (split ? BF16_ROWS / 2 : BF16_ROWS) : MAX_ROWS;
+    const int block_rows = bf16 ? BF16_ROWS : MAX_ROWS;
     const int total_rows = seg_start[nseg];
     memset(y, 0, (size_t)total_rows * N * sizeof(float));
     int64_t ntasks = 0;
@@ -543,31 +504,22 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
                 prepare_rows(x + (size_t)r0 * K, rows, K, G, planes, nplanes, kind, xs_scaled, xsum, lut);
 #ifdef MOEQ_BF16
                 if (kind == PAIRS)
-                    corr = prepare_pairs(x + (size_t)r0 * K, rows, K, G, planes, nplanes, split, xpairs, xsum,
-                                         (uint32_t *)xs_scaled);
+                    corr = prepare_pairs(x + (size_t)r0 * K, rows, K, planes, nplanes, xpairs, (uint32_t *)xs_scaled);
 #endif
                 prepared_block = b;
             }
             const int na = nb * task_n, n_end = (nb + 1) * task_n < N ? (nb + 1) * task_n : N;
             float *out = y + (size_t)r0 * N;
 #ifdef MOEQ_BF16
-            if (bf16 && rows > 1 && split) {
-                switch (rows) { /* pair-rows: hi and lo of each row */
-                case 2: task_bf16(4, 1, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
-                case 3: task_bf16(6, 1, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
-                default: task_bf16(BF16_ROWS, 1, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
-                }
-                continue;
-            }
             if (bf16 && rows > 1) {
                 switch (rows) {
-                case 2: task_bf16(2, 0, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
-                case 3: task_bf16(3, 0, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
-                case 4: task_bf16(4, 0, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
-                case 5: task_bf16(5, 0, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
-                case 6: task_bf16(6, 0, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
-                case 7: task_bf16(7, 0, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
-                default: task_bf16(BF16_ROWS, 0, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 2: task_bf16(2, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 3: task_bf16(3, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 4: task_bf16(4, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 5: task_bf16(5, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 6: task_bf16(6, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                case 7: task_bf16(7, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
+                default: task_bf16(BF16_ROWS, planes, nplanes, G, K, N, na, n_end, xpairs, xsum, corr, ex, out, N); break;
                 }
                 continue;
             }
@@ -594,6 +546,15 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
     }
     free(task_seg_block);
     return failed ? -1 : 0;
+}
+
+/* The bf16 nearest to v (ties to even), as a float (NaN and infinity pass through). */
+static inline float round_to_bf16(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    if ((u & 0x7F800000u) != 0x7F800000u) u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&v, &u, 4);
+    return v;
 }
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -644,10 +605,12 @@ int moeq_experts_forward(const float *x, int T, int topk, const int64_t *index, 
         const float *gate = h + (size_t)r * 2 * I, *up = gate + I;
         float *out = act + (size_t)r * I;
         for (int i = 0; i < I; i++) out[i] = silu(gate[i]) * up[i];
+        if (exact_bf16)
+            for (int i = 0; i < I; i++) out[i] = round_to_bf16(out[i]);
     }
-    /* silu(gate) * up is float32: in a bf16 model (exact_bf16) it goes to the down projection as
-     * bf16 hi + lo pairs, else the float path */
-    if (moeq_packed_gemm(act, y, I, H, G, nseg, seg_start, seg_expert, down, nthreads, portable, exact_bf16 ? 2 : 0))
+    /* in a bf16 model (exact_bf16) silu(gate) * up was rounded to bf16, as transformers' dense experts
+     * and the Triton kernels round it: the down projection takes exact bf16 rows */
+    if (moeq_packed_gemm(act, y, I, H, G, nseg, seg_start, seg_expert, down, nthreads, portable, exact_bf16))
         goto done;
     /* the weighted sum, in row order for every output; threads take slices of the outputs */
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8)
