@@ -158,7 +158,8 @@ class MoeqVllmConfig(QuantizationConfig):
         if any(packed):
             raise ValueError(
                 f"{prefix}: vLLM fuses {names} into one linear, but the checkpoint stores only some of them quantized "
-                f"({[n for n, p in zip(names, packed) if p]}): re-save them all with the same attention_bits."
+                f"({[n for n, p in zip(names, packed) if p]}): re-save them all with the same attention_bits / "
+                "attention_method."
             )
         return UnquantizedLinearMethod()
 
