@@ -242,13 +242,47 @@ static inline __attribute__((always_inline)) __m512 dp_broadcast(__m512 acc, __m
     return acc;
 }
 
+/* A 3-bit code (a 2-bit plane and a 1-bit plane) goes in whole, as the bf16 1 + c/8: one dot product
+ * per code pair instead of one per plane. Its pairs are the 2-bit plane's (inputs i, i + 8 of 16). */
+static inline int merged_three_bits(const plane_ref *planes, int nplanes) {
+    return nplanes == 2 && planes[0].width == 2 && planes[1].width == 1;
+}
+
 static inline __attribute__((always_inline)) void group_tile_bf16(
     const int rows, const int T, const plane_ref *planes, int nplanes, int g, int G, int K, int N, int n0,
     const uint32_t *xpairs, const float *xsum, float corr, int ngroups, const moeq_expert *ex, float *y, int ldy)
 {
     __m512 acc[BF16_ROWS][2];
     for (int r = 0; r < rows; r++) for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    for (int p = 0; p < nplanes; p++) {
+    const int merged = merged_three_bits(planes, nplanes);
+    for (int w = 0; merged && w < G / 16; w++) {
+        const int word = g * G / 16 + w, half = 16 * (word & 1); /* the 1-bit word's bits of these 16 inputs */
+        const int32_t *row2 = planes[0].words + (size_t)word * N + n0;
+        const int32_t *row1 = planes[1].words + (size_t)(word / 2) * N + n0;
+        const uint32_t *xp = xpairs + (size_t)word * 8 * rows;
+        __m512i words2[2], words1[2];
+        for (int t = 0; t < T; t++) {
+            words2[t] = _mm512_loadu_si512((const void *)(row2 + 16 * t));
+            words1[t] = _mm512_loadu_si512((const void *)(row1 + 16 * t));
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) /* low bits of codes i, i + 8 (bits 2i, 2i + 16) to bits 4-5, 20-21; their
+                                     * high bits (half + i, half + i + 8) to bits 6, 22 */
+            for (int t = 0; t < T; t++) {
+                const __m512i low = i < 2 ? _mm512_slli_epi32(words2[t], 4 - 2 * i) : _mm512_srli_epi32(words2[t], 2 * i - 4);
+                const int b = half + i;
+                const __m512i high = b < 6 ? _mm512_slli_epi32(words1[t], 6 - b) : _mm512_srli_epi32(words1[t], b - 6);
+                /* bit 4-5 / 20-21 from low, bit 6 from high, bit 22 from high << 8 (bit 14 there) */
+                const __m512i lh = _mm512_ternarylogic_epi32(_mm512_set1_epi32(0x00300030), low, high, 0xCA);
+                const __m512i both = _mm512_ternarylogic_epi32(_mm512_set1_epi32(0x00400000), _mm512_slli_epi32(high, 8),
+                                                               lh, 0xCA); /* 0xCA: A ? B : C */
+                const __m512bh c = (__m512bh)_mm512_ternarylogic_epi32(both, _mm512_set1_epi32(0x00700070),
+                                                                       _mm512_set1_epi32(0x3F803F80), 0xEA);
+                for (int r = 0; r < rows; r++)
+                    acc[r][t] = dp_broadcast(acc[r][t], c, xp + i * rows + r);
+            }
+    }
+    for (int p = 0; p < nplanes && !merged; p++) {
         const int width = planes[p].width, per_word = 32 / width, pairs = per_word / 2;
         for (int w = 0; w < G / per_word; w++) {
             const int32_t *row = planes[p].words + (size_t)(g * G / per_word + w) * N + n0;
@@ -319,6 +353,8 @@ static float prepare_pairs(const float *x, int rows, int K, const plane_ref *pla
                            uint32_t *scratch) {
     float corr = 0.0f, scale[MAX_PLANES];
     for (int p = 0; p < nplanes; p++) corr += scale[p] = (float)(planes[p].width == 2 ? 4 : 2) * planes[p].weight;
+    if (merged_three_bits(planes, nplanes)) /* one set of 2-bit-plane pairs, for codes 1 + c/8 */
+        nplanes = 1, corr = scale[0] = 8.0f;
     const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
     const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
     for (int r = 0; r < rows; r++)
