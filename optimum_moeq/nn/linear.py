@@ -52,9 +52,6 @@ class PackedLinear(PackedModule):
             out = packed_linear(x, self.packed())
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
-    def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return triton_linear_forward(x, self.layout, self._parameters)
-
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

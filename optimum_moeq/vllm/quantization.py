@@ -281,28 +281,10 @@ class MoeqLinearMethod(LinearMethodBase):
         layout = PackedLayout.single(self.bits, sum(output_partition_sizes), input_size_per_partition, group_size,
                                      name=name)  # fmt: skip
         vllm_loader = extra_weight_attrs.pop("weight_loader")
-        parts = len(output_partition_sizes)  # a fused linear's parts load one at a time
         for tensor_name, (shape, dtype) in layout.specs().items():
-            param = torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-            param.moeq_loaded = set()
-
-            def weight_loader(param, loaded, shard_id=None, tensor_name=tensor_name):
-                if loaded.dtype != param.dtype:
-                    raise stored_mismatch(
-                        f"{name}.{tensor_name}", loaded.dtype, loaded.shape, param.dtype, param.shape
-                    )
-                try:
-                    vllm_loader(param, loaded, *([] if shard_id is None else [shard_id]))
-                except AssertionError:  # vLLM's loaders assert equal shapes, with no message
-                    raise stored_mismatch(
-                        f"{name}.{tensor_name}{'' if shard_id is None else f' (part {shard_id})'}", loaded.dtype,
-                        loaded.shape, param.dtype, param.shape,
-                    ) from None  # fmt: skip
-                param.moeq_loaded.add(shard_id)
-
-            layer.register_parameter(tensor_name, param)
-            set_weight_attrs(param, {**extra_weight_attrs, "output_dim": len(shape) - 1, "input_dim": len(shape) - 2,
-                                     "weight_loader": weight_loader, "moeq_parts": parts})  # fmt: skip
+            loader = _checked_loader(vllm_loader, f"{name}.{tensor_name}")
+            attrs = {**extra_weight_attrs, "output_dim": len(shape) - 1, "input_dim": len(shape) - 2}
+            _register_field(layer, tensor_name, shape, dtype, loader, len(output_partition_sizes), attrs)
         layer.moeq_layout = layout
 
     def process_weights_after_loading(self, layer) -> None:
@@ -350,12 +332,9 @@ class MoeqBnbLinearMethod(LinearMethodBase):
             stored_width = {}
         vllm_loader = extra_weight_attrs.pop("weight_loader")
         for tensor_name, (shape, dtype, input_dim) in specs.items():
-            param = torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-            param.moeq_loaded = set()
-            attrs = {**extra_weight_attrs, "moeq_parts": len(output_partition_sizes)}
             if tensor_name == "weight_quant_map":  # one NF4 map for every part and rank
 
-                def weight_loader(param, loaded, shard_id=None):
+                def loader(param, loaded, shard_id=None):
                     if param.moeq_loaded and not torch.equal(param.data, loaded.to(param.dtype)):
                         raise ValueError(
                             f"{name}: the parts of this fused linear were stored with different NF4 maps."
@@ -363,28 +342,11 @@ class MoeqBnbLinearMethod(LinearMethodBase):
                     param.data.copy_(loaded)
                     param.moeq_loaded.add(shard_id)
 
-                attrs["moeq_parts"] = 1
-            else:
-
-                def weight_loader(param, loaded, shard_id=None, tensor_name=tensor_name):
-                    if loaded.dtype != param.dtype:
-                        raise stored_mismatch(f"{name}.{tensor_name}", loaded.dtype, loaded.shape, param.dtype,
-                                              param.shape)  # fmt: skip
-                    if tensor_name in stored_width:  # flat on disk: its rows are the weight's rows
-                        loaded = loaded.reshape(-1, stored_width[tensor_name])
-                    try:
-                        vllm_loader(param, loaded, *([] if shard_id is None else [shard_id]))
-                    except AssertionError:  # vLLM's loaders assert equal shapes, with no message
-                        raise stored_mismatch(f"{name}.{tensor_name}", loaded.dtype, loaded.shape, param.dtype,
-                                              param.shape) from None  # fmt: skip
-                    param.moeq_loaded.add(shard_id)
-
-                attrs["output_dim"] = 0
-                if input_dim is not None:
-                    attrs["input_dim"] = input_dim
-            attrs["weight_loader"] = weight_loader
-            layer.register_parameter(tensor_name, param)
-            set_weight_attrs(param, attrs)
+                _register_field(layer, tensor_name, shape, dtype, loader, 1, extra_weight_attrs)
+                continue
+            loader = _checked_loader(vllm_loader, f"{name}.{tensor_name}", stored_width.get(tensor_name))
+            attrs = {**extra_weight_attrs, "output_dim": 0, **({} if input_dim is None else {"input_dim": input_dim})}
+            _register_field(layer, tensor_name, shape, dtype, loader, len(output_partition_sizes), attrs)
         layer.moeq_specs, layer.moeq_shape = list(specs), (n, k)
 
     def process_weights_after_loading(self, layer) -> None:
@@ -397,6 +359,35 @@ class MoeqBnbLinearMethod(LinearMethodBase):
             weight = dequantize_int8(layer.weight_int8, layer.weight_row_scale)
         out = torch.nn.functional.linear(x.float(), weight.to(x.device)).to(x.dtype)
         return out if bias is None else out + bias.to(out.dtype)
+
+
+def _checked_loader(vllm_loader, disk_name: str, stored_width: int | None = None):
+    """vLLM's loader for one quantized field of a linear, with transformers' one-line error for a
+    stored dtype or shape that does not fit (vLLM's loaders assert equal shapes, with no message),
+    noting each part it loads for ``_refuse_unloaded``. ``stored_width``: the field is flat on disk,
+    its rows of that width being the weight's rows."""
+
+    def weight_loader(param, loaded, shard_id=None):
+        where = disk_name if shard_id is None else f"{disk_name} (part {shard_id})"
+        if loaded.dtype != param.dtype:
+            raise stored_mismatch(where, loaded.dtype, loaded.shape, param.dtype, param.shape)
+        if stored_width is not None:
+            loaded = loaded.reshape(-1, stored_width)
+        try:
+            vllm_loader(param, loaded, *([] if shard_id is None else [shard_id]))
+        except AssertionError:
+            raise stored_mismatch(where, loaded.dtype, loaded.shape, param.dtype, param.shape) from None
+        param.moeq_loaded.add(shard_id)
+
+    return weight_loader
+
+
+def _register_field(layer, tensor_name: str, shape, dtype, weight_loader, parts: int, attrs: dict) -> None:
+    """An empty parameter for one stored field, loaded by ``weight_loader`` in ``parts`` parts."""
+    param = torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+    param.moeq_loaded = set()
+    layer.register_parameter(tensor_name, param)
+    set_weight_attrs(param, {**attrs, "weight_loader": weight_loader, "moeq_parts": parts})
 
 
 def _refuse_unloaded(layer, names, prefix: str) -> None:

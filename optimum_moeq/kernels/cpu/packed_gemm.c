@@ -352,9 +352,10 @@ static inline __m512i bf16_pair(__m512 a, __m512 b) {
 static float prepare_pairs(const float *x, int rows, int K, const plane_ref *planes, int nplanes, uint32_t *xpairs,
                            uint32_t *scratch) {
     float corr = 0.0f, scale[MAX_PLANES];
-    for (int p = 0; p < nplanes; p++) corr += scale[p] = (float)(planes[p].width == 2 ? 4 : 2) * planes[p].weight;
     if (merged_three_bits(planes, nplanes)) /* one set of 2-bit-plane pairs, for codes 1 + c/8 */
         nplanes = 1, corr = scale[0] = 8.0f;
+    else
+        for (int p = 0; p < nplanes; p++) corr += scale[p] = (float)(planes[p].width == 2 ? 4 : 2) * planes[p].weight;
     const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
     const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
     for (int r = 0; r < rows; r++)
@@ -640,9 +641,10 @@ int moeq_experts_forward(const float *x, int T, int topk, const int64_t *index, 
     for (int r = 0; r < rows; r++) {
         const float *gate = h + (size_t)r * 2 * I, *up = gate + I;
         float *out = act + (size_t)r * I;
-        for (int i = 0; i < I; i++) out[i] = silu(gate[i]) * up[i];
-        if (exact_bf16)
-            for (int i = 0; i < I; i++) out[i] = round_to_bf16(out[i]);
+        for (int i = 0; i < I; i++) {
+            const float v = silu(gate[i]) * up[i];
+            out[i] = exact_bf16 ? round_to_bf16(v) : v;
+        }
     }
     /* in a bf16 model (exact_bf16) silu(gate) * up was rounded to bf16, as transformers' dense experts
      * and the Triton kernels round it: the down projection takes exact bf16 rows */
