@@ -145,20 +145,29 @@ def test_the_builds_of_smaller_machines_compile_and_agree(variant, tmp_path, mon
         assert _relative(got, expected) < 1e-6, BITS[expert]
 
 
-def test_thread_count_does_not_change_the_result():
+@pytest.mark.parametrize("tokens", [1, 3, 33])
+def test_thread_count_does_not_change_the_result(tokens):
+    """Decode-sized inputs cut the experts' outputs between threads by the bytes each reads (a cut
+    can fall inside an expert of any width); prefill-sized ones deal whole row blocks out."""
     module = _module()
-    x = torch.randn(33, H)
-    top_k_index, top_k_weights = torch.randint(0, len(BITS), (33, 2)), torch.rand(33, 2)
+    generator = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=generator)
+    top_k_index = torch.randint(0, len(BITS), (tokens, 2), generator=generator)
+    top_k_index[0] = torch.tensor([0, 7])  # widths 1 and 8 side by side: the cut falls inside the 8-bit one
+    top_k_weights = torch.rand(tokens, 2, generator=generator)
     module.kernel = "cpu"
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = module(x, top_k_index, top_k_weights)
-        torch.set_num_threads(max(2, threads))
-        many = module(x, top_k_index, top_k_weights)
+        results = []
+        for count in (1, 2, 3, 5):
+            torch.set_num_threads(count)
+            results.append(module(x, top_k_index, top_k_weights))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, many)  # every output is summed by one thread, in one order
+    expected = _expected_f64(module, x, top_k_index, top_k_weights)
+    assert _relative(results[0], expected) < 1e-5
+    for many in results[1:]:
+        assert torch.equal(results[0], many)  # every output is summed by one thread, in one order
 
 
 def test_pairs_routed_outside_the_experts_contribute_nothing():

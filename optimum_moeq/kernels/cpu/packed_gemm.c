@@ -16,6 +16,7 @@
 #include <string.h>
 #include <stdlib.h>
 #include <math.h>
+#include <omp.h>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(MOEQ_PORTABLE)
 #include <immintrin.h>
@@ -475,6 +476,18 @@ static void prepare_rows(const float *x, int rows, int K, int G, const plane_ref
         }
 }
 
+/* Where a thread's share ends: the block holding cost position `at` (block_cost cumulative over
+ * blocks of N outputs each) and the output there, on a 32-output boundary (the decode tile). */
+static void cut_point(const int64_t *block_cost, int nblocks, int N, int64_t at, int *block, int *n) {
+    int b = 0;
+    while (b < nblocks - 1 && block_cost[b + 1] <= at) b++;
+    const int64_t per_output = (block_cost[b + 1] - block_cost[b]) / N;
+    int cut = per_output ? (int)((at - block_cost[b]) / per_output) : 0;
+    cut = (cut + 16) / 32 * 32;
+    *block = b;
+    *n = cut < N ? cut : N;
+}
+
 /* y [R, N] = x [R, K] @ W^T for segments of rows: rows seg_start[s]..seg_start[s+1]-1 use
  * experts[seg_expert[s]]. y is overwritten. bf16_rows: 0, x is float32; 1, x holds exact bf16
  * values: blocks of two or more rows take bf16 dot products where the CPU has them. Returns 0, or
@@ -492,7 +505,7 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
     const int block_rows = bf16 ? BF16_ROWS : MAX_ROWS;
     const int total_rows = seg_start[nseg];
     memset(y, 0, (size_t)total_rows * N * sizeof(float));
-    int64_t ntasks = 0;
+    if (total_rows == 0) return 0;
     int32_t *task_seg_block = malloc(sizeof(int32_t) * 2 * (size_t)(total_rows + nseg) + 2);
     if (!task_seg_block) return -1;
     int nrowblocks = 0;
@@ -502,19 +515,24 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
             task_seg_block[2 * nrowblocks + 1] = r;
             nrowblocks++;
         }
-    /* A task is one row block times a slice of the outputs. The layout keeps N contiguous, so a
+    /* A task is one row block times a range of its outputs. The layout keeps N contiguous, so a
      * task over all N reads its expert's planes front to back, which the prefetchers stream from
-     * memory: whole rows when there are row blocks for every thread, else N split evenly. Tasks
-     * go round-robin to threads, which shares experts of different widths out evenly. */
-    const int task_n = nrowblocks >= nthreads ? N : ((N + nthreads - 1) / nthreads + TILE_N - 1) / TILE_N * TILE_N;
-    const int nblocks_n = (N + task_n - 1) / task_n;
-    ntasks = (int64_t)nrowblocks * nblocks_n;
+     * memory. With row blocks to spare (prefill), whole blocks go round-robin to threads. With a
+     * few (decode), each thread takes an equal share of the bytes to read, cut from the blocks laid
+     * end to end: a 2-bit and a 3-bit expert on two threads would otherwise leave one thread idle
+     * for a third of the time. */
+    const int few = nrowblocks < 2 * nthreads;
+    int64_t *block_cost = malloc(sizeof(int64_t) * ((size_t)nrowblocks + 1));
+    if (!block_cost) { free(task_seg_block); return -1; }
+    block_cost[0] = 0; /* cumulative: bits per weight times outputs */
+    for (int b = 0; b < nrowblocks; b++)
+        block_cost[b + 1] = block_cost[b] + (int64_t)experts[seg_expert[task_seg_block[2 * b]]].bits * N;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         float *xs_scaled = malloc(sizeof(float) * (size_t)MAX_PLANES * MAX_ROWS * K);
         float *xsum = malloc(sizeof(float) * (size_t)ROWS_CAP * (K / G));
-        float *acc = malloc(sizeof(float) * (size_t)MAX_ROWS * task_n);
+        float *acc = malloc(sizeof(float) * (size_t)MAX_ROWS * N);
         float *lut = malloc(sizeof(float) * ((size_t)MAX_PLANES * (K / 16) * LUT_CHUNKS * LUT_SIZE + 1));
         uint32_t *xpairs = bf16 ? malloc(sizeof(uint32_t) * (size_t)ROWS_CAP * MAX_PLANES * (K / 2)) : NULL;
         float corr = 0.0f;
@@ -523,10 +541,19 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(static, 1)
-        for (int64_t t = 0; t < ntasks; t++) {
+        const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+        /* this thread's tasks: blocks [b_first, b_last], from output n_first of the first to n_last
+         * of the last (few), or every nth block from its own (round-robin) */
+        int b_first = me, b_last = nrowblocks - 1, n_first = 0, n_last = N, stride = nth;
+        if (few) {
+            stride = 1;
+            cut_point(block_cost, nrowblocks, N, block_cost[nrowblocks] * me / nth, &b_first, &n_first);
+            cut_point(block_cost, nrowblocks, N, block_cost[nrowblocks] * (me + 1) / nth, &b_last, &n_last);
+        }
+        for (int b = b_first; b <= b_last && b < nrowblocks; b += stride) {
             if (failed) continue;
-            const int b = (int)(t / nblocks_n), nb = (int)(t % nblocks_n);
+            const int na = few && b == b_first ? n_first : 0, n_end = few && b == b_last ? n_last : N;
+            if (na >= n_end) continue;
             const int s = task_seg_block[2 * b], r0 = task_seg_block[2 * b + 1];
             const int rows = (seg_start[s + 1] - r0) < block_rows ? (seg_start[s + 1] - r0) : block_rows;
             const moeq_expert *ex = &experts[seg_expert[s]];
@@ -545,7 +572,6 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
 #endif
                 prepared_block = b;
             }
-            const int na = nb * task_n, n_end = (nb + 1) * task_n < N ? (nb + 1) * task_n : N;
             float *out = y + (size_t)r0 * N;
 #ifdef MOEQ_BF16
             if (bf16 && rows > 1) {
@@ -581,6 +607,7 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
         free(lut);
         free(xpairs);
     }
+    free(block_cost);
     free(task_seg_block);
     return failed ? -1 : 0;
 }
