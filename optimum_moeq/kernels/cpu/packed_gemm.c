@@ -34,6 +34,10 @@
 #endif
 #define LUT_SIZE (1 << LUT_BITS)
 #define LUT_CHUNKS ((32 + LUT_BITS - 1) / LUT_BITS) /* lookups per 32-bit word: 8 or 11 */
+/* Decode prefetches each word row PF_DIST outputs ahead into L2: a group's rows are a dozen streams
+ * that restart every group, more than the hardware prefetchers follow (measured: +8%, then +3% more
+ * when the prefetch runs on into the next group's rows). A prefetch never faults, so none is bounded. */
+#define PF_DIST 1024
 #define MAX_PLANES 5       /* 8 bits: four 2-bit planes; 7 bits: three + a 1-bit plane */
 
 /* Rows that hold exact bfloat16 values (a bf16 model's activations) go through AVX-512 BF16 dot
@@ -126,7 +130,7 @@ static inline __attribute__((always_inline)) void word_row_avx2(
 #if LUT_BITS == 4
 static inline __attribute__((always_inline)) void group_lut(
     const int T, const plane_ref *planes, int nplanes, int g, int G, int K, int N, int n0, const float *lut,
-    float xsum, const moeq_expert *ex, float *y)
+    float xsum, const moeq_expert *ex, float *y, int pf_col, int pf_next)
 {
     __m512 a[2][4];
     for (int t = 0; t < T; t++) for (int c = 0; c < 4; c++) a[t][c] = _mm512_setzero_ps();
@@ -135,6 +139,9 @@ static inline __attribute__((always_inline)) void group_lut(
         const float *tables = lut + ((size_t)p * (K / 16) + first) * LUT_CHUNKS * LUT_SIZE;
         for (int w = 0; w < G / per_word; w++, tables += LUT_CHUNKS * LUT_SIZE) {
             const int32_t *words = planes[p].words + (size_t)(first + w) * N + n0;
+            const int32_t *ahead = planes[p].words + (size_t)(first + w + pf_next * (G / per_word)) * N + pf_col;
+            _mm_prefetch((const char *)ahead, _MM_HINT_T1);
+            if (T == 2) _mm_prefetch((const char *)(ahead + 16), _MM_HINT_T1);
             for (int t = 0; t < T; t++) {
                 const __m512i v = _mm512_loadu_si512((const void *)(words + 16 * t));
 #pragma GCC unroll 8
@@ -157,9 +164,9 @@ static inline __attribute__((always_inline)) void group_lut(
 /* The same over 16 outputs as two 8-lane halves, 3 bits a lookup. */
 static inline __attribute__((always_inline)) void group_lut(
     const int T, const plane_ref *planes, int nplanes, int g, int G, int K, int N, int n0, const float *lut,
-    float xsum, const moeq_expert *ex, float *y)
+    float xsum, const moeq_expert *ex, float *y, int pf_col, int pf_next)
 {
-    (void)T;
+    (void)T, (void)pf_col, (void)pf_next;
     __m256 a[2][4];
     for (int h = 0; h < 2; h++) for (int c = 0; c < 4; c++) a[h][c] = _mm256_setzero_ps();
     for (int p = 0; p < nplanes; p++) {
@@ -197,8 +204,12 @@ static inline __attribute__((always_inline)) void task_avx2(
     if (rows == 1) {
         for (int g = 0; g < ngroups; g++) {
             int n0 = na;
-            for (; LUT_BITS == 4 && n0 + 32 <= nb; n0 += 32) group_lut(2, planes, nplanes, g, G, K, N, n0, lut, xsum[g], ex, y);
-            for (; n0 < nb; n0 += 16) group_lut(1, planes, nplanes, g, G, K, N, n0, lut, xsum[g], ex, y);
+            /* prefetch PF_DIST outputs ahead, into the next group's rows past the end of the range */
+            const int next = g + 1 < ngroups;
+#define PF_ARGS(n) (n) + PF_DIST < nb ? (n) + PF_DIST : na + ((n) + PF_DIST - nb), (n) + PF_DIST < nb ? 0 : next
+            for (; LUT_BITS == 4 && n0 + 32 <= nb; n0 += 32) group_lut(2, planes, nplanes, g, G, K, N, n0, lut, xsum[g], ex, y, PF_ARGS(n0));
+            for (; n0 < nb; n0 += 16) group_lut(1, planes, nplanes, g, G, K, N, n0, lut, xsum[g], ex, y, PF_ARGS(n0));
+#undef PF_ARGS
         }
         return;
     }
