@@ -194,6 +194,9 @@ static inline __attribute__((always_inline)) void group_lut(
 }
 #endif
 
+/* The output whose words decode at n prefetches: PF_DIST ahead, wrapping to the range's start. */
+static inline int prefetch_col(int n, int na, int nb) { return n + PF_DIST < nb ? n + PF_DIST : na + (n + PF_DIST - nb); }
+
 static inline __attribute__((always_inline)) void task_avx2(
     const int rows, const plane_ref *planes, int nplanes, int G, int K, int N, int na, int nb, int ngroups,
     const float *xsum, const moeq_expert *ex, const float *xs_scaled, const float *lut, float *y, int ldy, float *acc)
@@ -204,12 +207,12 @@ static inline __attribute__((always_inline)) void task_avx2(
     if (rows == 1) {
         for (int g = 0; g < ngroups; g++) {
             int n0 = na;
-            /* prefetch PF_DIST outputs ahead, into the next group's rows past the end of the range */
+            /* prefetch PF_DIST outputs ahead; past the range's end, into the next group's rows */
             const int next = g + 1 < ngroups;
-#define PF_ARGS(n) (n) + PF_DIST < nb ? (n) + PF_DIST : na + ((n) + PF_DIST - nb), (n) + PF_DIST < nb ? 0 : next
-            for (; LUT_BITS == 4 && n0 + 32 <= nb; n0 += 32) group_lut(2, planes, nplanes, g, G, K, N, n0, lut, xsum[g], ex, y, PF_ARGS(n0));
-            for (; n0 < nb; n0 += 16) group_lut(1, planes, nplanes, g, G, K, N, n0, lut, xsum[g], ex, y, PF_ARGS(n0));
-#undef PF_ARGS
+            for (; LUT_BITS == 4 && n0 + 32 <= nb; n0 += 32)
+                group_lut(2, planes, nplanes, g, G, K, N, n0, lut, xsum[g], ex, y, prefetch_col(n0, na, nb), next && n0 + PF_DIST >= nb);
+            for (; n0 < nb; n0 += 16)
+                group_lut(1, planes, nplanes, g, G, K, N, n0, lut, xsum[g], ex, y, prefetch_col(n0, na, nb), next && n0 + PF_DIST >= nb);
         }
         return;
     }
