@@ -130,17 +130,22 @@ def main() -> None:
 
     columns = [(g, b) for g in groups for b in BUDGETS]
     rows, skipped = [], []
-    for method in ("rtn", "hqq", "gptq"):
+    # each method with its default zeros (integer for rtn and gptq, float16 for hqq), and gptq with
+    # float16 zeros too: what format 2's integer zeros cost or gain at the same codes' bits
+    variants = [("rtn", None), ("hqq", None), ("gptq", None), ("gptq", False)]
+    for method, integer_zeros in variants:
         cells, bits_per_weight = [], None
         for group, budget in columns:
             extra = bed.gptq_held_in() if method == "gptq" else dict(method=method)
             config = RouterNormConfig(avg_bits=2.5 if budget == "2.5-bit" else 2.0, bit_levels=(2, 3),
-                                      group_size=group, allocation=allocations[group][budget], **extra)  # fmt: skip
+                                      group_size=group, allocation=allocations[group][budget],
+                                      integer_zeros=integer_zeros, **extra)  # fmt: skip
             model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
             if budget == "2-bit" and group == groups[-1]:
                 bits_per_weight = expert_bits(model)
             cells.append(f"{T.perplexity(model.dequantize(), windows):.3f}")
-        rows.append([f"optimum-moeq {method}", *cells, f"{bits_per_weight:.3f}"])
+        zeros = "float16 zeros" if integer_zeros is False or method == "hqq" else "integer zeros"
+        rows.append([f"optimum-moeq {method} ({zeros})", *cells, f"{bits_per_weight:.3f}"])
     for label, quantize_linear, module, nominal in PEERS:
         if importlib.util.find_spec(module) is None:
             skipped.append(f"{label}: {module} is not installed")
@@ -166,8 +171,9 @@ def main() -> None:
     notes = (
         f"{bed.description} Full precision: {fp:.3f}. Experts only quantized; 2.5-bit: levels (2, 3), the default "
         "(combined) allocation, the same bits per expert for every library. optimum-moeq gptq calibrated on 32 "
-        "held-in windows. Bits per weight: true for optimum-moeq (codes, scales and zeros as stored), nominal for "
-        f"the peers (float16 scale and zero per group). For reference, bitsandbytes NF4 (4 bits, every expert, "
+        "held-in windows. Bits per weight: true for optimum-moeq (codes, float16 scales and zeros as stored: "
+        "integer zeros cost b bits a group, format 2), nominal for the peers (float16 scale and zero per group; "
+        "GPTQModel packs b-bit integer zeros: 2.141 at g128 2-bit). For reference, bitsandbytes NF4 (4 bits, every expert, "
         f"blocks of the group size): {', '.join(nf4)}. "
         + (f"Skipped: {'; '.join(skipped)}. " if skipped else "")
         + f"Command: python benchmarks/peers.py{' --smoke' if args.smoke else ''}"

@@ -155,6 +155,7 @@ def _quantize_dense_linears(model, prefix: str, layer, cached, config: RouterNor
                 config.group_size,
                 damp_percent=config.damp_percent,
                 act_order=config.desc_act,
+                integer_zero=config.integer_zeros,
             )
 
         replacement.store(replacement.quantize_projection("weight", linear.weight.detach(), quantize))
@@ -341,6 +342,6 @@ def _gptq_with(inputs, weights: list[torch.Tensor], config: RouterNormConfig):
         # the weights as stored (bf16): GPTQ makes its own float64 copy, a float32 one would only add to the peak
         return quantize_gptq(expert_weights, hessians, bits, config.group_size,
                              damp_percent=config.damp_percent, act_order=config.desc_act,
-                             overwrite_hessian=True)  # fmt: skip
+                             overwrite_hessian=True, integer_zero=config.integer_zeros)  # fmt: skip
 
     return quantize

@@ -20,7 +20,8 @@ from .allocation.bits import check_avg_bits, check_levels
 from .allocation.ranking import RANKINGS
 from .calibration_data import check_dataset_type
 from .quant import QUANTIZATION_METHODS
-from .quant.packed import FORMAT_VERSION
+from .quant.hqq import check_hqq_zeros
+from .quant.packed import FORMAT_VERSION, READABLE_FORMAT_VERSIONS
 from .quant.packing import check_bits
 
 QUANT_METHOD = "moeq"
@@ -75,6 +76,12 @@ class RouterNormConfig(QuantizationConfigMixin):
             then uses each router row's norm change from it (only its router tensors are read).
         allocation: bits per expert by experts module name; computed on load unless given (then used
             as it is, e.g. to compare allocations), and saved with the model.
+        integer_zeros: store each group's zero point as a b-bit integer (format version 2, as GPTQ's
+            format does: 2.14 bits per weight at 2 bits and group 128 instead of 2.25) rather than in
+            float16. None (the default): True for "rtn" and "gptq", False for "hqq" (whose zero points
+            are real numbers); config.json then records the choice.
+        format_version: the packed format of a saved model (1: float16 zeros, 2: integer zeros);
+            set from ``integer_zeros``, read from config.json on reload.
     """
 
     def __init__(
@@ -98,7 +105,8 @@ class RouterNormConfig(QuantizationConfigMixin):
         min_expert_tokens: int = 32,
         expert_hessian: str = "weighted",
         allocation: Mapping[str, Sequence[int]] | None = None,
-        format_version: int = FORMAT_VERSION,
+        integer_zeros: bool | None = None,
+        format_version: int | None = None,
         **kwargs: Any,
     ):
         _refuse_unknown_arguments(kwargs)
@@ -127,6 +135,7 @@ class RouterNormConfig(QuantizationConfigMixin):
             if isinstance(allocation, Mapping)
             else allocation
         )
+        self.integer_zeros = integer_zeros
         self.format_version = format_version
         self.post_init()
 
@@ -160,11 +169,7 @@ class RouterNormConfig(QuantizationConfigMixin):
                 f"attention_bits={self.attention_bits} and attention_method={self.attention_method!r} both quantize "
                 "the dense linears: give one of them."
             )
-        if self.format_version != FORMAT_VERSION:
-            raise ValueError(
-                f"format_version={self.format_version!r} is not readable by this optimum-moeq "
-                f"(it reads version {FORMAT_VERSION}); upgrade optimum-moeq."
-            )
+        self._check_zero_format()
         for name in ("nsamples", "seqlen", "min_expert_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -196,6 +201,31 @@ class RouterNormConfig(QuantizationConfigMixin):
             )
         if self.allocation is not None:
             validate_bits_mapping(self.allocation)
+
+    def _check_zero_format(self) -> None:
+        if self.format_version is not None and (
+            isinstance(self.format_version, bool) or self.format_version not in READABLE_FORMAT_VERSIONS
+        ):
+            raise ValueError(
+                f"format_version={self.format_version!r} is not readable by this optimum-moeq "
+                f"(it reads versions {list(READABLE_FORMAT_VERSIONS)}); upgrade optimum-moeq."
+            )
+        if self.integer_zeros not in (None, True, False):
+            raise ValueError(f"integer_zeros={self.integer_zeros!r} must be True, False or None (by method).")
+        if self.integer_zeros is None and self.format_version == 1:  # a checkpoint saved before version 2
+            self.integer_zeros = False
+        if self.integer_zeros and self.format_version == 1:
+            raise ValueError("integer_zeros=True needs format_version 2 (version 1 stores float16 zeros).")
+        if self.integer_zeros and self.method == "hqq":
+            check_hqq_zeros(True)
+        if self.method is not None:
+            self.settle_zero_format()
+
+    def settle_zero_format(self) -> None:
+        """Fix ``integer_zeros`` (by ``method`` where it was left to it) and the format version."""
+        if self.integer_zeros is None:
+            self.integer_zeros = self.method != "hqq"
+        self.format_version = FORMAT_VERSION if self.integer_zeros else 1
 
     def to_dict(self) -> dict[str, Any]:
         """What config.json keeps: no tokenizer object, calibration data only as a name, and local

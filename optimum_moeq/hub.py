@@ -115,6 +115,8 @@ def render_model_card(
         zeta=quantization.get("zeta"),
         method=quantization.get("method"),
         group_size=quantization.get("group_size"),
+        format_version=quantization.get("format_version", 1),
+        zeros="a b-bit integer zero point" if quantization.get("integer_zeros") else "a float16 zero point",
         attention=attention,
         true_size=f"{_human_bytes(_true_bytes(folder))} of safetensors",
         allocation_table="```\n" + format_table(allocation.bits) + "\n```",

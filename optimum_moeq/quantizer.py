@@ -121,6 +121,7 @@ class RouterNormHfQuantizer(HfQuantizer):
 
             config.method = "gptq" if gptq_supported(adapter, model.config) else "rtn"
             logger.info("optimum-moeq: method=%r (the default for %s)", config.method, model.config.model_type)
+            config.settle_zero_format()
         if may_offload_to_disk(device_map):
             offload_folder = offload_folder_of_current_load()
             if offload_folder is not None:

@@ -51,7 +51,8 @@ def test_true_bytes_count_every_packed_linear(quantized):
     footprint = model_footprint(quantized)
     q_out, kv_out = HIDDEN, 2 * (HIDDEN // 4)  # 4 heads, 2 key-value heads
     weights = 2 * (2 * q_out * HIDDEN + 2 * kv_out * HIDDEN)  # q, o, k, v in two layers
-    assert footprint.packed_linear_bytes == weights * 4 // 8 + 2 * 2 * weights // GROUP
+    # 4-bit codes; per group a float16 scale and a 4-bit integer zero (format 2)
+    assert footprint.packed_linear_bytes == weights * 4 // 8 + (weights // GROUP) * 2 + (weights // GROUP) * 4 // 8
     assert footprint.experts_bytes == experts_footprint(quantized).total_bytes
     assert footprint.total_bytes == quantized.get_memory_footprint()
 

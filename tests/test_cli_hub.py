@@ -172,6 +172,7 @@ def test_card_names_the_right_class_and_attention(tmp_path):
     assert "AutoModelForSeq2SeqLM.from_pretrained(" in card.text and "AutoModelForCausalLM" not in card.text
     assert card.data.pipeline_tag == "text2text-generation"
     assert "| attention and dense linears | 8-bit LLM.int8 (bitsandbytes) |" in card.text
+    assert "| packed format | version 2: per group a float16 scale and a b-bit integer zero point |" in card.text
 
 
 def test_card_carries_eval_results_as_model_index(tiny_mixtral_path, tmp_path, capsys):

@@ -25,7 +25,10 @@ from optimum_moeq import RouterNormConfig
         ({"zeta": float("inf")}, r"zeta=inf must be a finite number"),  # config.json cannot hold inf
         ({"method": "awq"}, r"method='awq' is not supported: allowed are \('rtn', 'hqq', 'gptq'\)"),
         ({"allocation": {"m": []}}, r"allocation\['m'\]=\[\] must be a non-empty list"),
-        ({"format_version": 2}, r"format_version=2 is not readable"),
+        ({"format_version": 3}, r"format_version=3 is not readable by this optimum-moeq \(it reads versions \[1, 2\]"),
+        ({"integer_zeros": "yes"}, r"integer_zeros='yes' must be True, False or None"),
+        ({"integer_zeros": True, "format_version": 1}, r"integer_zeros=True needs format_version 2"),
+        ({"integer_zeros": True, "method": "hqq"}, r"method='hqq' optimises each zero point as a real number"),
         ({"damp_percent": "0.01"}, r"damp_percent='0.01' must be a number in \[0, 1\)"),
         ({"desc_act": "yes"}, r"desc_act='yes' must be True or False"),
         ({"dataset": 42}, r"dataset=42 is not calibration data: give a local text file, a non-empty list"),
@@ -44,6 +47,32 @@ def test_three_levels_and_defaults():
     assert config.bit_levels == [1, 2, 3]
     # method None: GPTQ where the family allows it, chosen when loading
     assert (config.group_size, config.ranking, config.zeta, config.method) == (128, "combined", 3.0, None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, integer_zeros, version",
+    [
+        ({"method": "gptq"}, True, 2),
+        ({"method": "rtn"}, True, 2),
+        ({"method": "hqq"}, False, 1),  # HQQ's zero points are real numbers
+        ({"method": "rtn", "integer_zeros": False}, False, 1),  # float16 zeros: readable by format-1 readers
+        ({"method": "rtn", "format_version": 1}, False, 1),  # a config.json saved before version 2
+        ({"method": "gptq", "format_version": 2, "integer_zeros": True}, True, 2),
+    ],
+)
+def test_the_zero_format_follows_the_method_unless_given(kwargs, integer_zeros, version):
+    config = RouterNormConfig(**kwargs)
+    assert (config.integer_zeros, config.format_version) == (integer_zeros, version)
+    again = AutoQuantizationConfig.from_dict(config.to_dict())
+    assert (again.integer_zeros, again.format_version) == (integer_zeros, version)
+
+
+def test_with_the_method_left_to_the_family_the_zero_format_is_settled_on_load():
+    config = RouterNormConfig()
+    assert (config.integer_zeros, config.format_version) == (None, None)
+    config.method = "gptq"
+    config.settle_zero_format()
+    assert (config.integer_zeros, config.format_version) == (True, 2)
 
 
 def test_round_trips_through_transformers_config_dispatch():

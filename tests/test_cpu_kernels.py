@@ -18,9 +18,13 @@ BITS = [1, 2, 3, 4, 5, 6, 7, 8]
 pytestmark = pytest.mark.skipif(cpu_build.library() is None, reason="no C compiler with OpenMP here")
 
 
-def _module(bits=BITS, seed=0):
+# float16 zeros (format 1) and b-bit integer zeros packed along N (format 2)
+ZEROS = pytest.mark.parametrize("integer_zeros", [False, True], ids=["float_zeros", "integer_zeros"])
+
+
+def _module(bits=BITS, seed=0, integer_zeros=False):
     torch.manual_seed(seed)
-    module = MixedBitExperts(bits, hidden_dim=H, intermediate_dim=INTER, group_size=G)
+    module = MixedBitExperts(bits, hidden_dim=H, intermediate_dim=INTER, group_size=G, integer_zeros=integer_zeros)
     for proj, (e, n, k) in module.projection_shapes.items():
         module.store(module.quantize_projection(proj, torch.randn(e, n, k) * 0.05))
     return module
@@ -48,9 +52,11 @@ def _relative(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@ZEROS
 @pytest.mark.parametrize("tokens", [1, 3, 40])
-def test_experts_layer_equals_the_float64_reference_at_every_width(tokens):
-    module = _module()
+def test_experts_layer_equals_the_float64_reference_at_every_width(tokens, integer_zeros):
+    module = _module(integer_zeros=integer_zeros)
+    assert (module.gate_up_proj_b3_zero.dtype == torch.int32) == integer_zeros
     generator = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, H, generator=generator)
     top_k_index = torch.randint(0, len(BITS), (tokens, 2), generator=generator)
@@ -66,9 +72,10 @@ def test_experts_layer_equals_the_float64_reference_at_every_width(tokens):
     assert _relative(out_bf16, expected_bf16) < 4e-3  # bf16's own rounding of the output: 2^-9
 
 
+@ZEROS
 @pytest.mark.parametrize("bits", BITS)
-def test_each_width_alone_through_the_avx2_and_the_portable_path(bits):
-    module = _module([bits, bits], seed=bits)
+def test_each_width_alone_through_the_avx2_and_the_portable_path(bits, integer_zeros):
+    module = _module([bits, bits], seed=bits, integer_zeros=integer_zeros)
     planes = module.layout.kernel_planes(module._parameters, "gate_up_proj")
     x = torch.randn(9, H, generator=torch.Generator().manual_seed(bits))
     # one row (the decode path: table lookups for a 1-bit plane), then two blocks of four
@@ -80,12 +87,13 @@ def test_each_width_alone_through_the_avx2_and_the_portable_path(bits):
         assert _relative(y, expected) < 1e-6, portable
 
 
+@ZEROS
 @pytest.mark.parametrize("rows", [2, 5, 8, 9, 17])
-def test_bf16_rows_at_every_width_equal_the_float64_reference(rows):
+def test_bf16_rows_at_every_width_equal_the_float64_reference(rows, integer_zeros):
     """bf16 activations in blocks of rows (prefill): on CPUs with AVX-512 BF16 they take bf16 dot
     products (codes as 1 + c/m, the offset taken out with the zero), elsewhere the float path; both
     give the float64 product of the same bf16 values to float32 rounding, for every width."""
-    module = _module(seed=rows)
+    module = _module(seed=rows, integer_zeros=integer_zeros)
     generator = torch.Generator().manual_seed(rows)
     for proj, (n, k) in (("gate_up_proj", (2 * INTER, H)), ("down_proj", (H, INTER))):
         planes = module.layout.kernel_planes(module._parameters, proj)
@@ -125,15 +133,16 @@ def test_a_bf16_model_rounds_the_down_projections_input_to_bf16_on_every_path(to
     assert _relative(reference, exact) < 1e-5  # keeping its float32 intermediate
 
 
+@ZEROS
 @pytest.mark.parametrize("variant", ["portable", "avx2"])
-def test_the_builds_of_smaller_machines_compile_and_agree(variant, tmp_path, monkeypatch):
+def test_the_builds_of_smaller_machines_compile_and_agree(variant, tmp_path, monkeypatch, integer_zeros):
     """Built as on a machine without AVX2 (plain C) or without AVX-512 (AVX2, 3-bit lookups at
     decode), every width gives the float64 result, one row (decode's lookups) and a block of five."""
     monkeypatch.setenv("MOEQ_CPU_KERNEL_CACHE", str(tmp_path))
     library = cpu_build.library(variant)
     assert library is not None and library.moeq_has_avx2() == (variant == "avx2")
     assert variant == "portable" or library.moeq_lut_bits() == 3
-    module = _module()
+    module = _module(integer_zeros=integer_zeros)
     planes, bits = module.layout.kernel_planes(module._parameters, "down_proj"), module.expert_bits
     x = torch.randn(6, INTER, generator=torch.Generator().manual_seed(1))
     seg_start = torch.tensor([0, 1, 6], dtype=torch.int32)
@@ -202,9 +211,10 @@ def test_the_kernel_reads_the_tensors_a_module_holds_now():
                              planes, module.expert_bits, 2 * INTER, G)  # fmt: skip
 
 
-def test_packed_linear_equals_its_dequantized_weight():
+@ZEROS
+def test_packed_linear_equals_its_dequantized_weight(integer_zeros):
     torch.manual_seed(1)
-    linear = PackedLinear(H, 48, bits=3, group_size=G, bias=True)
+    linear = PackedLinear(H, 48, bits=3, group_size=G, bias=True, integer_zeros=integer_zeros)
     linear.store(linear.quantize_projection("weight", torch.randn(48, H)))
     torch.nn.init.normal_(linear.bias)
     x = torch.randn(2, 5, H)

@@ -39,7 +39,7 @@ def test_dequantize_gives_the_plain_model_with_the_same_outputs(tiny_mixtral_pat
 
 def test_dequantized_weights_are_the_packed_codes_times_scales(tiny_mixtral_path):
     """Independent of the module's forward: float64 (code - zero) * scale from the stored planes."""
-    from optimum_moeq.quant.packing import unpack_codes
+    from optimum_moeq.quant.packing import unpack_codes, unpack_zero_codes
 
     model = AutoModelForCausalLM.from_pretrained(
         tiny_mixtral_path, quantization_config=RouterNormConfig(method="rtn", group_size=32)
@@ -49,7 +49,8 @@ def test_dequantized_weights_are_the_packed_codes_times_scales(tiny_mixtral_path
     packed = experts.expert_projection("down_proj", expert)
     codes = unpack_codes(packed.q2, packed.q1, packed.bits).double()  # [K, N]
     scale = packed.scale.double().repeat_interleave(32, dim=0)
-    zero = packed.zero.double().repeat_interleave(32, dim=0)
+    assert packed.zero.dtype == torch.int32  # integer zeros, b bits each (format 2)
+    zero = unpack_zero_codes(packed.zero, packed.bits, scale.shape[-1]).double().repeat_interleave(32, dim=0)
     expected = ((codes - zero) * scale).T
     model = model.dequantize(dtype=torch.float64)
     weight = model.model.layers[1].mlp.experts.down_proj[expert]

@@ -16,12 +16,14 @@ from optimum_moeq.nn import MixedBitExperts  # noqa: E402
 from optimum_moeq.quant.synthetic import random_packed_projection  # noqa: E402
 
 
-def _experts(bits, hidden, intermediate, group_size, device="cpu", seed=0):
+def _experts(bits, hidden, intermediate, group_size, device="cpu", seed=0, integer_zeros=False):
     generator = torch.Generator().manual_seed(seed)
-    module = MixedBitExperts(bits, hidden, intermediate, group_size)
+    module = MixedBitExperts(bits, hidden, intermediate, group_size, integer_zeros=integer_zeros)
     for proj, (n, k) in module.layout.projections.items():
         for b, members in module.layout.members.items():
-            module.store_packed(proj, random_packed_projection(len(members), n, k, b, group_size, generator=generator))
+            packed = random_packed_projection(len(members), n, k, b, group_size, generator=generator,
+                                              integer_zeros=integer_zeros)  # fmt: skip
+            module.store_packed(proj, packed)
     return module.to(device)
 
 
@@ -99,12 +101,19 @@ def _reference(module, proj, x_deq, pair_expert, rows_per_pair, routing_weights,
 
 
 @pytest.mark.parametrize(
-    "bits, group_size, digits",
-    [([1, 2, 3, 4], 32, 1), ([5, 6, 7, 8], 64, 2), ([3, 3, 2, 2], 128, 2), ([2, 2, 1, 2], 256, 1)],
-)  # every width and both digit counts; one K step per group, or two per group of 256
-def test_dp4a_decode_sums_codes_times_quantized_activations_exactly(bits, group_size, digits):
+    "bits, group_size, digits, integer_zeros",
+    [
+        ([1, 2, 3, 4], 32, 1, False),
+        ([5, 6, 7, 8], 64, 2, False),
+        ([3, 3, 2, 2], 128, 2, False),
+        ([2, 2, 1, 2], 256, 1, False),
+        ([1, 2, 3, 4], 32, 1, True),
+        ([5, 6, 7, 8], 64, 2, True),
+    ],
+)  # every width and both digit counts; one K step per group, or two per group of 256; both zero formats
+def test_dp4a_decode_sums_codes_times_quantized_activations_exactly(bits, group_size, digits, integer_zeros):
     hidden, intermediate = 256, max(group_size, 128)
-    module = _experts(bits, hidden, intermediate, group_size, seed=sum(bits))
+    module = _experts(bits, hidden, intermediate, group_size, seed=sum(bits), integer_zeros=integer_zeros)
     generator = torch.Generator().manual_seed(group_size + digits)
     x = torch.randn(2, hidden, generator=generator).to(torch.bfloat16)
     pair_expert = torch.tensor([3, 1, 0, 2], dtype=torch.int32)  # two tokens, top-2

@@ -81,7 +81,8 @@ def test_expert_bytes_match_the_packed_sizes(quantized):
     weights_per_expert = 2 * INTERMEDIATE * HIDDEN + HIDDEN * INTERMEDIATE
     bits = [b for layer in quantized.model.layers for b in layer.mlp.experts.expert_bits]
     code_bytes = sum(b * weights_per_expert // 8 for b in bits)
-    metadata_bytes = len(bits) * 2 * 2 * weights_per_expert // GROUP  # float16 scale + zero per group
+    # per group: a float16 scale and a b-bit integer zero (format 2; output counts are multiples of 32)
+    metadata_bytes = sum((16 + b) * weights_per_expert // GROUP // 8 for b in bits)
     stored = sum(
         p.numel() * p.element_size() for layer in quantized.model.layers for p in layer.mlp.experts.parameters()
     )
@@ -89,19 +90,32 @@ def test_expert_bytes_match_the_packed_sizes(quantized):
     assert stored == code_bytes + metadata_bytes == footprint.total_bytes
     assert footprint.code_bytes == code_bytes
     assert footprint.bits_per_weight == 2.5
-    assert footprint.bits_per_weight_with_metadata == 2.5 + 32 / GROUP
+    assert footprint.bits_per_weight_with_metadata == 2.5 + (16 + 2.5) / GROUP
 
 
 def test_save_and_reload_give_identical_logits(quantized, tmp_path):
     quantized.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "moeq"
+    assert (saved["integer_zeros"], saved["format_version"]) == (True, 2)
     assert saved["allocation"]["model.layers.1.mlp.experts"] == quantized.model.layers[1].mlp.experts.expert_bits
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     for layer, q_layer in zip(reloaded.model.layers, quantized.model.layers):
         assert layer.mlp.experts.expert_bits == q_layer.mlp.experts.expert_bits
         assert layer.mlp.experts.gate_up_proj_b3_scale.dtype == torch.float16
+        assert layer.mlp.experts.gate_up_proj_b3_zero.dtype == torch.int32  # 3-bit integer zeros
     assert torch.equal(_logits(reloaded), _logits(quantized))
+
+
+def test_float16_zeros_on_request_save_as_format_1_and_reload(tiny_mixtral_path, tmp_path):
+    model = _quantize(tiny_mixtral_path, avg_bits=2.5, integer_zeros=False)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj_b2_zero.dtype == torch.float16
+    assert experts_footprint(model).bits_per_weight_with_metadata == 2.5 + 32 / GROUP
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert (saved["integer_zeros"], saved["format_version"]) == (False, 1)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path)), _logits(model))
 
 
 @pytest.mark.parametrize(

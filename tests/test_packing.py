@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from optimum_moeq.quant.packing import pack_codes, packed_shapes, unpack_codes
+from optimum_moeq.quant.packing import (
+    pack_codes,
+    pack_zero_codes,
+    packed_shapes,
+    unpack_codes,
+    unpack_zero_codes,
+    zero_words,
+)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -74,3 +81,32 @@ def test_a_model_whose_width_odd_bits_cannot_pack_is_refused_before_any_read(tmp
 def test_unsupported_bits_are_refused(bits):
     with pytest.raises(ValueError, match=r"bits=.* is not supported: allowed are integers 1 to 8"):
         pack_codes(torch.zeros(32, 4, dtype=torch.int32), bits)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [16, 24, 32, 40])  # whole words and padded last words
+def test_integer_zeros_pack_along_n_at_exactly_b_bits_a_group(bits, n):
+    generator = torch.Generator().manual_seed(bits * n)
+    zero = torch.randint(0, 2**bits, (3, 2, n), generator=generator, dtype=torch.int32)  # [E, K/G, N]
+    words = pack_zero_codes(zero, bits)
+    assert words.dtype == torch.int32 and words.shape == (3, 2, zero_words(bits, n))
+    assert torch.equal(unpack_zero_codes(words, bits, n), zero)
+    # independent reading: 2-bit plane i's word w holds outputs 16 w .. 16 w + 15 in bits 2j, 2j+1;
+    # the 1-bit plane's word w outputs 32 w .. 32 w + 31 in bit j
+    w2 = -(-n // 16)
+    for out in range(n):
+        value = 0
+        for i in range(bits // 2):
+            word = words[1, 0, i * w2 + out // 16].item() & 0xFFFFFFFF
+            value |= ((word >> (2 * (out % 16))) & 3) << (2 * i)
+        if bits % 2:
+            word = words[1, 0, bits // 2 * w2 + out // 32].item() & 0xFFFFFFFF
+            value |= ((word >> (out % 32)) & 1) << (bits - 1)
+        assert value == zero[1, 0, out].item()
+    if n % 32 == 0:
+        assert words[0].numel() * 32 == zero[0].numel() * bits  # no padding: b bits per zero
+
+
+def test_integer_zeros_refuse_a_row_of_the_wrong_width():
+    with pytest.raises(ValueError, match=r"integer zeros of 3 bits for 40 outputs take 5 words per group, got 4"):
+        unpack_zero_codes(torch.zeros(1, 4, dtype=torch.int32), 3, 40)

@@ -21,6 +21,27 @@ def test_rtn_error_is_at_most_half_a_step(bits):
     assert ((restored - weight).abs() <= s * 0.5 + 2e-3 * weight.abs().amax()).all()
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_rtn_integer_zeros_are_codes_and_still_within_half_a_step(bits):
+    """The zero rounded to the grid shifts the grid by under half a step: a weight then lies within
+    a step of its code (half a step, plus the shift) and the ends of the range stay reachable."""
+    weight = torch.randn(2, 16, 128, dtype=torch.float64)
+    q = quantize_rtn(weight, bits, group_size=32, integer_zero=True)
+    assert torch.equal(q.zero, q.zero.round()) and q.zero.min() >= 0 and q.zero.max() <= 2**bits - 1
+    s = q.scale.double().repeat_interleave(32, dim=-1)
+    restored = (q.codes.double() - q.zero.double().repeat_interleave(32, dim=-1)) * s
+    assert ((restored - weight).abs() <= s + 2e-3 * weight.abs().amax()).all()
+    packed = pack_projection(q, integer_zeros=True)
+    assert packed.zero.dtype == torch.int32
+    assert torch.allclose(dequantize_packed(packed).double(), restored, atol=1e-6)
+
+
+def test_packing_refuses_zeros_that_are_not_codes():
+    q = quantize_rtn(torch.randn(4, 64), 2, group_size=32)  # float zeros
+    with pytest.raises(ValueError, match=r"integer_zeros: the quantizer gave zero points that are not integers"):
+        pack_projection(q, integer_zeros=True)
+
+
 def test_rtn_is_exact_on_weights_already_on_the_grid():
     codes = torch.randint(0, 8, (4, 64))
     codes[:, ::32] = 0

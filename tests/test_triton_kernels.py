@@ -23,15 +23,15 @@ def _triton_linear(linear, x):
     return triton_linear_forward(x, linear.layout, linear._parameters)
 
 
-def _experts(bits, hidden, intermediate, group_size, device="cpu", seed=0, **module_kwargs):
+def _experts(bits, hidden, intermediate, group_size, device="cpu", seed=0, integer_zeros=False, **module_kwargs):
     generator = torch.Generator().manual_seed(seed)
-    module = MixedBitExperts(bits, hidden, intermediate, group_size, **module_kwargs)
+    module = MixedBitExperts(bits, hidden, intermediate, group_size, integer_zeros=integer_zeros, **module_kwargs)
     with torch.no_grad():
         for proj, (n, k) in module.layout.projections.items():
             for b, members in module.layout.members.items():
-                module.store_packed(
-                    proj, random_packed_projection(len(members), n, k, b, group_size, generator=generator)
-                )
+                packed = random_packed_projection(len(members), n, k, b, group_size, generator=generator,
+                                                  integer_zeros=integer_zeros)  # fmt: skip
+                module.store_packed(proj, packed)
     return module.to(device)
 
 
@@ -52,11 +52,13 @@ def _relative_error(module, x, index, weights):
     return ((out.float() - reference).norm() / reference.norm()).item()
 
 
+@pytest.mark.parametrize("integer_zeros", [False, True], ids=["float_zeros", "integer_zeros"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 3, 37])  # decode (GEMV, split-K) and prefill (tl.dot) paths
-def test_mixed_bit_layer_matches_reference_on_cpu(dtype, tokens):
+def test_mixed_bit_layer_matches_reference_on_cpu(dtype, tokens, integer_zeros):
     generator = torch.Generator().manual_seed(tokens)
-    module = _experts([2, 3, 4, 3, 1, 5, 8, 2], hidden=64, intermediate=96, group_size=32)
+    module = _experts([2, 3, 4, 3, 1, 5, 8, 2], hidden=64, intermediate=96, group_size=32,
+                      integer_zeros=integer_zeros)  # fmt: skip
     index, weights = _routing(tokens, 8, 2, skip_expert=6, generator=generator)  # expert 6: no token
     x = torch.randn(tokens, 64, generator=generator).to(dtype)
     assert (tokens * 2 <= current_tuning().decode_max_pairs) == (tokens < 37)
@@ -174,12 +176,13 @@ def test_quantized_model_runs_through_the_kernels_unchanged(tiny_mixtral_path):
     assert ((logits - reference).norm() / reference.norm()) < 1e-5
 
 
+@pytest.mark.parametrize("integer_zeros", [False, True], ids=["float_zeros", "integer_zeros"])
 @pytest.mark.parametrize("rows", [5, 70])  # GEMV (split-K) and tl.dot paths
-def test_packed_linear_kernel_path_matches_reference(rows):
+def test_packed_linear_kernel_path_matches_reference(rows, integer_zeros):
     from optimum_moeq.nn import PackedLinear
 
     generator = torch.Generator().manual_seed(rows)
-    linear = PackedLinear(64, 48, bits=4, group_size=32, bias=True)
+    linear = PackedLinear(64, 48, bits=4, group_size=32, bias=True, integer_zeros=integer_zeros)
     with torch.no_grad():
         weight = torch.randn(48, 64, generator=generator) * 0.05
         linear.store(linear.quantize_projection("weight", weight))

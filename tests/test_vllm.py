@@ -30,7 +30,7 @@ from optimum_moeq import RouterNormConfig
 from optimum_moeq.demo import word_tokenizer
 from optimum_moeq.kernels.reference import dequantize_packed
 from optimum_moeq.nn import MixedBitExperts
-from optimum_moeq.vllm import check_tensor_parallel, shard_packed
+from optimum_moeq.vllm import check_tensor_parallel, shard_packed, shard_zero_codes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VLLM_PYTHON = os.environ.get("MOEQ_VLLM_PYTHON") or os.path.join(ROOT, ".venv-vllm", "bin", "python")
@@ -43,30 +43,38 @@ VOCAB = 128
 LOGIT_SCALE = 20.0
 
 
+def _shard(layout, name, tensor, rank, gated):
+    """A stored field's slice as vLLM's loader takes it (integer zeros through their values)."""
+    proj, bits, field = layout.field_of(name)
+    if field == "zero" and not tensor.dtype.is_floating_point:
+        return shard_zero_codes(tensor, bits, layout.projections[proj][0], proj, rank, 2, gated)
+    return shard_packed(tensor, proj, rank, 2, gated)
+
+
+@pytest.mark.parametrize("integer_zeros", [False, True], ids=["float_zeros", "integer_zeros"])
 @pytest.mark.parametrize("gated", [True, False])
-def test_tensor_parallel_slices_are_the_dequantized_weight_sliced(gated):
+def test_tensor_parallel_slices_are_the_dequantized_weight_sliced(gated, integer_zeros):
     """Rank r of 2 holds gate rows [r I/2, (r+1) I/2) and the same up rows (gated), and down
     columns [r I/2, (r+1) I/2), for every width: the slices of every stored field dequantize to the
     slices of the whole weight."""
     torch.manual_seed(0)
     inter, group = 128, 32
-    module = MixedBitExperts([1, 2, 3, 4, 8, 2], hidden_dim=64, intermediate_dim=inter, group_size=group, gated=gated)
+    module = MixedBitExperts([1, 2, 3, 4, 8, 2], hidden_dim=64, intermediate_dim=inter, group_size=group, gated=gated,
+                             integer_zeros=integer_zeros)  # fmt: skip
     for proj, (e, n, k) in module.projection_shapes.items():
         module.store(module.quantize_projection(proj, torch.randn(e, n, k)))
     check_tensor_parallel(inter, group, 2)
     for rank in range(2):
-        sliced = {
-            name: shard_packed(tensor, module.layout.field_of(name)[0], rank, 2, gated)
-            for name, tensor in module.named_parameters()
-        }
+        sliced = {name: _shard(module.layout, name, tensor, rank, gated) for name, tensor in module.named_parameters()}
         for expert in range(module.num_experts):
             whole_in = dequantize_packed(module.expert_projection(module.input_projection, expert))
             whole_down = dequantize_packed(module.expert_projection("down_proj", expert))
             rows = torch.arange(rank * inter // 2, (rank + 1) * inter // 2)
             in_rows = torch.cat([rows, rows + inter]) if gated else rows
             shard_layout = MixedBitExperts(
-                module.expert_bits, hidden_dim=64, intermediate_dim=inter // 2, group_size=group, gated=gated
-            ).layout
+                module.expert_bits, hidden_dim=64, intermediate_dim=inter // 2, group_size=group, gated=gated,
+                integer_zeros=integer_zeros,
+            ).layout  # fmt: skip
             got_in = dequantize_packed(shard_layout.expert(sliced, module.input_projection, expert))
             got_down = dequantize_packed(shard_layout.expert(sliced, "down_proj", expert))
             assert torch.equal(got_in, whole_in[in_rows]), (rank, expert)

@@ -32,6 +32,7 @@ class ExpertRecord(ctypes.Structure):
         ("q1", ctypes.c_void_p),
         ("scale", ctypes.c_void_p),
         ("zero", ctypes.c_void_p),
+        ("zero_codes", ctypes.c_int32),  # zero holds integer zeros (int32 words), not float16
     ]
 
 

@@ -41,8 +41,8 @@ def _addresses(planes: list[torch.Tensor | None], expert_bits: list[int]) -> tup
     key = []
     for w, bits in enumerate(widths):
         fields = planes[len(FIELDS) * w : len(FIELDS) * (w + 1)]
-        key.append((bits, tuple((t.data_ptr(), t.stride(0) * t.element_size()) if t is not None else None
-                                for t in fields)))  # fmt: skip
+        key.append((bits, tuple((t.data_ptr(), t.stride(0) * t.element_size(), not t.dtype.is_floating_point)
+                                if t is not None else None for t in fields)))  # fmt: skip
     return tuple(expert_bits), tuple(key)
 
 
@@ -57,6 +57,7 @@ def _records(key: tuple):
             for name, field in zip(FIELDS, fields):
                 if field is not None:
                     setattr(records[expert], name, field[0] + local * field[1])
+            records[expert].zero_codes = fields[FIELDS.index("zero")][2]
     return records
 
 
@@ -66,7 +67,7 @@ _TABLES: dict[tuple, object] = {}
 def _table(planes: list[torch.Tensor | None], expert_bits: list[int]):
     """The address table of a layer's planes. Looked up by each plane's address and expert stride
     alone (every forward of every layer asks); contiguity is checked when a table is made."""
-    key = (tuple(expert_bits), tuple((t.data_ptr(), t.stride(0)) if t is not None else None for t in planes))
+    key = (tuple(expert_bits), tuple((t.data_ptr(), t.stride(0), t.dtype) if t is not None else None for t in planes))
     table = _TABLES.get(key)
     if table is None:
         if any(t is not None and not t.is_contiguous() for t in planes):

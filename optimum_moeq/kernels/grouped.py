@@ -64,14 +64,19 @@ def _kernels():
 
 
 def _plane_args(q2, q1, scale, zero) -> tuple:
+    """The kernels' tensor arguments, their strides (ending with the zeros' and, for integer zeros,
+    the words per 2-bit plane of a group's row) and whether the zeros are integers."""
     for t in (q2, q1, scale, zero):
         if t is not None and not t.is_contiguous():
             raise ValueError("packed expert tensors must be contiguous for the Triton kernels.")
     q2_strides = q2.stride()[:3] if q2 is not None else (0, 0, 0)
     q1_strides = q1.stride()[:2] if q1 is not None else (0, 0)
-    strides = (*q2_strides, *q1_strides, scale.stride(0), scale.stride(1))
+    int_zero = not zero.dtype.is_floating_point
+    zero_plane_words = triton_cdiv(scale.shape[-1], 16) if int_zero else 0
+    strides = (*q2_strides, *q1_strides, scale.stride(0), scale.stride(1), zero.stride(0), zero.stride(1),
+               zero_plane_words)  # fmt: skip
     # an absent plane is never read; any tensor will do as its argument
-    return (scale if q2 is None else q2, scale if q1 is None else q1, scale, zero), strides
+    return (scale if q2 is None else q2, scale if q1 is None else q1, scale, zero), strides, int_zero
 
 
 def launch_projection(
@@ -103,9 +108,9 @@ def launch_projection(
     num_pairs = top_k_index.numel()
     k = x.shape[1]
     block_k = block_k_for(group_size)
-    tensors, strides = _plane_args(*planes)
+    tensors, strides, int_zero = _plane_args(*planes)
     routing = routing_weights if routing_weights is not None else out
-    common = dict(GROUP=group_size, N2=bits // 2, HAS_Q1=bits % 2 == 1, FUSE_SWIGLU=fuse_swiglu,
+    common = dict(GROUP=group_size, N2=bits // 2, HAS_Q1=bits % 2 == 1, INT_ZERO=int_zero, FUSE_SWIGLU=fuse_swiglu,
                   enable_fp_fusion=FP_FUSION)  # fmt: skip
     common["HAS_ROUTING_WEIGHT"] = routing_weights is not None
     if sorted_pairs is None:
@@ -175,12 +180,13 @@ def _dp4a_projection(x, pair_expert, routing_weights, planes, local_indices, bit
     split_k = _split_k(num_pairs * n_tiles, k // block_k, tuning.target_programs)
     routing = routing_weights if routing_weights is not None else out
     for i, bits in enumerate(bit_widths):
-        tensors, strides = _plane_args(*planes[4 * i : 4 * i + 4])
+        tensors, strides, int_zero = _plane_args(*planes[4 * i : 4 * i + 4])
         local_index = local_indices[i]
         kernels._moe_gemv_dp4a_kernel[(num_pairs, n_tiles, split_k)](
             acts.xp2, acts.xp1, acts.x_scale, acts.x_sum, out, pair_expert, local_index, routing, *tensors,
             local_index.numel(), k, n_out, x_rows_per_pair_div, n_out, acts.xp2.stride(0), acts.xp1.stride(0),
             acts.x_scale.stride(0), out.stride(0), *strides, GROUP=group_size, N2=bits // 2, HAS_Q1=bits % 2 == 1,
+            INT_ZERO=int_zero,
             DIGITS=tuning.activation_digits, GATE_AND_UP=fuse_swiglu, HAS_ROUTING_WEIGHT=routing_weights is not None,
             SPLIT_K=split_k, BLOCK_K=block_k, BLOCK_N=tuning.dp4a_block_n,
             USE_ASM=tuning.dp4a_asm and not interpreting(), num_warps=tuning.dp4a_warps, enable_fp_fusion=FP_FUSION,

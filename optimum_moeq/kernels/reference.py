@@ -8,7 +8,14 @@ import torch
 
 from ..quant.layout import PackedLayout
 from ..quant.packed import PackedProjection
-from ..quant.packing import unpack_codes
+from ..quant.packing import unpack_codes, unpack_zero_codes
+
+
+def group_zeros(packed: PackedProjection) -> torch.Tensor:
+    """The zero points ``[..., K/G, N]`` in float32, float16-stored (format 1) or integer codes."""
+    if packed.zero.dtype.is_floating_point:
+        return packed.zero.float()
+    return unpack_zero_codes(packed.zero, packed.bits, packed.scale.shape[-1]).float()
 
 
 def dequantize_packed(packed: PackedProjection) -> torch.Tensor:
@@ -16,7 +23,7 @@ def dequantize_packed(packed: PackedProjection) -> torch.Tensor:
     codes = unpack_codes(packed.q2, packed.q1, packed.bits).float()  # [..., K, N]
     group_size = codes.shape[-2] // packed.scale.shape[-2]
     scale = packed.scale.float().repeat_interleave(group_size, dim=-2)
-    zero = packed.zero.float().repeat_interleave(group_size, dim=-2)
+    zero = group_zeros(packed).repeat_interleave(group_size, dim=-2)
     return ((codes - zero) * scale).transpose(-1, -2)
 
 

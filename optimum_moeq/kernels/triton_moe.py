@@ -22,6 +22,25 @@ import triton.language as tl
 
 
 @triton.jit
+def _group_zero(zero_ptr, group, offs_n, n_mask, stride_zero_row, ZERO_PLANE_WORDS, N2: tl.constexpr,
+                HAS_Q1: tl.constexpr, INT_ZERO: tl.constexpr):  # fmt: skip
+    """The zero points [BLOCK_N] of columns offs_n in group ``group``, float32: float16 values, or
+    (INT_ZERO) b-bit integers packed along N, each 2-bit plane's ZERO_PLANE_WORDS words (16 columns
+    a word) then the 1-bit plane's (32 a word)."""
+    row = zero_ptr + group * stride_zero_row
+    if INT_ZERO:
+        zero = tl.zeros(offs_n.shape, dtype=tl.int32)
+        for i in tl.static_range(N2):
+            words = tl.load(row + i * ZERO_PLANE_WORDS + offs_n // 16, mask=n_mask, other=0)
+            zero |= ((words >> (2 * (offs_n % 16))) & 3) << (2 * i)
+        if HAS_Q1:
+            words = tl.load(row + N2 * ZERO_PLANE_WORDS + offs_n // 32, mask=n_mask, other=0)
+            zero |= ((words >> (offs_n % 32)) & 1) << (2 * N2)
+        return zero.to(tl.float32)
+    return tl.load(row + offs_n, mask=n_mask, other=0).to(tl.float32)
+
+
+@triton.jit
 def _dequant_tile(
     q2_ptr,
     q1_ptr,
@@ -34,9 +53,12 @@ def _dequant_tile(
     stride_q2_row,
     stride_q1_row,
     stride_meta_row,
+    stride_zero_row,
+    ZERO_PLANE_WORDS,
     GROUP: tl.constexpr,
     N2: tl.constexpr,
     HAS_Q1: tl.constexpr,
+    INT_ZERO: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -69,7 +91,7 @@ def _dequant_tile(
     codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
     group = k0 // GROUP
     scale = tl.load(scale_ptr + group * stride_meta_row + offs_n, mask=n_mask, other=0).to(tl.float32)
-    zero = tl.load(zero_ptr + group * stride_meta_row + offs_n, mask=n_mask, other=0).to(tl.float32)
+    zero = _group_zero(zero_ptr, group, offs_n, n_mask, stride_zero_row, ZERO_PLANE_WORDS, N2, HAS_Q1, INT_ZERO)
     return codes, scale, zero
 
 
@@ -102,14 +124,14 @@ def _group_dot(x, x_sum, codes, scale, zero, BITS: tl.constexpr, EXACT: tl.const
 
 @triton.jit
 def _expert_tensors(q2_ptr, q1_ptr, scale_ptr, zero_ptr, local, stride_q2_expert, stride_q1_expert,
-                    stride_meta_expert):  # fmt: skip
+                    stride_meta_expert, stride_zero_expert):  # fmt: skip
     """Pointers to expert ``local``'s planes, scales and zeros within its width's tensors."""
     local = local.to(tl.int64)
     return (
         q2_ptr + local * stride_q2_expert,
         q1_ptr + local * stride_q1_expert,
         scale_ptr + local * stride_meta_expert,
-        zero_ptr + local * stride_meta_expert,
+        zero_ptr + local * stride_zero_expert,
     )
 
 
@@ -125,14 +147,15 @@ def _pair_slot(pair_expert_ptr, local_index_ptr, pair, NUM_EXPERTS):
 
 @triton.jit
 def _tile_dot(x, q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plane, stride_q2_row, stride_q1_row,
-              stride_meta_row, GROUP: tl.constexpr, N2: tl.constexpr, HAS_Q1: tl.constexpr, BLOCK_K: tl.constexpr,
-              BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+              stride_meta_row, stride_zero_row, ZERO_PLANE_WORDS, GROUP: tl.constexpr, N2: tl.constexpr,
+              HAS_Q1: tl.constexpr, INT_ZERO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+              DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
     """x [BLOCK_M, BLOCK_K] times the dequantized tile of rows k0.. and columns offs_n, on tensor cores."""
     BITS: tl.constexpr = 2 * N2 + HAS_Q1
     UNIT: tl.constexpr = 2.0**BITS
     codes, scale, zero = _dequant_tile(
         q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plane, stride_q2_row, stride_q1_row,
-        stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
+        stride_meta_row, stride_zero_row, ZERO_PLANE_WORDS, GROUP, N2, HAS_Q1, INT_ZERO, BLOCK_K, BLOCK_N,
     )  # fmt: skip
     w = _codes_as_unit_floats(codes, BITS) * (UNIT * scale)[None, :] - ((UNIT + zero) * scale)[None, :]
     if DOT_IN_FP32:  # the interpreter's bfloat16 dot is wrong; GPUs take the native path
@@ -146,8 +169,8 @@ def _moe_gemv_kernel(
     x_ptr, out_ptr, pair_expert_ptr, local_index_ptr, routing_weight_ptr, q2_ptr, q1_ptr, scale_ptr, zero_ptr,
     NUM_EXPERTS, K, N, X_ROWS_PER_PAIR_DIV, UP_OFFSET,
     stride_x, stride_out, stride_q2_expert, stride_q2_plane, stride_q2_row, stride_q1_expert, stride_q1_row,
-    stride_meta_expert, stride_meta_row,
-    GROUP: tl.constexpr, N2: tl.constexpr, HAS_Q1: tl.constexpr, FUSE_SWIGLU: tl.constexpr,
+    stride_meta_expert, stride_meta_row, stride_zero_expert, stride_zero_row, ZERO_PLANE_WORDS,
+    GROUP: tl.constexpr, N2: tl.constexpr, HAS_Q1: tl.constexpr, INT_ZERO: tl.constexpr, FUSE_SWIGLU: tl.constexpr,
     HAS_ROUTING_WEIGHT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # fmt: on
@@ -163,7 +186,8 @@ def _moe_gemv_kernel(
     n_mask = offs_n < N
     x_row = x_ptr + (pair // X_ROWS_PER_PAIR_DIV).to(tl.int64) * stride_x
     q2_e, q1_e, scale_e, zero_e = _expert_tensors(
-        q2_ptr, q1_ptr, scale_ptr, zero_ptr, local, stride_q2_expert, stride_q1_expert, stride_meta_expert
+        q2_ptr, q1_ptr, scale_ptr, zero_ptr, local, stride_q2_expert, stride_q1_expert, stride_meta_expert,
+        stride_zero_expert,
     )
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -172,13 +196,14 @@ def _moe_gemv_kernel(
         x_sum = tl.sum(x, axis=0)
         codes, scale, zero = _dequant_tile(
             q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plane, stride_q2_row, stride_q1_row,
-            stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
+            stride_meta_row, stride_zero_row, ZERO_PLANE_WORDS, GROUP, N2, HAS_Q1, INT_ZERO, BLOCK_K, BLOCK_N,
         )  # fmt: skip
         acc += _group_dot(x, x_sum, codes, scale, zero, BITS, EXACT)
         if FUSE_SWIGLU:
             codes, scale, zero = _dequant_tile(
                 q2_e, q1_e, scale_e, zero_e, k0, offs_n + UP_OFFSET, n_mask, stride_q2_plane, stride_q2_row,
-                stride_q1_row, stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N,
+                stride_q1_row, stride_meta_row, stride_zero_row, ZERO_PLANE_WORDS, GROUP, N2, HAS_Q1, INT_ZERO,
+                BLOCK_K, BLOCK_N,
             )  # fmt: skip
             acc_up += _group_dot(x, x_sum, codes, scale, zero, BITS, EXACT)
     if FUSE_SWIGLU:
@@ -199,8 +224,8 @@ def _moe_gemm_kernel(
     scale_ptr, zero_ptr,
     num_pairs, K, N, X_ROWS_PER_PAIR_DIV, UP_OFFSET,
     stride_x, stride_out, stride_q2_expert, stride_q2_plane, stride_q2_row, stride_q1_expert, stride_q1_row,
-    stride_meta_expert, stride_meta_row,
-    GROUP: tl.constexpr, N2: tl.constexpr, HAS_Q1: tl.constexpr, FUSE_SWIGLU: tl.constexpr,
+    stride_meta_expert, stride_meta_row, stride_zero_expert, stride_zero_row, ZERO_PLANE_WORDS,
+    GROUP: tl.constexpr, N2: tl.constexpr, HAS_Q1: tl.constexpr, INT_ZERO: tl.constexpr, FUSE_SWIGLU: tl.constexpr,
     HAS_ROUTING_WEIGHT: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -219,7 +244,8 @@ def _moe_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     q2_e, q1_e, scale_e, zero_e = _expert_tensors(
-        q2_ptr, q1_ptr, scale_ptr, zero_ptr, local, stride_q2_expert, stride_q1_expert, stride_meta_expert
+        q2_ptr, q1_ptr, scale_ptr, zero_ptr, local, stride_q2_expert, stride_q1_expert, stride_meta_expert,
+        stride_zero_expert,
     )
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -227,12 +253,14 @@ def _moe_gemm_kernel(
         x = tl.load(x_rows + k0 + tl.arange(0, BLOCK_K)[None, :], mask=m_mask[:, None], other=0)
         acc += _tile_dot(
             x, q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, stride_q2_plane, stride_q2_row, stride_q1_row,
-            stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N, DOT_IN_FP32, DOT_PRECISION,
+            stride_meta_row, stride_zero_row, ZERO_PLANE_WORDS, GROUP, N2, HAS_Q1, INT_ZERO, BLOCK_K, BLOCK_N,
+            DOT_IN_FP32, DOT_PRECISION,
         )  # fmt: skip
         if FUSE_SWIGLU:
             acc_up += _tile_dot(
                 x, q2_e, q1_e, scale_e, zero_e, k0, offs_n + UP_OFFSET, n_mask, stride_q2_plane, stride_q2_row,
-                stride_q1_row, stride_meta_row, GROUP, N2, HAS_Q1, BLOCK_K, BLOCK_N, DOT_IN_FP32, DOT_PRECISION,
+                stride_q1_row, stride_meta_row, stride_zero_row, ZERO_PLANE_WORDS, GROUP, N2, HAS_Q1, INT_ZERO,
+                BLOCK_K, BLOCK_N, DOT_IN_FP32, DOT_PRECISION,
             )  # fmt: skip
     if FUSE_SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
@@ -321,8 +349,9 @@ def _block_codes_dot(q2_e, q1_e, k0, offs_n, n_mask, xp2_row, xp1_row, digit, st
 
 @triton.jit
 def _block_dot_dp4a(q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, xp2_row, xp1_row, x_scale, x_sum,
-                    stride_q2_plane, stride_q2_row, stride_q1_row, stride_meta_row, GROUP: tl.constexpr,
-                    N2: tl.constexpr, HAS_Q1: tl.constexpr, DIGITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                    stride_q2_plane, stride_q2_row, stride_q1_row, stride_meta_row, stride_zero_row,
+                    ZERO_PLANE_WORDS, GROUP: tl.constexpr, N2: tl.constexpr, HAS_Q1: tl.constexpr,
+                    INT_ZERO: tl.constexpr, DIGITS: tl.constexpr, BLOCK_K: tl.constexpr,
                     USE_ASM: tl.constexpr):  # fmt: skip
     """[BLOCK_N] float32: sum_k x_k (c_kn - z_n) s_n over the block of rows k0.., from the exact
     integer sum of codes x quantized activations: s_n x_scale (sum_k c q - z_n sum_k q)."""
@@ -334,7 +363,7 @@ def _block_dot_dp4a(q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, xp2_row, xp
         codes_q = codes_q * 128.0 + low.to(tl.float32)
     group = k0 // GROUP
     scale = tl.load(scale_e + group * stride_meta_row + offs_n, mask=n_mask, other=0).to(tl.float32)
-    zero = tl.load(zero_e + group * stride_meta_row + offs_n, mask=n_mask, other=0).to(tl.float32)
+    zero = _group_zero(zero_e, group, offs_n, n_mask, stride_zero_row, ZERO_PLANE_WORDS, N2, HAS_Q1, INT_ZERO)
     return (scale * x_scale) * (codes_q - zero * x_sum)
 
 
@@ -345,8 +374,10 @@ def _moe_gemv_dp4a_kernel(
     q2_ptr, q1_ptr, scale_ptr, zero_ptr,
     NUM_EXPERTS, K, N, X_ROWS_PER_PAIR_DIV, UP_OFFSET,
     stride_xp2, stride_xp1, stride_x_block, stride_out, stride_q2_expert, stride_q2_plane, stride_q2_row,
-    stride_q1_expert, stride_q1_row, stride_meta_expert, stride_meta_row,
-    GROUP: tl.constexpr, N2: tl.constexpr, HAS_Q1: tl.constexpr, DIGITS: tl.constexpr, GATE_AND_UP: tl.constexpr,
+    stride_q1_expert, stride_q1_row, stride_meta_expert, stride_meta_row, stride_zero_expert, stride_zero_row,
+    ZERO_PLANE_WORDS,
+    GROUP: tl.constexpr, N2: tl.constexpr, HAS_Q1: tl.constexpr, INT_ZERO: tl.constexpr, DIGITS: tl.constexpr,
+    GATE_AND_UP: tl.constexpr,
     HAS_ROUTING_WEIGHT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_ASM: tl.constexpr,
 ):
@@ -366,7 +397,8 @@ def _moe_gemv_dp4a_kernel(
     xp2_row = xp2_ptr + row * stride_xp2
     xp1_row = xp1_ptr + row * stride_xp1
     q2_e, q1_e, scale_e, zero_e = _expert_tensors(
-        q2_ptr, q1_ptr, scale_ptr, zero_ptr, local, stride_q2_expert, stride_q1_expert, stride_meta_expert
+        q2_ptr, q1_ptr, scale_ptr, zero_ptr, local, stride_q2_expert, stride_q1_expert, stride_meta_expert,
+        stride_zero_expert,
     )
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -376,13 +408,14 @@ def _moe_gemv_dp4a_kernel(
         x_sum = tl.load(x_sum_ptr + block)
         acc += _block_dot_dp4a(
             q2_e, q1_e, scale_e, zero_e, k0, offs_n, n_mask, xp2_row, xp1_row, x_scale, x_sum, stride_q2_plane,
-            stride_q2_row, stride_q1_row, stride_meta_row, GROUP, N2, HAS_Q1, DIGITS, BLOCK_K, USE_ASM,
+            stride_q2_row, stride_q1_row, stride_meta_row, stride_zero_row, ZERO_PLANE_WORDS, GROUP, N2, HAS_Q1,
+            INT_ZERO, DIGITS, BLOCK_K, USE_ASM,
         )
         if GATE_AND_UP:
             acc_up += _block_dot_dp4a(
                 q2_e, q1_e, scale_e, zero_e, k0, offs_n + UP_OFFSET, n_mask, xp2_row, xp1_row, x_scale, x_sum,
-                stride_q2_plane, stride_q2_row, stride_q1_row, stride_meta_row, GROUP, N2, HAS_Q1, DIGITS, BLOCK_K,
-                USE_ASM,
+                stride_q2_plane, stride_q2_row, stride_q1_row, stride_meta_row, stride_zero_row, ZERO_PLANE_WORDS,
+                GROUP, N2, HAS_Q1, INT_ZERO, DIGITS, BLOCK_K, USE_ASM,
             )
     if HAS_ROUTING_WEIGHT:
         acc *= tl.load(routing_weight_ptr + pair).to(tl.float32)

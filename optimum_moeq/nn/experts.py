@@ -37,6 +37,7 @@ class MixedBitExperts(PackedModule):
         with_full_precision_placeholders: bool = False,
         name: str = "experts",
         gated: bool = True,
+        integer_zeros: bool = False,
     ):
         super().__init__()
         self.hidden_dim = hidden_dim
@@ -51,7 +52,7 @@ class MixedBitExperts(PackedModule):
             self.input_projection: ((2 if gated else 1) * intermediate_dim, hidden_dim),
             "down_proj": (hidden_dim, intermediate_dim),
         }
-        self.layout = PackedLayout(expert_bits, shapes, group_size, name=name)
+        self.layout = PackedLayout(expert_bits, shapes, group_size, name=name, integer_zeros=integer_zeros)
         self.projection_shapes = {proj: (self.num_experts, n, k) for proj, (n, k) in shapes.items()}
         self._declare_storage(with_full_precision_placeholders)
 

@@ -27,9 +27,12 @@ class PackedLinear(PackedModule):
         method: str = "rtn",
         with_full_precision_placeholders: bool = False,
         name: str = "linear",
+        integer_zeros: bool = False,
     ):
         super().__init__()
-        self.layout = PackedLayout.single(bits, out_features, in_features, group_size, name=name)
+        self.layout = PackedLayout.single(
+            bits, out_features, in_features, group_size, name=name, integer_zeros=integer_zeros
+        )
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.method = bits, method
         self.projection_shapes = {"weight": (out_features, in_features)}

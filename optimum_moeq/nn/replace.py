@@ -36,11 +36,13 @@ def build_experts_module(adapter, shape, expert_bits, config, *, name: str, plac
         with_full_precision_placeholders=placeholders,
         name=name,
         gated=adapter.gated,
+        integer_zeros=config.integer_zeros,
     )
 
 
 def build_dense_linear(linear: nn.Linear, config, *, name: str, placeholders: bool) -> nn.Module:
     """The ``attention_method`` module for ``linear``."""
+    packed = {"integer_zeros": config.integer_zeros} if config.attention_method == "moeq" else {}
     return DENSE_LINEARS[config.attention_method](
         linear.in_features,
         linear.out_features,
@@ -50,6 +52,7 @@ def build_dense_linear(linear: nn.Linear, config, *, name: str, placeholders: bo
         method=config.method,
         with_full_precision_placeholders=placeholders,
         name=name,
+        **packed,
     )
 
 

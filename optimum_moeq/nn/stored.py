@@ -124,16 +124,20 @@ class PackedModule(QuantizedModule):
         expected = tuple(self.projection_shapes[proj])
         if tuple(weight.shape) != expected:
             raise ValueError(f"{proj} weight has shape {tuple(weight.shape)}, expected {expected}.")
-        quantize = quantize or (lambda w, bits, _: quantize_weight(w, bits, layout.group_size, self.method))
+        quantize = quantize or (
+            lambda w, bits, _: quantize_weight(w, bits, layout.group_size, self.method, layout.integer_zeros)
+        )
         tensors = {}
         n, k = expected[-2:]
         per_call = max(1, _WORKING_SET_BYTES // _working_set_bytes(n, k))
         for bits, members in layout.members.items():
             if not layout.stacked:
-                packed = pack_projection(quantize(weight, bits, members))
+                packed = pack_projection(quantize(weight, bits, members), layout.integer_zeros)
             else:  # each batch packed as soon as it is quantized: its int32 codes are 16x its planes
                 batches = [members[i : i + per_call] for i in range(0, len(members), per_call)]
-                packed = concat_packed([pack_projection(quantize(weight[list(b)], bits, b)) for b in batches])
+                packed = concat_packed(
+                    [pack_projection(quantize(weight[list(b)], bits, b), layout.integer_zeros) for b in batches]
+                )
             tensors.update(layout.named(proj, packed))
         return tensors
 

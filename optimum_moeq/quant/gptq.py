@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .hqq import quantize_hqq
+from .hqq import check_hqq_zeros, quantize_hqq
 from .packing import check_bits
 from .rtn import METADATA_DTYPE, GroupQuantized, check_group_size, quantize_rtn
 
@@ -34,6 +34,7 @@ def quantize_gptq(
     grid: str = "rtn",
     act_order: bool = False,
     overwrite_hessian: bool = False,
+    integer_zero: bool = False,
 ) -> GroupQuantized:
     """GPTQ codes, scales and zeros for ``weight`` [N, K] given ``hessian`` [K, K], or for a batch
     of weights [E, N, K] with one Hessian each [E, K, K] (all experts of a width at once: batched
@@ -45,12 +46,14 @@ def quantize_gptq(
     groups"), so the packed format is the same either way.
 
     ``overwrite_hessian``: the factorization may reuse ``hessian``'s memory (float64, contiguous),
-    which the caller must not read afterwards; saves a K x K copy per expert."""
+    which the caller must not read afterwards; saves a K x K copy per expert.
+
+    ``integer_zero``: each group's zero point is rounded to a code, as GPTQ's own format stores it."""
     check_bits(bits)
     if weight.dim() == 2:
         q = quantize_gptq(weight[None], hessian[None], bits, group_size, damp_percent=damp_percent,
                           block_size=block_size, grid=grid, act_order=act_order,
-                          overwrite_hessian=overwrite_hessian)  # fmt: skip
+                          overwrite_hessian=overwrite_hessian, integer_zero=integer_zero)  # fmt: skip
         return GroupQuantized(q.codes[0], q.scale[0], q.zero[0], bits, group_size)
     e, n, k = weight.shape
     if tuple(hessian.shape) != (e, k, k):
@@ -58,10 +61,15 @@ def quantize_gptq(
     check_group_size(group_size, k)
     if grid not in ("rtn", "hqq"):
         raise ValueError(f"grid={grid!r} is not supported: allowed are 'rtn' and 'hqq'.")
-    use_hqq = grid == "hqq"
+    if grid == "hqq":
+        check_hqq_zeros(integer_zero)
+
+    def fit(weights):
+        return quantize_hqq(weights, bits, group_size) if grid == "hqq" else quantize_rtn(
+            weights, bits, group_size, integer_zero)  # fmt: skip
+
     if act_order:
-        return _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size, use_hqq,
-                               overwrite_hessian)  # fmt: skip
+        return _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size, fit, overwrite_hessian)
     w, h_inv = _prepared(weight, hessian, damp_percent, overwrite_hessian=overwrite_hessian)
     scales = torch.zeros(e, n, k // group_size, dtype=METADATA_DTYPE, device=weight.device)
     zeros = torch.zeros_like(scales)
@@ -70,7 +78,7 @@ def quantize_gptq(
     def grid_at(column, block, i, end, w):
         if column % group_size == 0:  # the group's grid, from the weights as updated so far
             group = torch.cat([block[..., i:], w[..., end : column + group_size]], dim=-1)[..., :group_size]
-            start_grid = (quantize_hqq if use_hqq else quantize_rtn)(group.float(), bits, group_size)
+            start_grid = fit(group.float())
             scales[..., column // group_size] = start_grid.scale[..., 0]
             zeros[..., column // group_size] = start_grid.zero[..., 0]
             grid["scale"], grid["zero"] = start_grid.scale[..., 0].double(), start_grid.zero[..., 0].double()
@@ -115,7 +123,7 @@ def _int32_codes(codes_kn: torch.Tensor) -> torch.Tensor:
     return codes_kn.transpose(-1, -2).to(torch.int32, memory_format=torch.contiguous_format)
 
 
-def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size, use_hqq,
+def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size, fit,
                     overwrite_hessian) -> GroupQuantized:  # fmt: skip
     """GPTQ over each expert's columns permuted by decreasing Hessian diagonal, with every group's
     grid fitted up front on the (dead-input-zeroed) weights; codes are put back in column order."""
@@ -123,8 +131,7 @@ def _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size,
     order = torch.argsort(torch.diagonal(hessian, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
     # the grids, fitted before the float64 working copy exists; of the fit only scales and zeros are kept
     dead = torch.diagonal(hessian, dim1=-2, dim2=-1) == 0
-    fitted = (quantize_hqq if use_hqq else quantize_rtn)(weight.float().masked_fill(dead[:, None, :], 0.0),
-                                                         bits, group_size)  # fmt: skip
+    fitted = fit(weight.float().masked_fill(dead[:, None, :], 0.0))
     scale, zero = fitted.scale, fitted.zero
     del fitted, dead
     w, h_inv = _prepared(weight, hessian, damp_percent, order, overwrite_hessian)

@@ -31,6 +31,14 @@ def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     return torch.sign(x) * (magnitude - magnitude.pow(p - 1) / beta).clamp_min_(0.0)
 
 
+def check_hqq_zeros(integer_zero: bool) -> None:
+    if integer_zero:
+        raise ValueError(
+            "method='hqq' optimises each zero point as a real number (as the hqq library does below 4 bits), "
+            "so it stores float16 zeros: use integer_zeros=False (or None, the default) with it."
+        )
+
+
 def quantize_hqq(
     weight: torch.Tensor,
     bits: int,

@@ -6,7 +6,7 @@ tensor, and the per-device index the kernels use to find an expert's slot. The m
 quantizers, the kernels' host side, footprint, dequantize and the reload checks all read it:
 nothing else builds a parameter name or works out which experts share a width.
 
-Names (format version 1): experts ``{projection}_b{bits}_{field}`` (e.g. ``gate_up_proj_b3_q2``),
+Names: experts ``{projection}_b{bits}_{field}`` (e.g. ``gate_up_proj_b3_q2``),
 one tensor per width holding its experts in expert order; a single packed linear
 ``{projection}_{field}`` (``weight_q2``), without the expert axis. Fields in ``FIELDS`` order.
 """
@@ -38,6 +38,7 @@ class PackedLayout:
         *,
         stacked: bool = True,
         name: str = "experts",
+        integer_zeros: bool = False,
     ):
         for b in expert_bits:
             check_bits(b)
@@ -47,6 +48,7 @@ class PackedLayout:
         self.projections = dict(projections)
         self.group_size = group_size
         self.stacked = stacked
+        self.integer_zeros = integer_zeros
         self.bit_widths = tuple(sorted(set(self.expert_bits)))
         self.members = {b: tuple(e for e, eb in enumerate(self.expert_bits) if eb == b) for b in self.bit_widths}
         for proj, (_, k) in self.projections.items():
@@ -56,7 +58,7 @@ class PackedLayout:
             self.name(proj, b, field): spec
             for proj, (n, k) in self.projections.items()
             for b in self.bit_widths
-            for field, spec in packed_tensor_shapes(b, n, k, group_size, self._lead(b)).items()
+            for field, spec in packed_tensor_shapes(b, n, k, group_size, self._lead(b), integer_zeros).items()
         }
         self._fields_of = {
             self.name(proj, b, field): (proj, b, field)
@@ -70,9 +72,13 @@ class PackedLayout:
         self._local_indices: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     @classmethod
-    def single(cls, bits: int, out_features: int, in_features: int, group_size: int, name: str = "linear"):
+    def single(
+        cls, bits: int, out_features: int, in_features: int, group_size: int, name: str = "linear",
+        integer_zeros: bool = False,
+    ):  # fmt: skip
         """One ``[out, in]`` weight named ``weight``."""
-        return cls((bits,), {"weight": (out_features, in_features)}, group_size, stacked=False, name=name)
+        return cls((bits,), {"weight": (out_features, in_features)}, group_size, stacked=False, name=name,
+                   integer_zeros=integer_zeros)  # fmt: skip
 
     @property
     def num_experts(self) -> int:
@@ -149,4 +155,5 @@ class PackedLayout:
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{len(self.members[b])}x{b}-bit" for b in self.bit_widths)
-        return f"PackedLayout({counts}, projections={self.projections}, group_size={self.group_size})"
+        zeros = ", integer_zeros=True" if self.integer_zeros else ""
+        return f"PackedLayout({counts}, projections={self.projections}, group_size={self.group_size}{zeros})"

@@ -11,6 +11,11 @@ A two-bit plane packs 16 consecutive K rows into one int32 (``[..., K/16, N]``),
 a word in bits ``2j, 2j+1``; the one-bit plane packs 32 rows (``[..., K/32, N]``), value ``j``
 in bit ``j``. Two-bit planes are stacked on a new axis: ``q2`` is ``[..., b//2, K/16, N]``.
 One decode path serves every width, with power-of-two strides and no value crossing a word.
+
+Integer zero points (format version 2) are b-bit codes too, packed the same way but along N, one
+row of words per group: ``zero`` int32 ``[..., K/G, Z]`` holds the two-bit planes' words
+(``ceil(N/16)`` each, value ``j`` of word ``w`` is output ``16 w + j``) and then, for odd widths,
+the one-bit plane's ``ceil(N/32)`` words; the last word of a plane is padded with zero bits.
 """
 
 from __future__ import annotations
@@ -120,3 +125,53 @@ def packed_shapes(bits: int, k: int, n: int, lead: tuple[int, ...] = ()) -> dict
     if has_one_bit_plane(bits):
         shapes["q1"] = (*lead, k // 32, n)
     return shapes
+
+
+def zero_words(bits: int, n: int) -> int:
+    """Words per group row of ``bits``-bit integer zero points for ``n`` outputs (``Z`` above)."""
+    return num_two_bit_planes(bits) * -(-n // 16) + has_one_bit_plane(bits) * -(-n // 32)
+
+
+def _pack_along_n(values: torch.Tensor, width: int) -> torch.Tensor:
+    """``width``-bit values [..., N] -> int32 [..., ceil(N / per_word)], padded with zeros."""
+    per_word = _VALUES_PER_WORD[width]
+    *lead, n = values.shape
+    padded = torch.nn.functional.pad(values.to(torch.int64), (0, -n % per_word))
+    shifts = torch.arange(per_word, dtype=torch.int64, device=values.device) * width
+    words = (padded.reshape(*lead, -1, per_word) << shifts).sum(dim=-1)  # disjoint bits: the sum is an OR
+    return _to_int32(words)
+
+
+def _unpack_along_n(words: torch.Tensor, width: int, n: int) -> torch.Tensor:
+    per_word = _VALUES_PER_WORD[width]
+    shifts = torch.arange(per_word, dtype=torch.int32, device=words.device) * width
+    values = (words.unsqueeze(-1) >> shifts) & ((1 << width) - 1)
+    return values.flatten(-2)[..., :n]
+
+
+def pack_zero_codes(zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer zero points ``[..., K/G, N]`` in ``[0, 2**bits)`` -> int32 ``[..., K/G, zero_words]``."""
+    check_bits(bits)
+    zero = zero.to(torch.int32)
+    n2 = num_two_bit_planes(bits)
+    planes = [_pack_along_n((zero >> (2 * i)) & 3, 2) for i in range(n2)]
+    if has_one_bit_plane(bits):
+        planes.append(_pack_along_n((zero >> (2 * n2)) & 1, 1))
+    return torch.cat(planes, dim=-1)
+
+
+def unpack_zero_codes(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_zero_codes`: int32 zero points ``[..., K/G, n]``."""
+    check_bits(bits)
+    if words.shape[-1] != zero_words(bits, n):
+        raise ValueError(
+            f"integer zeros of {bits} bits for {n} outputs take {zero_words(bits, n)} words per group, "
+            f"got {words.shape[-1]}."
+        )
+    n2, w2 = num_two_bit_planes(bits), -(-n // 16)
+    zero = torch.zeros((*words.shape[:-1], n), dtype=torch.int32, device=words.device)
+    for i in range(n2):
+        zero |= _unpack_along_n(words[..., i * w2 : (i + 1) * w2], 2, n) << (2 * i)
+    if has_one_bit_plane(bits):
+        zero |= _unpack_along_n(words[..., n2 * w2 :], 1, n) << (2 * n2)
+    return zero

@@ -52,16 +52,18 @@ def codes_for(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return q.reshape(weight.shape).to(torch.int32)
 
 
-def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int) -> GroupQuantized:
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, integer_zero: bool = False) -> GroupQuantized:
     """Asymmetric quantization of ``weight`` ``[..., N, K]`` per group of ``group_size`` over the
-    group's min-max range extended to include 0."""
+    group's min-max range extended to include 0; ``integer_zero`` rounds the zero point to the
+    nearest code (as GPTQ's format stores it: b bits instead of 16)."""
     check_bits(bits)
     w = _grouped(weight.float(), group_size)
     # The grid spans 0 as well, so the zero point is a code (0 .. 2**bits - 1): a group of near-equal
     # values far from 0 would otherwise need a zero past float16's range (inf, then NaN outputs).
     wmin, wmax = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
     scale = ((wmax - wmin) / (2**bits - 1)).clamp_(min=_MIN_SCALE).to(METADATA_DTYPE)
-    zero = (-wmin / scale.float()).to(METADATA_DTYPE)
+    zero = -wmin / scale.float()
+    zero = (zero.round().clamp_(0, 2**bits - 1) if integer_zero else zero).to(METADATA_DTYPE)
     # Codes are chosen against the rounded metadata actually stored, not the exact values.
     return GroupQuantized(codes_for(weight, scale, zero, bits), scale, zero, bits, group_size)
 

@@ -17,10 +17,13 @@ def random_packed_projection(
     *,
     device: str | torch.device = "cpu",
     generator: torch.Generator | None = None,
+    integer_zeros: bool = False,
 ) -> PackedProjection:
-    """Uniformly random codes, scales ~ 0.01 and mid-range zeros: weights of a plausible magnitude."""
+    """Uniformly random codes, scales ~ 0.01 and mid-range zeros: weights of a plausible magnitude
+    (integer zeros: uniformly random codes too)."""
     tensors = {}
-    for name, (shape, dtype) in packed_tensor_shapes(bits, n, k, group_size, (num_experts,)).items():
+    shapes = packed_tensor_shapes(bits, n, k, group_size, (num_experts,), integer_zeros)
+    for name, (shape, dtype) in shapes.items():
         if dtype == torch.int32:
             tensors[name] = torch.randint(-(2**31), 2**31 - 1, shape, dtype=dtype, generator=generator)
         elif name == "scale":

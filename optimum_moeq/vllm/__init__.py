@@ -8,7 +8,7 @@ everything else as vLLM loads it. Importing this package does not import vLLM: v
 transformers, and only ``quantization`` (imported by ``register``) needs it.
 """
 
-from .sharding import check_tensor_parallel, shard_packed
+from .sharding import check_tensor_parallel, shard_packed, shard_zero_codes
 
 
 def register() -> None:
@@ -16,4 +16,4 @@ def register() -> None:
     from . import quantization  # noqa: F401  (the import registers the config)
 
 
-__all__ = ["check_tensor_parallel", "register", "shard_packed"]
+__all__ = ["check_tensor_parallel", "register", "shard_packed", "shard_zero_codes"]

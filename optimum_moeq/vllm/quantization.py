@@ -34,12 +34,13 @@ from ..kernels.reference import experts_reference, packed_linear
 from ..nn.bnb_linear import NF4_BLOCK, dequantize_int8, dequantize_nf4
 from ..nn.linear import triton_linear_forward
 from ..quant.layout import PackedLayout
+from ..quant.packing import unpack_zero_codes, zero_words
 from ..saved_checkpoint import check_records, read_headers, stored_mismatch
-from .sharding import check_tensor_parallel, shard_packed
+from .sharding import check_tensor_parallel, shard_packed, shard_zero_codes, stored_zero_width
 
 logger = init_logger("vllm.optimum_moeq")  # under "vllm", so vLLM's handler prints it
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 # a field every quantized dense linear of each attention_method stores, whatever its size
 LINEAR_FIELD = {"moeq": ".weight_scale", "bnb_nf4": ".weight_absmax", "bnb_int8": ".weight_row_scale"}
 # vLLM's fused linears and the checkpoint modules they hold, where a model class does not say
@@ -57,8 +58,10 @@ class MoeqVllmConfig(QuantizationConfig):
         group_size: int,
         attention_bits: int | None = None,
         attention_method: str = "moeq",
+        integer_zeros: bool = False,
     ):
         super().__init__()
+        self.integer_zeros = integer_zeros
         self.allocation = {name: list(bits) for name, bits in allocation.items()}
         self.group_size = group_size
         self.attention_bits = attention_bits
@@ -111,8 +114,9 @@ class MoeqVllmConfig(QuantizationConfig):
         if not allocation:
             raise ValueError("the checkpoint's quantization_config has no allocation: it cannot be served.")
         return cls(
-            allocation, cls.get_from_keys(config, ["group_size"]), config.get("attention_bits"), attention_method
-        )
+            allocation, cls.get_from_keys(config, ["group_size"]), config.get("attention_bits"), attention_method,
+            bool(config.get("integer_zeros")),  # absent before format 2: float16 zeros
+        )  # fmt: skip
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
         """A local checkpoint's shards must record this allocation (as transformers checks); their
@@ -192,19 +196,30 @@ class MoeqFusedMoEMethod(FusedMoEMethodBase):
             self.input_projection: ((2 if self.gated else 1) * self.intermediate, hidden_size),
             "down_proj": (hidden_size, self.intermediate),
         }
-        self.layout = PackedLayout(self.expert_bits, shapes, self.quant_config.group_size, name=name)
+        integer_zeros = self.quant_config.integer_zeros
+        self.layout = PackedLayout(self.expert_bits, shapes, self.quant_config.group_size, name=name,
+                                   integer_zeros=integer_zeros)  # fmt: skip
         self.names = list(self.layout.specs())
         for tensor_name, (shape, dtype) in self.layout.specs().items():
             param = torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
             layer.register_parameter(tensor_name, param)
-            proj = self.layout.field_of(tensor_name)[0]
+            proj, bits, field = self.layout.field_of(tensor_name)
             full_shape = list(shape)
-            full_shape[-2 if proj == "down_proj" else -1] *= tp_size
+            n_full = shapes[proj][0] * (1 if proj == "down_proj" else tp_size)
+            zero_codes = integer_zeros and field == "zero"
+            if zero_codes and proj != "down_proj":  # packed along N: the whole projection's words
+                full_shape[-1] = stored_zero_width(bits, n_full)
+            else:
+                full_shape[-2 if proj == "down_proj" else -1] *= tp_size
 
-            def weight_loader(param, loaded, *_, proj=proj, tensor_name=tensor_name, full_shape=full_shape):
+            def weight_loader(param, loaded, *_, proj=proj, bits=bits, tensor_name=tensor_name, full_shape=full_shape,
+                              n_full=n_full, zero_codes=zero_codes):  # fmt: skip
                 if loaded.dtype != param.dtype or list(loaded.shape) != full_shape:
                     raise stored_mismatch(f"{name}.{tensor_name}", loaded.dtype, loaded.shape, param.dtype, full_shape)
-                param.data.copy_(shard_packed(loaded, proj, rank, tp_size, self.gated))
+                if zero_codes:
+                    param.data.copy_(shard_zero_codes(loaded, bits, n_full, proj, rank, tp_size, self.gated))
+                else:
+                    param.data.copy_(shard_packed(loaded, proj, rank, tp_size, self.gated))
                 param.moeq_loaded = True
 
             set_weight_attrs(param, {"weight_loader": weight_loader})
@@ -266,7 +281,9 @@ class MoeqLinearMethod(LinearMethodBase):
     """A dense linear stored packed at ``bits`` (``attention_bits``): vLLM's own weight loaders
     place the checkpoint's fields by their ``output_dim`` (last axis, unpacked: a fused linear's
     parts and column-parallel shards are slices there) and ``input_dim`` (packed by 16 or 32 per
-    word and one group per scale: row-parallel shards must fall on groups and 32-input blocks)."""
+    word and one group per scale: row-parallel shards must fall on groups and 32-input blocks).
+    Integer zeros (packed along the output axis) are unpacked to float16 as they load, so that the
+    loaders can place them the same way: a dense linear's zeros are a small part of the model."""
 
     def __init__(self, quant_config: MoeqVllmConfig, bits: int, prefix: str):
         self.quant_config, self.bits, self.prefix = quant_config, bits, prefix
@@ -282,10 +299,21 @@ class MoeqLinearMethod(LinearMethodBase):
                                      name=name)  # fmt: skip
         vllm_loader = extra_weight_attrs.pop("weight_loader")
         for tensor_name, (shape, dtype) in layout.specs().items():
-            loader = _checked_loader(vllm_loader, f"{name}.{tensor_name}")
+            convert = self._float_zeros if self.quant_config.integer_zeros and tensor_name.endswith("_zero") else None
+            loader = _checked_loader(vllm_loader, f"{name}.{tensor_name}", convert=convert)
             attrs = {**extra_weight_attrs, "output_dim": len(shape) - 1, "input_dim": len(shape) - 2}
             _register_field(layer, tensor_name, shape, dtype, loader, len(output_partition_sizes), attrs)
         layer.moeq_layout = layout
+
+    def _float_zeros(self, loaded: torch.Tensor) -> torch.Tensor:
+        """A stored part's integer zeros [K/G, words] as float16 [K/G, N] (N a multiple of 32: b bits
+        each, no padding; any other N does not fit the field and is named by the loader)."""
+        if loaded.dtype != torch.int32:
+            return loaded
+        n = 32 * loaded.shape[-1] // self.bits
+        if zero_words(self.bits, n) != loaded.shape[-1]:
+            return loaded
+        return unpack_zero_codes(loaded, self.bits, n).to(torch.float16)
 
     def process_weights_after_loading(self, layer) -> None:
         _refuse_unloaded(layer, layer.moeq_layout.specs(), self.prefix)
@@ -361,14 +389,16 @@ class MoeqBnbLinearMethod(LinearMethodBase):
         return out if bias is None else out + bias.to(out.dtype)
 
 
-def _checked_loader(vllm_loader, disk_name: str, stored_width: int | None = None):
+def _checked_loader(vllm_loader, disk_name: str, stored_width: int | None = None, convert=None):
     """vLLM's loader for one quantized field of a linear, with transformers' one-line error for a
     stored dtype or shape that does not fit (vLLM's loaders assert equal shapes, with no message),
     noting each part it loads for ``_refuse_unloaded``. ``stored_width``: the field is flat on disk,
-    its rows of that width being the weight's rows."""
+    its rows of that width being the weight's rows. ``convert``: applied to each part first."""
 
     def weight_loader(param, loaded, shard_id=None):
         where = disk_name if shard_id is None else f"{disk_name} (part {shard_id})"
+        if convert is not None:
+            loaded = convert(loaded)
         if loaded.dtype != param.dtype:
             raise stored_mismatch(where, loaded.dtype, loaded.shape, param.dtype, param.shape)
         if stored_width is not None:

@@ -5,7 +5,8 @@ its own MoE weights: gate_up_proj by output rows (the gate half and the up half 
 rank holds [gate_r; up_r]), down_proj by input columns. Packed tensors keep N (outputs) on their
 last axis, so an output split is a slice of every field there. Inputs are packed along axis -2
 (16 per 2-bit-plane word, 32 per 1-bit-plane word, one scale and zero per group), so an input
-split must fall on a group and on a 32-input block.
+split must fall on a group and on a 32-input block. Integer zeros (format 2) are packed along N
+instead: their output split is taken on the unpacked values and packed again.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..quant.packing import pack_zero_codes, unpack_zero_codes, zero_words
 
 
 def check_tensor_parallel(
@@ -48,3 +51,19 @@ def shard_packed(tensor: torch.Tensor, proj: str, rank: int, tp_size: int, gated
     half = tensor.shape[-1] // 2
     per = half // tp_size
     return torch.cat([tensor.narrow(-1, rank * per, per), tensor.narrow(-1, half + rank * per, per)], dim=-1)
+
+
+def stored_zero_width(bits: int, n_full: int) -> int:
+    """Last-axis size of a stored integer-zero field for ``n_full`` outputs (before any split)."""
+    return zero_words(bits, n_full)
+
+
+def shard_zero_codes(
+    tensor: torch.Tensor, bits: int, n_full: int, proj: str, rank: int, tp_size: int, gated: bool = True
+) -> torch.Tensor:
+    """This rank's slice of a stored integer-zero field ([E_b, K/G, zero_words]) of ``proj``, whose
+    whole projection has ``n_full`` outputs: split as :func:`shard_packed` splits the values."""
+    if tp_size == 1 or proj == "down_proj":  # down_proj splits its groups (axis -2), whole rows of words
+        return shard_packed(tensor, proj, rank, tp_size, gated)
+    values = unpack_zero_codes(tensor, bits, n_full)
+    return pack_zero_codes(shard_packed(values, proj, rank, tp_size, gated), bits)

@@ -55,7 +55,8 @@ typedef struct {
     const int32_t *q2;    /* [bits/2, K/16, N] or NULL */
     const int32_t *q1;    /* [K/32, N] or NULL */
     const uint16_t *scale; /* float16 [K/G, N] */
-    const uint16_t *zero;  /* float16 [K/G, N] */
+    const void *zero;      /* float16 [K/G, N] (format 1), or with zero_codes int32 [K/G, Z] */
+    int32_t zero_codes;    /* zeros are b-bit integers packed along N, as packing.py describes */
 } moeq_expert;
 
 static float half_to_float(uint16_t h) {
@@ -74,6 +75,22 @@ static float half_to_float(uint16_t h) {
     return f;
 }
 
+/* Integer zeros: group g's row of words holds each 2-bit plane's ceil(N/16) words, then the 1-bit
+ * plane's ceil(N/32); output n is value n % 16 (n % 32) of word n / 16 (n / 32) of a plane. */
+static inline const int32_t *zero_row(const moeq_expert *ex, int g, int N, int *w2) {
+    *w2 = (N + 15) / 16;
+    return (const int32_t *)ex->zero + (size_t)g * ((ex->bits / 2) * *w2 + (ex->bits % 2) * ((N + 31) / 32));
+}
+
+static float zero_at(const moeq_expert *ex, int g, int N, int n) {
+    if (!ex->zero_codes) return half_to_float(((const uint16_t *)ex->zero)[(size_t)g * N + n]);
+    int w2, p, z = 0;
+    const int32_t *row = zero_row(ex, g, N, &w2);
+    for (p = 0; p < ex->bits / 2; p++) z |= (int)(((uint32_t)row[p * w2 + n / 16] >> (2 * (n % 16))) & 3u) << (2 * p);
+    if (ex->bits % 2) z |= (int)(((uint32_t)row[p * w2 + n / 32] >> (n % 32)) & 1u) << (2 * p);
+    return (float)z;
+}
+
 /* One plane of the group starting at input k0: acc[r][n] += sum_k plane[k, n] * xs[r][k]. */
 typedef struct {
     const int32_t *words; /* plane base, [K/per_word, N] */
@@ -82,6 +99,45 @@ typedef struct {
 } plane_ref;
 
 #ifdef MOEQ_AVX2
+/* The zeros of outputs n0 .. n0 + 7 (n0 a multiple of 8) of group g, as floats. */
+static inline __m256 zeros8(const moeq_expert *ex, int g, int N, int n0) {
+    if (!ex->zero_codes) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)ex->zero + (size_t)g * N + n0)));
+    int w2, p;
+    const int32_t *row = zero_row(ex, g, N, &w2);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i z = _mm256_setzero_si256();
+    for (p = 0; p < ex->bits / 2; p++) {
+        const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(row[p * w2 + n0 / 16]),
+                                            _mm256_slli_epi32(_mm256_add_epi32(lane, _mm256_set1_epi32(n0 % 16)), 1));
+        z = _mm256_or_si256(z, _mm256_sllv_epi32(_mm256_and_si256(v, _mm256_set1_epi32(3)), _mm256_set1_epi32(2 * p)));
+    }
+    if (ex->bits % 2) {
+        const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(row[p * w2 + n0 / 32]), _mm256_add_epi32(lane, _mm256_set1_epi32(n0 % 32)));
+        z = _mm256_or_si256(z, _mm256_sllv_epi32(_mm256_and_si256(v, _mm256_set1_epi32(1)), _mm256_set1_epi32(2 * p)));
+    }
+    return _mm256_cvtepi32_ps(z);
+}
+
+#ifdef __AVX512F__
+/* The same for outputs n0 .. n0 + 15 (n0 a multiple of 16). */
+static inline __m512 zeros16(const moeq_expert *ex, int g, int N, int n0) {
+    if (!ex->zero_codes) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)ex->zero + (size_t)g * N + n0)));
+    int w2, p;
+    const int32_t *row = zero_row(ex, g, N, &w2);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i z = _mm512_setzero_si512();
+    for (p = 0; p < ex->bits / 2; p++) {
+        const __m512i v = _mm512_srlv_epi32(_mm512_set1_epi32(row[p * w2 + n0 / 16]), _mm512_slli_epi32(lane, 1));
+        z = _mm512_or_si512(z, _mm512_sllv_epi32(_mm512_and_si512(v, _mm512_set1_epi32(3)), _mm512_set1_epi32(2 * p)));
+    }
+    if (ex->bits % 2) {
+        const __m512i v = _mm512_srlv_epi32(_mm512_set1_epi32(row[p * w2 + n0 / 32]), _mm512_add_epi32(lane, _mm512_set1_epi32(n0 % 32)));
+        z = _mm512_or_si512(z, _mm512_sllv_epi32(_mm512_and_si512(v, _mm512_set1_epi32(1)), _mm512_set1_epi32(2 * p)));
+    }
+    return _mm512_cvtepi32_ps(z);
+}
+#endif
+
 /* One word row of a plane over outputs [na, nb): acc[r][n - na] += sum_j value_j(word[n]) * xw[r][j].
  * The row's words are read contiguously (the layout keeps N contiguous); accumulators for 16
  * outputs stay in registers while a word's values are decoded, then go back to acc (L1). */
@@ -154,7 +210,7 @@ static inline __attribute__((always_inline)) void group_lut(
     for (int t = 0; t < T; t++) {
         const size_t meta = (size_t)g * N + n0 + 16 * t;
         const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ex->scale + meta)));
-        const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ex->zero + meta)));
+        const __m512 z = zeros16(ex, g, N, n0 + 16 * t);
         const __m512 sum = _mm512_add_ps(_mm512_add_ps(a[t][0], a[t][1]), _mm512_add_ps(a[t][2], a[t][3]));
         float *out = y + n0 + 16 * t;
         _mm512_storeu_ps(out, _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum), sum), _mm512_loadu_ps(out)));
@@ -186,7 +242,7 @@ static inline __attribute__((always_inline)) void group_lut(
     for (int h = 0; h < 2; h++) {
         const size_t meta = (size_t)g * N + n0 + 8 * h;
         const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ex->scale + meta)));
-        const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ex->zero + meta)));
+        const __m256 z = zeros8(ex, g, N, n0 + 8 * h);
         const __m256 sum = _mm256_add_ps(_mm256_add_ps(a[h][0], a[h][1]), _mm256_add_ps(a[h][2], a[h][3]));
         float *out = y + n0 + 8 * h;
         _mm256_storeu_ps(out, _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, _mm256_set1_ps(xsum), sum), _mm256_loadu_ps(out)));
@@ -229,7 +285,7 @@ static inline __attribute__((always_inline)) void task_avx2(
         for (int n0 = na; n0 < nb; n0 += 8) {
             const size_t meta = (size_t)g * N + n0;
             const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ex->scale + meta)));
-            const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ex->zero + meta)));
+            const __m256 z = zeros8(ex, g, N, n0);
             for (int r = 0; r < rows; r++) {
                 const __m256 sum = _mm256_set1_ps(xsum[(size_t)r * ngroups + g]);
                 float *out = y + (size_t)r * ldy + n0;
@@ -330,8 +386,7 @@ static inline __attribute__((always_inline)) void group_tile_bf16(
     for (int t = 0; t < T; t++) {
         const size_t meta = (size_t)g * N + n0 + 16 * t;
         const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ex->scale + meta)));
-        const __m512 z = _mm512_add_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ex->zero + meta))),
-                                       _mm512_set1_ps(corr));
+        const __m512 z = _mm512_add_ps(zeros16(ex, g, N, n0 + 16 * t), _mm512_set1_ps(corr));
         for (int r = 0; r < rows; r++) {
             float *out = y + (size_t)r * ldy + n0 + 16 * t;
             const __m512 v = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[(size_t)r * ngroups + g]), acc[r][t]);
@@ -416,7 +471,7 @@ static void tile_portable(
                     }
                 }
             }
-            const float s = half_to_float(ex->scale[(size_t)g * N + n]), z = half_to_float(ex->zero[(size_t)g * N + n]);
+            const float s = half_to_float(ex->scale[(size_t)g * N + n]), z = zero_at(ex, g, N, n);
             for (int r = 0; r < rows; r++)
                 y[(size_t)r * ldy + n] += s * (acc[r] - z * xsum[(size_t)r * ngroups_total + g]);
         }
