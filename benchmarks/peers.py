@@ -76,6 +76,41 @@ def bnb_nf4(linear: nn.Linear, bits: int, group: int) -> nn.Module:
     return linear
 
 
+def gptqmodel_solver(weight, hessian, bits, group_size, *, integer_zero=True, **_):
+    """GPTQModel's own GPTQ (asymmetric, its defaults otherwise: act_group_aware ordering, damping
+    0.05, static groups off) on weights [E, N, K] given our Hessians [E, K, K], as a stand-in for
+    optimum_moeq.quant.gptq.quantize_gptq: the same calibration walk and Hessians, only the solver
+    differs. It gets the Hessian as inputs X with X^T X = H; its weights come back dequantized with
+    float32 scales, which its own checkpoint format stores as float16, as ours does."""
+    from gptqmodel.quantization.config import QuantizeConfig
+    from gptqmodel.quantization.gptq import GPTQ
+
+    from optimum_moeq.quant import GroupQuantized
+
+    if weight.dim() == 2:
+        q = gptqmodel_solver(weight[None], hessian[None], bits, group_size, integer_zero=integer_zero)
+        return GroupQuantized(q.codes[0], q.scale[0], q.zero[0], bits, group_size)
+    codes, scales, zeros = [], [], []
+    for w, h in zip(weight.float(), hessian):
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        linear.weight.data.copy_(w)
+        config = QuantizeConfig(bits=bits, group_size=group_size, sym=False, fallback=None, offload_to_disk=False)
+        solver = GPTQ(linear, config)
+        solver.quantizer.configure(perchannel=True)
+        values, vectors = torch.linalg.eigh(h.double())
+        solver.add_batch((values.clamp_min(0).sqrt()[:, None] * vectors.T).float()[None], None)
+        dequantized, scale, zero, g_idx, *_ = solver.quantize()
+        if not torch.equal(g_idx.cpu().long(), torch.arange(w.shape[1]) // group_size):
+            raise NotImplementedError("GPTQModel regrouped the columns (g_idx): not storable in our format")
+        scale = scale.float().reshape(w.shape[0], -1)
+        zero = zero.float().reshape(w.shape[0], -1)
+        steps = dequantized.float().reshape(w.shape[0], -1, group_size) / scale[..., None] + zero[..., None]
+        codes.append(steps.round().clamp(0, 2**bits - 1).reshape(w.shape).int())
+        scales.append(scale.half())
+        zeros.append(zero.half())
+    return GroupQuantized(torch.stack(codes), torch.stack(scales), torch.stack(zeros), bits, group_size)
+
+
 # label, quantize one linear, bits per weight at (bits, group) as each stores its metadata
 PEERS = [
     ("hqq library (Quantizer.quantize, optimize=True, axis=1)", hqq_library, "hqq", lambda b, g: b + 32 / g),
@@ -130,22 +165,48 @@ def main() -> None:
 
     columns = [(g, b) for g in groups for b in BUDGETS]
     rows, skipped = [], []
-    # each method with its default zeros (integer for rtn and gptq, float16 for hqq), and gptq with
-    # float16 zeros too: what format 2's integer zeros cost or gain at the same codes' bits
-    variants = [("rtn", None), ("hqq", None), ("gptq", None), ("gptq", False)]
-    for method, integer_zeros in variants:
-        cells, bits_per_weight = [], None
-        for group, budget in columns:
-            extra = bed.gptq_held_in() if method == "gptq" else dict(method=method)
-            config = RouterNormConfig(avg_bits=2.5 if budget == "2.5-bit" else 2.0, bit_levels=(2, 3),
-                                      group_size=group, allocation=allocations[group][budget],
-                                      integer_zeros=integer_zeros, **extra)  # fmt: skip
-            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
-            if budget == "2-bit" and group == groups[-1]:
-                bits_per_weight = expert_bits(model)
-            cells.append(f"{T.perplexity(model.dequantize(), windows):.3f}")
-        zeros = "float16 zeros" if integer_zeros is False or method == "hqq" else "integer zeros"
-        rows.append([f"optimum-moeq {method} ({zeros})", *cells, f"{bits_per_weight:.3f}"])
+
+    def ours(label: str, solver=None, **options) -> None:
+        """A row of optimum-moeq quantizing on load with ``options``; ``solver`` stands in for
+        quantize_gptq (same calibration walk and Hessians)."""
+        import optimum_moeq.calibration as calibration
+
+        cells, bits_per_weight, shipped = [], None, calibration.quantize_gptq
+        calibration.quantize_gptq = solver or shipped
+        try:
+            for group, budget in columns:
+                extra = bed.gptq_held_in() if options.get("method") == "gptq" else {}
+                config = RouterNormConfig(avg_bits=2.5 if budget == "2.5-bit" else 2.0, bit_levels=(2, 3),
+                                          group_size=group, allocation=allocations[group][budget],
+                                          **{**extra, **options})  # fmt: skip
+                model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
+                if budget == "2-bit" and group == groups[-1]:
+                    bits_per_weight = expert_bits(model)
+                cells.append(f"{T.perplexity(model.dequantize(), windows):.3f}")
+        finally:
+            calibration.quantize_gptq = shipped
+        rows.append([label, *cells, f"{bits_per_weight:.3f}"])
+
+    def gptq_ordered(order):
+        from optimum_moeq.quant.gptq import quantize_gptq
+
+        return lambda *args, **kwargs: quantize_gptq(*args, **{**kwargs, "act_order": order})
+
+    # each method with its default zeros (integer for rtn and gptq, float16 for hqq); then gptq with
+    # float16 zeros (what format 2's integer zeros cost), and with GPTQModel's choices one at a time
+    ours("optimum-moeq rtn (integer zeros)", method="rtn")
+    ours("optimum-moeq hqq (float16 zeros)", method="hqq")
+    ours("optimum-moeq gptq (the default: integer zeros, desc_act static groups, damping 0.01)", method="gptq")
+    ours("optimum-moeq gptq, float16 zeros", method="gptq", integer_zeros=False)
+    ours("optimum-moeq gptq, damping 0.05", method="gptq", damp_percent=0.05)
+    ours("optimum-moeq gptq, group-aware order", gptq_ordered("groups"), method="gptq")
+    ours("optimum-moeq gptq, group-aware order, damping 0.05", gptq_ordered("groups"), method="gptq",
+         damp_percent=0.05)  # fmt: skip
+    if importlib.util.find_spec("gptqmodel") is not None:
+        import gptqmodel
+
+        label = f"GPTQModel {gptqmodel.__version__} GPTQ solver, asymmetric (its defaults; our Hessians and zeros)"
+        ours(label, gptqmodel_solver, method="gptq")
     for label, quantize_linear, module, nominal in PEERS:
         if importlib.util.find_spec(module) is None:
             skipped.append(f"{label}: {module} is not installed")
@@ -165,7 +226,10 @@ def main() -> None:
         model = peer_model(path, bnb_nf4, {n: [4] * experts for n in names}, group)
         nf4.append(f"g{group}: {T.perplexity(model, windows):.3f}")
     if importlib.util.find_spec("gptqmodel") is None:
-        skipped.append("GPTQModel: not importable here (source-only on PyPI; install it in its own environment)")
+        skipped.append(
+            "GPTQModel: not importable here (source-only on PyPI: `BUILD_CUDA_EXT=0 pip install --no-build-isolation "
+            "gptqmodel` in its own environment, with setuptools>=77, then run this script there)"
+        )
 
     header = ["method", *(f"g{g} {b}" for g, b in columns), f"bits/weight at g{groups[-1]} 2-bit"]
     notes = (
@@ -173,8 +237,8 @@ def main() -> None:
         "(combined) allocation, the same bits per expert for every library. optimum-moeq gptq calibrated on 32 "
         "held-in windows. Bits per weight: true for optimum-moeq (codes, float16 scales and zeros as stored: "
         "integer zeros cost b bits a group, format 2), nominal for the peers (float16 scale and zero per group; "
-        "GPTQModel packs b-bit integer zeros: 2.141 at g128 2-bit). For reference, bitsandbytes NF4 (4 bits, every expert, "
-        f"blocks of the group size): {', '.join(nf4)}. "
+        "GPTQModel packs b-bit integer zeros: 2.141 at g128 2-bit). For reference, bitsandbytes NF4 (4 bits, every "
+        f"expert, blocks of the group size): {', '.join(nf4)}. "
         + (f"Skipped: {'; '.join(skipped)}. " if skipped else "")
         + f"Command: python benchmarks/peers.py{' --smoke' if args.smoke else ''}"
     )

@@ -49,10 +49,11 @@ def test_gptq_is_exact_on_weights_already_on_the_grid():
     assert torch.equal(dequantize(q.codes, q.scale, q.zero), weight)
 
 
-def _textbook_gptq(weight, hessian, order, bits, group_size, damp_percent=0.01):
+def _textbook_gptq(weight, hessian, order, bits, group_size, damp_percent=0.01, grids_as_reached=False):
     """GPTQ as first written (Frantar et al., eq. 3), float64, unblocked: quantize the columns in
-    ``order`` on grids fitted to the original weights; after each, spread its error over the
-    columns left and remove it from the inverse Hessian."""
+    ``order`` on grids fitted to the original weights (``grids_as_reached``: each run of
+    ``group_size`` columns of ``order`` on a grid fitted to its weights as updated when reached);
+    after each, spread its error over the columns left and remove it from the inverse Hessian."""
     w = weight.double().clone()
     h = hessian.double().clone()
     h += damp_percent * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
@@ -63,6 +64,10 @@ def _textbook_gptq(weight, hessian, order, bits, group_size, damp_percent=0.01):
     zero = grid.zero.double().repeat_interleave(group_size, 1)[:, order]
     codes = torch.zeros_like(w, dtype=torch.int32)
     for j in range(w.shape[1]):
+        if grids_as_reached and j % group_size == 0:
+            grid = quantize_rtn(w[:, j : j + group_size].float(), bits, group_size)
+            scale[:, j : j + group_size] = grid.scale.double()
+            zero[:, j : j + group_size] = grid.zero.double()
         q = torch.round(w[:, j] / scale[:, j] + zero[:, j]).clamp(0, 2**bits - 1)
         codes[:, j] = q.int()
         error = (w[:, j] - (q - zero[:, j]) * scale[:, j]) / h_inv[j, j]
@@ -85,6 +90,25 @@ def test_act_order_is_textbook_gptq_in_order_of_decreasing_activation(bits):
     assert torch.equal(q.codes, _textbook_gptq(weight, hessian, order, bits, 32))
     grid = quantize_rtn(weight, bits, 32)  # static groups: grids from the weights before any update
     assert torch.equal(q.scale, grid.scale) and torch.equal(q.zero, grid.zero)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_group_aware_order_is_textbook_gptq_group_by_group(bits):
+    """act_order="groups": groups by their largest activation, columns within a group by theirs,
+    each group's grid fitted as it is reached; a group's columns stay together."""
+    generator = torch.Generator().manual_seed(30 + bits)
+    weight = torch.randn(16, 96, generator=generator) * 0.02
+    x = _correlated_inputs(256, 96, generator) * torch.rand(96, generator=generator) * 3
+    hessian = input_hessian(x)
+    diag = torch.diagonal(hessian)
+    groups = torch.argsort(diag.reshape(3, 32).amax(-1), descending=True, stable=True)
+    order = torch.cat([32 * g + torch.argsort(diag[32 * g : 32 * g + 32], descending=True, stable=True)
+                       for g in groups.tolist()])  # fmt: skip
+    assert not torch.equal(groups, torch.arange(3))
+    q = quantize_gptq(weight, hessian, bits, group_size=32, block_size=16, act_order="groups")
+    assert torch.equal(q.codes, _textbook_gptq(weight, hessian, order, bits, 32, grids_as_reached=True))
+    with pytest.raises(ValueError, match=r"act_order='random' is not supported: allowed are False, True and 'groups'"):
+        quantize_gptq(weight, hessian, bits, group_size=32, act_order="random")
 
 
 @pytest.mark.parametrize("bits", [2, 3])

@@ -32,7 +32,7 @@ def quantize_gptq(
     damp_percent: float = 0.01,
     block_size: int = 128,
     grid: str = "rtn",
-    act_order: bool = False,
+    act_order: bool | str = False,
     overwrite_hessian: bool = False,
     integer_zero: bool = False,
 ) -> GroupQuantized:
@@ -43,7 +43,10 @@ def quantize_gptq(
     ``act_order``: quantize the columns in order of decreasing Hessian diagonal (the most active
     inputs first, while the most columns are left to absorb their error), each expert in its own
     order. The groups stay contiguous columns, with grids fitted before any update ("static
-    groups"), so the packed format is the same either way.
+    groups"), so the packed format is the same either way. ``act_order="groups"``: the groups in
+    order of their largest Hessian diagonal, each group's columns by decreasing diagonal, and each
+    group's grid fitted when its first column is reached, on the weights as updated so far (the
+    group-aware reordering of Gafni et al., 2025, GPTQModel's default).
 
     ``overwrite_hessian``: the factorization may reuse ``hessian``'s memory (float64, contiguous),
     which the caller must not read afterwards; saves a K x K copy per expert.
@@ -68,25 +71,42 @@ def quantize_gptq(
         return quantize_hqq(weights, bits, group_size) if grid == "hqq" else quantize_rtn(
             weights, bits, group_size, integer_zero)  # fmt: skip
 
-    if act_order:
+    if act_order not in (False, True, "groups"):
+        raise ValueError(f"act_order={act_order!r} is not supported: allowed are False, True and 'groups'.")
+    if act_order is True:
         return _act_order_gptq(weight, hessian, bits, group_size, damp_percent, block_size, fit, overwrite_hessian)
-    w, h_inv = _prepared(weight, hessian, damp_percent, overwrite_hessian=overwrite_hessian)
+    order = _group_aware_order(hessian, group_size) if act_order == "groups" else None
+    w, h_inv = _prepared(weight, hessian, damp_percent, order, overwrite_hessian=overwrite_hessian)
     scales = torch.zeros(e, n, k // group_size, dtype=METADATA_DTYPE, device=weight.device)
     zeros = torch.zeros_like(scales)
+    experts = torch.arange(e, device=weight.device)
     grid = {}
 
     def grid_at(column, block, i, end, w):
         if column % group_size == 0:  # the group's grid, from the weights as updated so far
             group = torch.cat([block[..., i:], w[..., end : column + group_size]], dim=-1)[..., :group_size]
             start_grid = fit(group.float())
-            scales[..., column // group_size] = start_grid.scale[..., 0]
-            zeros[..., column // group_size] = start_grid.zero[..., 0]
+            stored = column // group_size if order is None else order[:, column] // group_size  # [E]
+            scales[experts, :, stored] = start_grid.scale[..., 0]
+            zeros[experts, :, stored] = start_grid.zero[..., 0]
             grid["scale"], grid["zero"] = start_grid.scale[..., 0].double(), start_grid.zero[..., 0].double()
         return grid["scale"], grid["zero"]
 
     codes = _solve_columns(w, h_inv, bits, block_size, grid_at)
     del w  # the float64 working copy, before the codes' int32 copy
+    if order is not None:  # rows back in column order
+        codes = torch.empty_like(codes).scatter_(1, order[:, :, None].expand(e, k, n), codes)
     return GroupQuantized(_int32_codes(codes), scales, zeros, bits, group_size)
+
+
+def _group_aware_order(hessian: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[E, K]: each expert's groups by decreasing largest Hessian diagonal, and within a group its
+    columns by decreasing diagonal (a group's columns stay together)."""
+    diag = torch.diagonal(hessian, dim1=-2, dim2=-1).reshape(hessian.shape[0], -1, group_size)
+    within = torch.argsort(diag, dim=-1, descending=True, stable=True)  # [E, K/G, G]
+    groups = torch.argsort(diag.amax(dim=-1), dim=-1, descending=True, stable=True)  # [E, K/G]
+    columns = within + torch.arange(0, hessian.shape[-1], group_size, device=hessian.device)[:, None]
+    return columns.gather(1, groups[:, :, None].expand_as(columns)).reshape(hessian.shape[0], -1)
 
 
 def _solve_columns(w, h_inv, bits, block_size, grid_at) -> torch.Tensor:
