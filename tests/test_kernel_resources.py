@@ -17,10 +17,13 @@ from optimum_moeq.kernels.resources import SHARED_MEMORY_LIMIT, compile_for, rec
 from optimum_moeq.nn import MixedBitExperts
 
 generator = torch.Generator().manual_seed(0)
-# bf16 at decode (GEMV) and prefill (tl.dot), gated (fused SiLU) or not; fp32 at prefill (exact dot)
-cases = [(torch.bfloat16, gated, tokens) for gated in (True, False) for tokens in (1, 100)]
-for dtype, gated, tokens in cases + [(torch.float32, True, 100)]:
-    module = MixedBitExperts([3, 8, 2, 3], 256, 512, 128, hidden_act="silu" if gated else "relu", gated=gated)
+# bf16 at decode (GEMV) and prefill (tl.dot), gated (fused SiLU) or not, float16 zeros; the gated ones
+# with integer zeros too (format 2); fp32 at prefill (exact dot)
+cases = [(torch.bfloat16, gated, tokens, False) for gated in (True, False) for tokens in (1, 100)]
+cases += [(torch.bfloat16, True, tokens, True) for tokens in (1, 100)] + [(torch.float32, True, 100, False)]
+for dtype, gated, tokens, integer_zeros in cases:
+    module = MixedBitExperts([3, 8, 2, 3], 256, 512, 128, hidden_act="silu" if gated else "relu", gated=gated,
+                             integer_zeros=integer_zeros)
     module.kernel = "triton"  # the weights stay uninitialised: nothing runs
     index = torch.randint(0, 4, (tokens, 2), generator=generator)
     x = torch.randn(tokens, 256, generator=generator).to(dtype)
@@ -29,6 +32,7 @@ for dtype, gated, tokens in cases + [(torch.float32, True, 100)]:
         found = resources_of(compiled, 90)
         bits = launch.kwargs["N2"] * 2 + launch.kwargs["HAS_Q1"]
         print(json.dumps(dict(kernel=launch.name, dtype=str(dtype), gated=gated, bits=bits, shared=found.shared_bytes,
+                              integer_zeros=integer_zeros,
                               limit=SHARED_MEMORY_LIMIT[90], registers=found.registers, spills=found.spill_bytes,
                               fp_fusion=compiled.metadata.enable_fp_fusion)))
 
@@ -63,8 +67,9 @@ def compiled_launches():
 
 def test_every_launch_is_compiled(compiled_launches):
     compiled_launches = [r for r in compiled_launches if r["dtype"] != "dp4a"]
-    kinds = {(r["kernel"], r["dtype"], r["gated"], r["bits"]) for r in compiled_launches}
-    assert len(kinds) == (2 * 2 + 1) * 3  # bf16: GEMV and tl.dot, gated or not; fp32 tl.dot; 2/3/8 bits
+    kinds = {(r["kernel"], r["dtype"], r["gated"], r["bits"], r["integer_zeros"]) for r in compiled_launches}
+    # bf16: GEMV and tl.dot, gated or not, and gated with integer zeros; fp32 tl.dot; 2/3/8 bits
+    assert len(kinds) == (2 * 2 + 2 + 1) * 3
     assert len(compiled_launches) == 2 * len(kinds)  # two projections each
 
 

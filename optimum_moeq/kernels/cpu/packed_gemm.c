@@ -1,5 +1,6 @@
 /* Packed mixed-bit expert projections on CPU: y[r, :] = x[r, :] @ W_e^T for rows r routed to
- * expert e, read straight from the bit planes (optimum_moeq/quant/packing.py, format version 1).
+ * expert e, read straight from the bit planes (optimum_moeq/quant/packing.py, format versions 1
+ * and 2: float16 zeros, or b-bit integer zeros packed along N, expanded per group as they are used).
  *
  * Per group g of G inputs and output n:  sum_k W[n,k] x[k] = s[g,n] * (sum_k c[k,n] x[k] - z[g,n] * sum_k x[k]),
  * so codes are multiplied as small integers and the scale and zero are applied once per group.
