@@ -1,7 +1,8 @@
 """optimum-moeq's quantizers against the field's libraries, same weights, same text, in one run.
 
-    python benchmarks/peers.py            # the testbed (built or reused), groups 64 and 128
-    python benchmarks/peers.py --smoke    # a tiny testbed: checks the script, not a figure
+    python benchmarks/peers.py               # the testbed (built or reused), groups 64 and 128
+    python benchmarks/peers.py --groups 128  # the default group only (half the time)
+    python benchmarks/peers.py --smoke       # a tiny testbed: checks the script, not a figure
 
 On the testbed (``benchmarks/testbed.py``), only the experts are quantized, at uniform 2 bits and
 at 2.5 bits over (2, 3) with the default allocation (the same bits per expert for every library
@@ -10,7 +11,10 @@ each peer quantizes every expert weight as an ``nn.Linear`` through its own modu
 weight it computes with is read back through that module (``module(I)``), so the figure is the
 library's own arithmetic. Peers are used where installed (in this environment: ``pip install
 hqq optimum-quanto torchao``; bitsandbytes is a dependency); the rest are named as skipped.
-GPTQModel builds from source only (no wheel for this CPU) and is skipped unless importable.
+GPTQModel builds from source only (no wheel for this CPU) and is skipped unless importable; where
+it is (``BUILD_CUDA_EXT=0 pip install --no-build-isolation gptqmodel`` in its own environment, with
+setuptools>=77, and the other peers beside it), its GPTQ solver runs in place of ours on the same
+calibration walk, Hessians and integer zeros, so the row compares the solvers alone.
 """
 
 from __future__ import annotations
@@ -144,6 +148,7 @@ def peer_model(path: str, quantize_linear, allocation: dict[str, list[int]], gro
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--groups", type=int, nargs="+", default=list(GROUPS), help="group sizes (columns) to measure")
     parser.add_argument("--out", help="table path (default: benchmarks/results/peers.md; --smoke: .smoke/)")
     args = parser.parse_args()
     out = args.out or results_path("peers.md", args.smoke)
@@ -157,7 +162,7 @@ def main() -> None:
     names = [n for n, m in full.named_modules() if n.endswith("mlp.experts")]
     experts = full.config.num_local_experts
     del full
-    groups = (32,) if args.smoke else GROUPS
+    groups = (32,) if args.smoke else tuple(args.groups)
     allocations = {}
     for group in groups:
         two_five = allocate(path, RouterNormConfig(avg_bits=2.5, group_size=group, method="rtn"), progress=False).bits
@@ -241,6 +246,7 @@ def main() -> None:
         f"expert, blocks of the group size): {', '.join(nf4)}. "
         + (f"Skipped: {'; '.join(skipped)}. " if skipped else "")
         + f"Command: python benchmarks/peers.py{' --smoke' if args.smoke else ''}"
+        + ("" if args.smoke or groups == GROUPS else f" --groups {' '.join(map(str, groups))}")
     )
     write_table(out, "Quantizers against the field's libraries (testbed perplexity)", header, rows, notes)
 

@@ -162,8 +162,8 @@ def test_a_nan_scale_is_refused_at_load_and_at_save(copy, saved):
         AutoModelForCausalLM.from_pretrained(copy)
     model = AutoModelForCausalLM.from_pretrained(saved)
     with torch.no_grad():
-        model.model.layers[1].mlp.experts.down_proj_b3_zero.view(-1)[0] = float("inf")
-    with pytest.raises(ValueError, match=r"cannot save: .*layers.1.mlp.experts.down_proj_b3_zero holds NaN"):
+        model.model.layers[1].mlp.experts.down_proj_b3_scale.view(-1)[0] = float("inf")  # zeros: integers
+    with pytest.raises(ValueError, match=r"cannot save: .*layers.1.mlp.experts.down_proj_b3_scale holds NaN"):
         model.save_pretrained(copy.parent / "never")
     assert not (copy.parent / "never" / "model.safetensors").exists()
 
