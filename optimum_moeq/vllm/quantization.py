@@ -34,13 +34,13 @@ from ..kernels.reference import experts_reference, packed_linear
 from ..nn.bnb_linear import NF4_BLOCK, dequantize_int8, dequantize_nf4
 from ..nn.linear import triton_linear_forward
 from ..quant.layout import PackedLayout
+from ..quant.packed import READABLE_FORMAT_VERSIONS
 from ..quant.packing import unpack_zero_codes, zero_words
 from ..saved_checkpoint import check_records, read_headers, stored_mismatch
-from .sharding import check_tensor_parallel, shard_packed, shard_zero_codes, stored_zero_width
+from .sharding import check_tensor_parallel, shard_packed, shard_zero_codes
 
 logger = init_logger("vllm.optimum_moeq")  # under "vllm", so vLLM's handler prints it
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
 # a field every quantized dense linear of each attention_method stores, whatever its size
 LINEAR_FIELD = {"moeq": ".weight_scale", "bnb_nf4": ".weight_absmax", "bnb_int8": ".weight_row_scale"}
 # vLLM's fused linears and the checkpoint modules they hold, where a model class does not say
@@ -99,10 +99,10 @@ class MoeqVllmConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MoeqVllmConfig:
         version = config.get("format_version", 1)
-        if version not in SUPPORTED_FORMAT_VERSIONS:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(
                 f"moeq format_version {version} is not supported by this optimum-moeq "
-                f"(supported: {list(SUPPORTED_FORMAT_VERSIONS)}): upgrade optimum-moeq."
+                f"(supported: {list(READABLE_FORMAT_VERSIONS)}): upgrade optimum-moeq."
             )
         attention_method = config.get("attention_method") or "moeq"
         if attention_method not in LINEAR_FIELD:
@@ -208,7 +208,7 @@ class MoeqFusedMoEMethod(FusedMoEMethodBase):
             n_full = shapes[proj][0] * (1 if proj == "down_proj" else tp_size)
             zero_codes = integer_zeros and field == "zero"
             if zero_codes and proj != "down_proj":  # packed along N: the whole projection's words
-                full_shape[-1] = stored_zero_width(bits, n_full)
+                full_shape[-1] = zero_words(bits, n_full)
             else:
                 full_shape[-2 if proj == "down_proj" else -1] *= tp_size
 

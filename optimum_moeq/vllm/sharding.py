@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ..quant.packing import pack_zero_codes, unpack_zero_codes, zero_words
+from ..quant.packing import pack_zero_codes, unpack_zero_codes
 
 
 def check_tensor_parallel(
@@ -51,11 +51,6 @@ def shard_packed(tensor: torch.Tensor, proj: str, rank: int, tp_size: int, gated
     half = tensor.shape[-1] // 2
     per = half // tp_size
     return torch.cat([tensor.narrow(-1, rank * per, per), tensor.narrow(-1, half + rank * per, per)], dim=-1)
-
-
-def stored_zero_width(bits: int, n_full: int) -> int:
-    """Last-axis size of a stored integer-zero field for ``n_full`` outputs (before any split)."""
-    return zero_words(bits, n_full)
 
 
 def shard_zero_codes(
