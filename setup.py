@@ -31,7 +31,8 @@ setup(
         "optimum>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=8", "triton>=3.3", "lm-eval>=0.4.9", "bitsandbytes>=0.45"],
+        # hqq: method="hqq" is tested against the library it reproduces
+        "test": ["pytest>=8", "triton>=3.3", "lm-eval>=0.4.9", "bitsandbytes>=0.45", "hqq>=0.2.8"],
         "bnb": ["bitsandbytes>=0.45"],
         "gpu": ["triton>=3.3"],
         "eval": ["lm-eval>=0.4.9"],
