@@ -171,8 +171,11 @@ def test_a_nan_scale_is_refused_at_load_and_at_save(copy, saved):
 # 3, 4, 10. replacing OUT: kills at controlled points, concurrent runs, stale partial folders
 
 _DRIVER = """
-import os, shutil, sys, time
+import os, shutil, signal, sys, time
 import optimum_moeq.output_folder as output_folder
+# Ctrl-C as in a terminal, even when the test runner was started in the background (where the
+# shell leaves SIGINT ignored, and Python then installs no KeyboardInterrupt handler)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 point, marker = sys.argv[1], sys.argv[2]
 if point == "before-commit":
     commit = output_folder.OutputFolder.commit
