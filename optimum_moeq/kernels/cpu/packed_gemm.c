@@ -39,6 +39,7 @@
  * that restart every group, more than the hardware prefetchers follow (measured: +8%, then +3% more
  * when the prefetch runs on into the next group's rows). A prefetch never faults, so none is bounded. */
 #define PF_DIST 1024
+#define SILU_SLICE 512    /* SiLU elements a task */
 #define MAX_PLANES 5       /* 8 bits: four 2-bit planes; 7 bits: three + a 1-bit plane */
 
 /* Rows that hold exact bfloat16 values (a bf16 model's activations) go through AVX-512 BF16 dot
@@ -703,6 +704,56 @@ static inline float round_to_bf16(float v) {
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
+#if defined(MOEQ_AVX2) && defined(__AVX512F__)
+/* exp(x) over 16 lanes: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact to
+ * float rounding), exp(r) by its Taylor series to r^7 (truncation < 6e-9 relative), times 2^n by
+ * vscalefps, which gives inf and 0 past float's range and passes NaN. silu_times' results measured
+ * within 4 ulp of the scalar silu (expf) over 4M values in [-100, 100]. */
+static inline __m512 exp16(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* out[i] = silu(gate[i]) * up[i] for i in [0, n), rounded to bf16 (ties to even) if asked. With
+ * AVX-512 every element, the tail too (masked), takes the vector path: a result never depends on
+ * how the range was sliced between threads. */
+static void silu_times(const float *gate, const float *up, float *out, int n, int to_bf16) {
+#if defined(MOEQ_AVX2) && defined(__AVX512F__)
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        __m512 v = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), _mm512_maskz_loadu_ps(m, up + i));
+        if (to_bf16) { /* round_to_bf16 over lanes: NaN and infinity pass through */
+            const __m512i u = _mm512_castps_si512(v);
+            const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+            const __m512i r = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb),
+                                               _mm512_set1_epi32((int)0xFFFF0000u));
+            const __mmask16 finite = _mm512_cmpneq_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7F800000)),
+                                                              _mm512_set1_epi32(0x7F800000));
+            v = _mm512_castsi512_ps(_mm512_mask_mov_epi32(u, finite, r));
+        }
+        _mm512_mask_storeu_ps(out + i, m, v);
+    }
+#else
+    for (int i = 0; i < n; i++) {
+        const float v = silu(gate[i]) * up[i];
+        out[i] = to_bf16 ? round_to_bf16(v) : v;
+    }
+#endif
+}
+
 /* A whole SiLU-gated experts layer: out [T, H] = sum over slots of w[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))
  * with e = index[t, k]; pairs whose index is outside [0, E) are skipped. Pairs are counting-sorted
  * by expert (stable), so each expert's rows share a decode; the weighted sum runs in that order.
@@ -743,15 +794,13 @@ int moeq_experts_forward(const float *x, int T, int topk, const int64_t *index, 
     for (int r = 0; r < rows; r++) memcpy(rows_x + (size_t)r * H, x + (size_t)(pair_of_row[r] / topk) * H, sizeof(float) * H);
     if (moeq_packed_gemm(rows_x, h, H, 2 * I, G, nseg, seg_start, seg_expert, gate_up, nthreads, portable, exact_bf16))
         goto done;
-    /* silu(gate) * up [rows, I], rows in parallel (a 512-token prefill: 3.7M expf) */
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8)
-    for (int r = 0; r < rows; r++) {
-        const float *gate = h + (size_t)r * 2 * I, *up = gate + I;
-        float *out = act + (size_t)r * I;
-        for (int i = 0; i < I; i++) {
-            const float v = silu(gate[i]) * up[i];
-            out[i] = exact_bf16 ? round_to_bf16(v) : v;
-        }
+    /* silu(gate) * up [rows, I], in slices of SILU_SLICE so that decode's one or two rows use every
+     * thread too */
+    const int slices = (I + SILU_SLICE - 1) / SILU_SLICE;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int task = 0; task < rows * slices; task++) {
+        const int r = task / slices, i0 = (task % slices) * SILU_SLICE, n = I - i0 < SILU_SLICE ? I - i0 : SILU_SLICE;
+        silu_times(h + (size_t)r * 2 * I + i0, h + (size_t)r * 2 * I + I + i0, act + (size_t)r * I + i0, n, exact_bf16);
     }
     /* in a bf16 model (exact_bf16) silu(gate) * up was rounded to bf16, as transformers' dense experts
      * and the Triton kernels round it: the down projection takes exact bf16 rows */
