@@ -10,8 +10,11 @@
  * are read from (word >> 16), so that no masked value reaches the sign bit.
  *
  * Rows of one expert are processed ROWS at a time so that each decoded code vector serves them
- * all (decode: 1 row; prefill: blocks of 4). Work is split over (expert segment, output tile)
- * tasks with OpenMP, in the thread pool torch itself uses (the same libgomp.so.1 soname).
+ * all (decode: 1 row; prefill: blocks of 4, or 8 bf16 rows). Work is split over (expert segment,
+ * output tile) tasks with OpenMP, in the thread pool torch itself uses (the same libgomp.so.1 soname).
+ * Paths: one float32 row by table lookups (group_lut); one exact bf16 row (a bf16 model's decode)
+ * by bf16 dot products for 2-bit planes and lookups for a 1-bit plane (group_decode_bf16); blocks
+ * of exact bf16 rows by bf16 dot products (group_tile_bf16); other blocks by masks and FMAs.
  */
 #include <stdint.h>
 #include <string.h>
@@ -188,7 +191,7 @@ static inline __attribute__((always_inline)) void word_row_avx2(
     }
 }
 
-/* Decode (one row) by table lookup: a word's 32 bits are read LUT_BITS at a time (chunk c: bits
+/* Decode (one float32 row) by table lookup: a word's 32 bits are read LUT_BITS at a time (chunk c: bits
  * c*LUT_BITS and up), each chunk indexing a table of the partial sums of what its bits weigh
  * (vpermps reads the low bits of each lane). A bit of a 1-bit plane weighs its activation; bit
  * 2j + i of a 2-bit plane, 2^i times activation j. So 8 (AVX-512) or 11 lookups, shifts and adds
