@@ -13,7 +13,7 @@
  * all (decode: 1 row; prefill: blocks of 4, or 8 bf16 rows). Work is split over (expert segment,
  * output tile) tasks with OpenMP, in the thread pool torch itself uses (the same libgomp.so.1 soname).
  * Paths: one float32 row by table lookups (group_lut); one exact bf16 row (a bf16 model's decode)
- * by bf16 dot products for 2-bit planes and lookups for a 1-bit plane (group_decode_bf16); blocks
+ * by bf16 dot products for 2-bit planes and lookups for a 1-bit plane (group_lut with pairs); blocks
  * of exact bf16 rows by bf16 dot products (group_tile_bf16); other blocks by masks and FMAs.
  */
 #include <stdint.h>
@@ -197,24 +197,53 @@ static inline __attribute__((always_inline)) void word_row_avx2(
  * 2j + i of a 2-bit plane, 2^i times activation j. So 8 (AVX-512) or 11 lookups, shifts and adds
  * replace the 16 masks, conversions and FMAs of a 2-bit word. group_lut takes one group for outputs
  * [n0, n0 + 16 T): every plane's words of the group into registers, then the scale and zero
- * straight into y, with no accumulator in memory. */
+ * straight into y, with no accumulator in memory.
+ * Given `xpairs` (an exact bf16 row, CPUs with AVX-512 BF16), 2-bit planes take bf16 dot products
+ * instead, codes as in group_tile_bf16 and `corr` taken out with the zero; a 1-bit plane keeps its
+ * lookups (by pairs it would cost twice the 2-bit plane's products). Measured on one core, in
+ * registers: a 2-bit word vector in 3.7 ns against the lookups' 5.1 ns (benchmarks/cpu_decode_ops.c).
+ * Four accumulators a tile: with one, each product would wait on the one before. */
+#ifdef MOEQ_BF16
+/* acc + the bf16 pairs c times the pair at x in every lane, with the pair broadcast from memory
+ * by the instruction itself ({1to16}): left to itself the compiler made every row's broadcasts
+ * full vectors first, spilled them and the accumulators to the stack and reloaded them. */
+static inline __attribute__((always_inline)) __m512 dp_broadcast(__m512 acc, __m512bh c, const uint32_t *x) {
+    __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(c), "m"(*x));
+    return acc;
+}
+
+#endif
+
 #if LUT_BITS == 4
 static inline __attribute__((always_inline)) void group_lut(
     const int T, const plane_ref *planes, int nplanes, int g, int G, int K, int N, int n0, const float *lut,
-    float xsum, const moeq_expert *ex, float *y, int pf_col, int pf_next)
+    const uint32_t *xpairs, float xsum, float corr, const moeq_expert *ex, float *y, int pf_col, int pf_next)
 {
     __m512 a[2][4];
     for (int t = 0; t < T; t++) for (int c = 0; c < 4; c++) a[t][c] = _mm512_setzero_ps();
     for (int p = 0; p < nplanes; p++) {
-        const int per_word = 32 / planes[p].width, first = g * G / per_word;
+        const int two = planes[p].width == 2, shift = two ? 4 : 5, first = (g * G) >> shift, nwords = G >> shift;
         const float *tables = lut + ((size_t)p * (K / 16) + first) * LUT_CHUNKS * LUT_SIZE;
-        for (int w = 0; w < G / per_word; w++, tables += LUT_CHUNKS * LUT_SIZE) {
+        for (int w = 0; w < nwords; w++, tables += LUT_CHUNKS * LUT_SIZE) {
             const int32_t *words = planes[p].words + (size_t)(first + w) * N + n0;
-            const int32_t *ahead = planes[p].words + (size_t)(first + w + pf_next * (G / per_word)) * N + pf_col;
+            const int32_t *ahead = planes[p].words + (size_t)(first + w + pf_next * nwords) * N + pf_col;
             _mm_prefetch((const char *)ahead, _MM_HINT_T1);
             if (T == 2) _mm_prefetch((const char *)(ahead + 16), _MM_HINT_T1);
             for (int t = 0; t < T; t++) {
                 const __m512i v = _mm512_loadu_si512((const void *)(words + 16 * t));
+#ifdef MOEQ_BF16
+                if (xpairs && two) { /* a bf16 row's 2-bit plane: codes i, i + 8 (bits 2i, 2i + 16) to bits 5-6, 21-22 */
+                    const uint32_t *xp = xpairs + (size_t)p * (K / 2) + (size_t)(first + w) * 8;
+#pragma GCC unroll 8
+                    for (int i = 0; i < 8; i++) {
+                        const __m512i sh = i < 3 ? _mm512_slli_epi32(v, 5 - 2 * i) : _mm512_srli_epi32(v, 2 * i - 5);
+                        const __m512bh c = (__m512bh)_mm512_ternarylogic_epi32(sh, _mm512_set1_epi32(0x00600060),
+                                                                               _mm512_set1_epi32(0x3F803F80), 0xEA);
+                        a[t][i % 4] = dp_broadcast(a[t][i % 4], c, xp + i);
+                    }
+                    continue;
+                }
+#endif
 #pragma GCC unroll 8
                 for (int c = 0; c < LUT_CHUNKS; c++)
                     a[t][c % 4] = _mm512_add_ps(a[t][c % 4], _mm512_permutexvar_ps(_mm512_srli_epi32(v, LUT_BITS * c),
@@ -225,7 +254,7 @@ static inline __attribute__((always_inline)) void group_lut(
     for (int t = 0; t < T; t++) {
         const size_t meta = (size_t)g * N + n0 + 16 * t;
         const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ex->scale + meta)));
-        const __m512 z = zeros16(ex, g, N, n0 + 16 * t);
+        const __m512 z = _mm512_add_ps(zeros16(ex, g, N, n0 + 16 * t), _mm512_set1_ps(corr));
         const __m512 sum = _mm512_add_ps(_mm512_add_ps(a[t][0], a[t][1]), _mm512_add_ps(a[t][2], a[t][3]));
         float *out = y + n0 + 16 * t;
         _mm512_storeu_ps(out, _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum), sum), _mm512_loadu_ps(out)));
@@ -235,9 +264,9 @@ static inline __attribute__((always_inline)) void group_lut(
 /* The same over 16 outputs as two 8-lane halves, 3 bits a lookup. */
 static inline __attribute__((always_inline)) void group_lut(
     const int T, const plane_ref *planes, int nplanes, int g, int G, int K, int N, int n0, const float *lut,
-    float xsum, const moeq_expert *ex, float *y, int pf_col, int pf_next)
+    const uint32_t *xpairs, float xsum, float corr, const moeq_expert *ex, float *y, int pf_col, int pf_next)
 {
-    (void)T, (void)pf_col, (void)pf_next;
+    (void)T, (void)pf_col, (void)pf_next, (void)xpairs, (void)corr; /* no bf16 pairs without AVX-512 */
     __m256 a[2][4];
     for (int h = 0; h < 2; h++) for (int c = 0; c < 4; c++) a[h][c] = _mm256_setzero_ps();
     for (int p = 0; p < nplanes; p++) {
@@ -268,6 +297,23 @@ static inline __attribute__((always_inline)) void group_lut(
 /* The output whose words decode at n prefetches: PF_DIST ahead, wrapping to the range's start. */
 static inline int prefetch_col(int n, int na, int nb) { return n + PF_DIST < nb ? n + PF_DIST : na + (n + PF_DIST - nb); }
 
+/* One row over outputs [na, nb): by lookups, or (xpairs) a bf16 row's 2-bit planes by dot products. */
+static void task_decode(const plane_ref *planes, int nplanes, int G, int K, int N, int na, int nb, const float *lut,
+                        const uint32_t *xpairs, const float *xsum, float corr, const moeq_expert *ex, float *y) {
+    const int ngroups = K / G;
+    for (int g = 0; g < ngroups; g++) {
+        int n0 = na;
+        /* prefetch PF_DIST outputs ahead; past the range's end, into the next group's rows */
+        const int next = g + 1 < ngroups;
+        for (; LUT_BITS == 4 && n0 + 32 <= nb; n0 += 32)
+            group_lut(2, planes, nplanes, g, G, K, N, n0, lut, xpairs, xsum[g], corr, ex, y, prefetch_col(n0, na, nb),
+                      next && n0 + PF_DIST >= nb);
+        for (; n0 < nb; n0 += 16)
+            group_lut(1, planes, nplanes, g, G, K, N, n0, lut, xpairs, xsum[g], corr, ex, y, prefetch_col(n0, na, nb),
+                      next && n0 + PF_DIST >= nb);
+    }
+}
+
 static inline __attribute__((always_inline)) void task_avx2(
     const int rows, const plane_ref *planes, int nplanes, int G, int K, int N, int na, int nb, int ngroups,
     const float *xsum, const moeq_expert *ex, const float *xs_scaled, const float *lut, float *y, int ldy, float *acc)
@@ -276,15 +322,7 @@ static inline __attribute__((always_inline)) void task_avx2(
      * lut: with one row, each plane's tables, [nplanes][K/16][LUT_CHUNKS][LUT_SIZE] */
     const int lda = nb - na;
     if (rows == 1) {
-        for (int g = 0; g < ngroups; g++) {
-            int n0 = na;
-            /* prefetch PF_DIST outputs ahead; past the range's end, into the next group's rows */
-            const int next = g + 1 < ngroups;
-            for (; LUT_BITS == 4 && n0 + 32 <= nb; n0 += 32)
-                group_lut(2, planes, nplanes, g, G, K, N, n0, lut, xsum[g], ex, y, prefetch_col(n0, na, nb), next && n0 + PF_DIST >= nb);
-            for (; n0 < nb; n0 += 16)
-                group_lut(1, planes, nplanes, g, G, K, N, n0, lut, xsum[g], ex, y, prefetch_col(n0, na, nb), next && n0 + PF_DIST >= nb);
-        }
+        task_decode(planes, nplanes, G, K, N, na, nb, lut, NULL, xsum, 0.0f, ex, y);
         return;
     }
     for (int g = 0; g < ngroups; g++) {
@@ -320,14 +358,6 @@ static inline __attribute__((always_inline)) void task_avx2(
  * activations come paired the same way, times m and the plane's weight (powers of two: exact), so
  * sum (1 + c/m) m w x = m w sum x + w sum c x, and `corr` = sum over planes of m w takes the first
  * term back out with the zero. */
-/* acc + the bf16 pairs c times the pair at x in every lane, with the pair broadcast from memory
- * by the instruction itself ({1to16}): left to itself the compiler made every row's broadcasts
- * full vectors first, spilled them and the accumulators to the stack and reloaded them. */
-static inline __attribute__((always_inline)) __m512 dp_broadcast(__m512 acc, __m512bh c, const uint32_t *x) {
-    __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(c), "m"(*x));
-    return acc;
-}
-
 /* A 3-bit code (a 2-bit plane and a 1-bit plane) goes in whole, as the bf16 1 + c/8: one dot product
  * per code pair instead of one per plane. Its pairs are the 2-bit plane's (inputs i, i + 8 of 16). */
 static inline int merged_three_bits(const plane_ref *planes, int nplanes) {
@@ -462,70 +492,6 @@ static float prepare_pairs(const float *x, int rows, int K, const plane_ref *pla
             for (int r = 0; r < rows; r++) out[r] = scratch[((size_t)r * nplanes + p) * (K / 2) + i];
         }
     return corr;
-}
-
-/* Decode of one exact bf16 row: the 2-bit planes by bf16 dot products (codes as in group_tile_bf16),
- * the 1-bit plane, if any, by the lookups of group_lut. With one row the dot products need
- * accumulators of their own, four a tile (one chain would wait on each product before the next).
- * Measured on one core, in registers: a 2-bit word vector in 3.7 ns against the lookups' 5.1 ns;
- * a 1-bit one by pairs would take twice the 2-bit's products, hence its lookups. */
-static inline __attribute__((always_inline)) void group_decode_bf16(
-    const int T, const plane_ref *planes, int nplanes, int g, int G, int K, int N, int n0, const uint32_t *xpairs,
-    const float *lut, float xsum, float corr, const moeq_expert *ex, float *y, int pf_col, int pf_next)
-{
-    __m512 a[2][4];
-    for (int t = 0; t < T; t++) for (int c = 0; c < 4; c++) a[t][c] = _mm512_setzero_ps();
-    for (int p = 0; p < nplanes; p++) {
-        const int two = planes[p].width == 2, shift = two ? 4 : 5, first = (g * G) >> shift, nwords = G >> shift;
-        const float *tables = lut + ((size_t)p * (K / 16) + first) * LUT_CHUNKS * LUT_SIZE;
-        const uint32_t *xp = xpairs + (size_t)p * (K / 2) + (size_t)first * 8;
-        for (int w = 0; w < nwords; w++, tables += LUT_CHUNKS * LUT_SIZE, xp += 8) {
-            const int32_t *words = planes[p].words + (size_t)(first + w) * N + n0;
-            const int32_t *ahead = planes[p].words + (size_t)(first + w + pf_next * nwords) * N + pf_col;
-            _mm_prefetch((const char *)ahead, _MM_HINT_T1);
-            if (T == 2) _mm_prefetch((const char *)(ahead + 16), _MM_HINT_T1);
-            for (int t = 0; t < T; t++) {
-                const __m512i v = _mm512_loadu_si512((const void *)(words + 16 * t));
-                if (two) {
-#pragma GCC unroll 8
-                    for (int i = 0; i < 8; i++) { /* codes i, i + 8 (bits 2i, 2i + 16) to bits 5-6, 21-22 */
-                        const __m512i sh = i < 3 ? _mm512_slli_epi32(v, 5 - 2 * i) : _mm512_srli_epi32(v, 2 * i - 5);
-                        const __m512bh c = (__m512bh)_mm512_ternarylogic_epi32(sh, _mm512_set1_epi32(0x00600060),
-                                                                               _mm512_set1_epi32(0x3F803F80), 0xEA);
-                        a[t][i % 4] = dp_broadcast(a[t][i % 4], c, xp + i);
-                    }
-                } else {
-#pragma GCC unroll 8
-                    for (int c = 0; c < LUT_CHUNKS; c++)
-                        a[t][c % 4] = _mm512_add_ps(a[t][c % 4], _mm512_permutexvar_ps(_mm512_srli_epi32(v, LUT_BITS * c),
-                                                                                      _mm512_loadu_ps(tables + LUT_SIZE * c)));
-                }
-            }
-        }
-    }
-    for (int t = 0; t < T; t++) {
-        const size_t meta = (size_t)g * N + n0 + 16 * t;
-        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ex->scale + meta)));
-        const __m512 z = _mm512_add_ps(zeros16(ex, g, N, n0 + 16 * t), _mm512_set1_ps(corr));
-        const __m512 sum = _mm512_add_ps(_mm512_add_ps(a[t][0], a[t][1]), _mm512_add_ps(a[t][2], a[t][3]));
-        float *out = y + n0 + 16 * t;
-        _mm512_storeu_ps(out, _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum), sum), _mm512_loadu_ps(out)));
-    }
-}
-
-static void task_decode_bf16(const plane_ref *planes, int nplanes, int G, int K, int N, int na, int nb, const uint32_t *xpairs,
-                             const float *lut, const float *xsum, float corr, const moeq_expert *ex, float *y) {
-    const int ngroups = K / G;
-    for (int g = 0; g < ngroups; g++) {
-        int n0 = na;
-        const int next = g + 1 < ngroups;
-        for (; n0 + 32 <= nb; n0 += 32)
-            group_decode_bf16(2, planes, nplanes, g, G, K, N, n0, xpairs, lut, xsum[g], corr, ex, y,
-                              prefetch_col(n0, na, nb), next && n0 + PF_DIST >= nb);
-        for (; n0 < nb; n0 += 16)
-            group_decode_bf16(1, planes, nplanes, g, G, K, N, n0, xpairs, lut, xsum[g], corr, ex, y,
-                              prefetch_col(n0, na, nb), next && n0 + PF_DIST >= nb);
-    }
 }
 #endif
 
@@ -730,7 +696,7 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
             float *out = y + (size_t)r0 * N;
 #ifdef MOEQ_BF16
             if (bf16 && rows == 1) {
-                task_decode_bf16(planes, nplanes, G, K, N, na, n_end, xpairs, lut, xsum, corr, ex, out);
+                task_decode(planes, nplanes, G, K, N, na, n_end, lut, xpairs, xsum, corr, ex, out);
                 continue;
             }
             if (bf16 && rows > 1) {
