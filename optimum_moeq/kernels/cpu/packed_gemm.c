@@ -523,6 +523,11 @@ static void tile_portable(
     }
 }
 
+/* How many of an expert's planes are 2-bit: expert_planes puts them first, a 1-bit plane last. */
+static inline int two_bit_planes(const plane_ref *planes, int nplanes) {
+    return nplanes - (nplanes > 0 && planes[nplanes - 1].width == 1);
+}
+
 static int expert_planes(const moeq_expert *ex, int K, int N, plane_ref *planes) {
     int n2 = ex->bits / 2, count = 0;
     for (int i = 0; i < n2; i++)
@@ -568,15 +573,14 @@ static void build_tables(const float *x, int K, const plane_ref *planes, int fir
 }
 
 /* For `rows` rows: what the path `kind` reads (LOOKUPS: one row's tables; SCALED: the activations
- * per plane, times the plane's weight and 2^-(width*j) for value j of a word; DECODE_PAIRS: one row's
- * tables of its 1-bit plane; PAIRS, DECODE_PAIRS: the caller makes the pairs; PAIRS: nothing here,
- * prepare_pairs makes them), and each row's sum over each group. */
+ * per plane, times the plane's weight and 2^-(width*j) for value j of a word; DECODE_PAIRS: one
+ * row's tables of its 1-bit plane only; PAIRS: nothing here), and each row's sum over each group.
+ * The pairs of PAIRS and DECODE_PAIRS are made by prepare_pairs. */
 enum { SCALED, LOOKUPS, PAIRS, DECODE_PAIRS };
 static void prepare_rows(const float *x, int rows, int K, int G, const plane_ref *planes, int nplanes,
                          int kind, float *xs_scaled, float *xsum, float *lut) {
     if (kind == LOOKUPS) build_tables(x, K, planes, 0, nplanes, lut);
-    if (kind == DECODE_PAIRS) /* the 1-bit plane's tables (planes[] ends with it, if there is one) */
-        build_tables(x, K, planes, planes[nplanes - 1].width == 1 ? nplanes - 1 : nplanes, nplanes, lut);
+    if (kind == DECODE_PAIRS) build_tables(x, K, planes, two_bit_planes(planes, nplanes), nplanes, lut);
     for (int p = 0; p < nplanes && kind == SCALED; p++) {
         const int width = planes[p].width, per_word = 32 / width, half = per_word / 2;
         for (int r = 0; r < rows; r++)
@@ -687,9 +691,9 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
 #ifdef MOEQ_BF16
                 if (kind == PAIRS)
                     corr = prepare_pairs(x + (size_t)r0 * K, rows, K, planes, nplanes, xpairs, (uint32_t *)xs_scaled);
-                if (kind == DECODE_PAIRS) /* pairs of the 2-bit planes only (they come first) */
-                    corr = prepare_pairs(x + (size_t)r0 * K, 1, K, planes, nplanes - (planes[nplanes - 1].width == 1),
-                                         xpairs, (uint32_t *)xs_scaled);
+                if (kind == DECODE_PAIRS) /* pairs of the 2-bit planes only */
+                    corr = prepare_pairs(x + (size_t)r0 * K, 1, K, planes, two_bit_planes(planes, nplanes), xpairs,
+                                         (uint32_t *)xs_scaled);
 #endif
                 prepared_block = b;
             }
