@@ -129,7 +129,8 @@ def test_a_bf16_model_rounds_the_down_projections_input_to_bf16_on_every_path(to
     module.kernel = "torch"
     reference = module(x.float(), top_k_index, top_k_weights)  # a float32 model
     reference_bf16 = module(x, top_k_index, top_k_weights)  # rounds its output to bf16 too
-    assert _relative(kernel, rounded) * 20 < _relative(kernel, exact)
+    assert kernel.dtype == torch.bfloat16  # rounded from its float32 sum, as the reference's .to() rounds
+    assert _relative(kernel, rounded.bfloat16()) * 20 < _relative(kernel, exact.bfloat16())
     assert _relative(reference_bf16, rounded.bfloat16()) * 20 < _relative(reference_bf16, exact.bfloat16())
     assert _relative(reference, exact) < 1e-5  # keeping its float32 intermediate
 
@@ -210,6 +211,46 @@ def test_the_kernel_reads_the_tensors_a_module_holds_now():
     with pytest.raises(ValueError, match="contiguous"):
         cpu_moe.experts_gemm(x, torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0], dtype=torch.int32),
                              planes, module.expert_bits, 2 * INTER, G)  # fmt: skip
+
+
+def test_an_eager_forward_reuses_its_prepared_call_until_the_module_changes():
+    """Eager CPU forwards of a module share one prepared kernel call (its address tables made
+    once), which reads bf16 inputs, routing weights and outputs as they are; it is remade when a
+    tensor is replaced by another object or ``kernel`` changes, and a module that has one still
+    deep-copies."""
+    import copy
+
+    from optimum_moeq.nn.experts import _CPU_CALLS
+
+    module = _module([2, 3])
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(4, H, generator=generator).bfloat16()
+    top_k_index = torch.randint(0, 2, (4, 2), generator=generator)
+    top_k_weights = torch.softmax(torch.randn(4, 2, generator=generator), dim=-1)
+    out = module(x, top_k_index, top_k_weights.bfloat16())
+    call = _CPU_CALLS[module]
+    assert out.dtype == torch.bfloat16 and out.shape == (4, H)
+    assert _relative(out, _expected_f64(module, x, top_k_index, top_k_weights.bfloat16(), torch.bfloat16)) < 5e-3
+    # bf16 weights are read as the float32 weights they round to; int32 indices as int64
+    same = module(x, top_k_index.int(), top_k_weights.bfloat16().float())
+    assert torch.equal(out, same) and _CPU_CALLS[module] is call
+    # float32 in, float32 out, through the same call
+    assert module(x.float(), top_k_index, top_k_weights).dtype == torch.float32 and _CPU_CALLS[module] is call
+
+    twin = copy.deepcopy(module)
+    assert torch.equal(twin(x, top_k_index, top_k_weights), module(x, top_k_index, top_k_weights))
+    other = _module([2, 3], seed=7)
+    name = "gate_up_proj_b2_q2"
+    setattr(module, name, torch.nn.Parameter(getattr(other, name).detach().clone(), requires_grad=False))
+    replaced = module(x.float(), top_k_index, top_k_weights)
+    assert _CPU_CALLS[module] is not call
+    assert _relative(twin(x.float(), top_k_index, top_k_weights), replaced) > 1e-2  # the new codes are read
+    module.kernel = "torch"
+    assert _relative(module(x.float(), top_k_index, top_k_weights), replaced) < 1e-5
+    setattr(module, name, torch.nn.Parameter(getattr(module, name).detach().mT.contiguous().mT, requires_grad=False))
+    module.kernel = "cpu"
+    with pytest.raises(ValueError, match="contiguous"):
+        module(x, top_k_index, top_k_weights)
 
 
 @ZEROS

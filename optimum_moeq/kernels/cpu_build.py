@@ -36,6 +36,23 @@ class ExpertRecord(ctypes.Structure):
     ]
 
 
+class LayerRecord(ctypes.Structure):
+    """``moeq_layer`` in packed_gemm.c: a SiLU-gated experts layer's shapes and address tables."""
+
+    _fields_ = [
+        ("E", ctypes.c_int32),
+        ("H", ctypes.c_int32),
+        ("I", ctypes.c_int32),
+        ("G", ctypes.c_int32),
+        ("gate_up", ctypes.POINTER(ExpertRecord)),
+        ("down", ctypes.POINTER(ExpertRecord)),
+    ]
+
+
+# flags of moeq_experts_forward (packed_gemm.c)
+IO_BF16, WEIGHT_BF16, PLAIN_C = 1, 2, 4
+
+
 def cache_folder() -> str:
     default = os.path.join(os.path.expanduser("~"), ".cache", "optimum_moeq", "cpu_kernels")
     return os.environ.get("MOEQ_CPU_KERNEL_CACHE", default)
@@ -88,9 +105,8 @@ def _load(path: str) -> ctypes.CDLL:
     ]  # fmt: skip
     library.moeq_experts_forward.restype = ctypes.c_int
     library.moeq_experts_forward.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-        ctypes.c_int, ctypes.c_int, ctypes.POINTER(ExpertRecord), ctypes.POINTER(ExpertRecord), ctypes.c_void_p,
-        ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.POINTER(LayerRecord), ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
     ]  # fmt: skip
     library.moeq_has_avx2.restype = ctypes.c_int
     library.moeq_has_bf16.restype = ctypes.c_int

@@ -2,10 +2,11 @@
 and a whole SiLU-gated experts layer (routing, gate_up, SiLU(gate) * up, down, weighted sum).
 
 Each is a torch custom op (``moeq::cpu_*``), so ``torch.compile(fullgraph=True)`` sees one opaque
-call. Activations go to the kernel in float32 and come back in float32 (the reference path's
-accumulation dtype); the weights are read from the bit planes, never dequantized whole. A layer's
-tensors reach the kernel as the flat plane list of ``PackedLayout.kernel_planes`` and each
-expert's bit-width; the per-expert address table is made once per set of addresses.
+call. Activations go to the projections in float32 and come back in float32 (the reference path's
+accumulation dtype); the SiLU layer reads and writes float32 or bf16 itself. The weights are read
+from the bit planes, never dequantized whole. A layer's tensors reach the kernel as the flat plane
+list of ``PackedLayout.kernel_planes`` and each expert's bit-width; the per-expert address table is
+made once per set of addresses, and once per module for eager forwards (``SiluExpertsCall``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def _records(key: tuple):
     return records
 
 
+def _checked_records(planes: list[torch.Tensor | None], expert_bits: list[int]):
+    if any(t is not None and not t.is_contiguous() for t in planes):
+        raise ValueError("packed expert tensors must be contiguous for the CPU kernels.")
+    return _records(_addresses(planes, expert_bits))
+
+
 _TABLES: dict[tuple, object] = {}
 
 
@@ -70,11 +77,9 @@ def _table(planes: list[torch.Tensor | None], expert_bits: list[int]):
     key = (tuple(expert_bits), tuple((t.data_ptr(), t.stride(0), t.dtype) if t is not None else None for t in planes))
     table = _TABLES.get(key)
     if table is None:
-        if any(t is not None and not t.is_contiguous() for t in planes):
-            raise ValueError("packed expert tensors must be contiguous for the CPU kernels.")
         if len(_TABLES) >= 1024:  # addresses of freed models
             _TABLES.clear()
-        table = _TABLES[key] = _records(_addresses(planes, expert_bits))
+        table = _TABLES[key] = _checked_records(planes, expert_bits)
     return table
 
 
@@ -114,6 +119,34 @@ def _packed_linear(
     return _gemm(x, seg_start, torch.zeros(1, dtype=torch.int32), planes, [bits], n, group_size)
 
 
+IO_DTYPES = (torch.float32, torch.bfloat16)  # what the SiLU layer's kernel reads and writes as they are
+
+
+def _run_silu(layer, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """A SiLU-gated layer (a ``cpu_build.LayerRecord``) on x [T, H], out in x's dtype (float32 or
+    bf16; others go as float32). bf16 x and weights are read as they are, and out is rounded from
+    the float32 sum in the kernel: no conversion here, where decode's Python time is spent."""
+    flags = 0
+    if x.dtype == torch.bfloat16:
+        flags |= cpu_build.IO_BF16
+    elif x.dtype != torch.float32:
+        x = x.float()
+    if top_k_weights.dtype == torch.bfloat16:
+        flags |= cpu_build.WEIGHT_BF16
+    elif top_k_weights.dtype != torch.float32:
+        top_k_weights = top_k_weights.float()
+    x, weights = x.contiguous(), top_k_weights.contiguous()
+    index = (top_k_index if top_k_index.dtype == torch.int64 else top_k_index.long()).contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)
+    status = cpu_build.library().moeq_experts_forward(
+        layer, x.data_ptr(), x.shape[0], index.shape[-1], index.data_ptr(), weights.data_ptr(), out.data_ptr(),
+        torch.get_num_threads(), flags,
+    )  # fmt: skip
+    if status:
+        raise MemoryError("optimum-moeq's CPU kernel could not allocate its scratch buffers.")
+    return out
+
+
 def _silu_experts(
     x: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -124,21 +157,36 @@ def _silu_experts(
     intermediate_dim: int,
     group_size: int,
 ) -> torch.Tensor:
-    exact_bf16 = x.dtype == torch.bfloat16
-    x = x.float().contiguous()
-    index = top_k_index.to(torch.int64).contiguous()
-    weights = top_k_weights.float().contiguous()
-    out = torch.empty(x.shape, dtype=torch.float32)
-    gate_up = _table(gate_up_planes, expert_bits)
-    down = _table(down_planes, expert_bits)
-    status = cpu_build.library().moeq_experts_forward(
-        x.data_ptr(), x.shape[0], index.shape[-1], index.data_ptr(), weights.data_ptr(), len(expert_bits),
-        x.shape[1], intermediate_dim, group_size, gate_up, down, out.data_ptr(), torch.get_num_threads(), 0,
-        int(exact_bf16),
-    )  # fmt: skip
-    if status:
-        raise MemoryError("optimum-moeq's CPU kernel could not allocate its scratch buffers.")
-    return out
+    layer = cpu_build.LayerRecord(len(expert_bits), x.shape[-1], intermediate_dim, group_size,
+                                  _table(gate_up_planes, expert_bits), _table(down_planes, expert_bits))  # fmt: skip
+    return _run_silu(layer, x, top_k_index, top_k_weights)
+
+
+def _tensor_key(tensors) -> tuple:
+    return tuple((id(t), t.data_ptr()) for t in tensors.values() if t is not None)
+
+
+class SiluExpertsCall:
+    """One SiLU-gated experts layer's kernel call, made ready once: its shapes and address tables in
+    one C record, so that an eager forward runs a few lines of Python (decode calls every layer for
+    every token). Made from a module's tensors; ``holds`` tells whether the module still has those
+    very tensors (a new load, ``.to()`` or an assignment replaces them)."""
+
+    def __init__(self, layout: PackedLayout, tensors, input_projection: str, intermediate_dim: int):
+        bits = list(layout.expert_bits)
+        self._tables = (
+            _checked_records(layout.kernel_planes(tensors, input_projection), bits),
+            _checked_records(layout.kernel_planes(tensors, "down_proj"), bits),
+        )
+        hidden = layout.projections["down_proj"][0]
+        self.layer = cpu_build.LayerRecord(len(bits), hidden, intermediate_dim, layout.group_size, *self._tables)
+        self._key = _tensor_key(tensors)
+
+    def holds(self, tensors) -> bool:
+        return _tensor_key(tensors) == self._key
+
+    def __call__(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return _run_silu(self.layer, x, top_k_index, top_k_weights)
 
 
 # Custom ops, so that torch.compile(fullgraph=True) sees one opaque call each; eager calls go to the
@@ -160,7 +208,7 @@ def _(x, planes, bits, n, group_size):
 
 @_silu_experts_op.register_fake
 def _(x, top_k_index, top_k_weights, gate_up_planes, down_planes, expert_bits, intermediate_dim, group_size):
-    return x.new_empty(x.shape, dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=x.dtype if x.dtype in IO_DTYPES else torch.float32)
 
 
 def experts_gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=False) -> torch.Tensor:
@@ -179,8 +227,8 @@ def packed_linear_cpu(x, planes, bits, n, group_size) -> torch.Tensor:
 
 def silu_experts(x, top_k_index, top_k_weights, gate_up_planes, down_planes, expert_bits, intermediate_dim,
                  group_size) -> torch.Tensor:  # fmt: skip
-    """float32 [T, H]: a SiLU-gated experts layer in one kernel call, routing included; pairs whose
-    expert index is outside [0, E) contribute nothing."""
+    """[T, H] in x's dtype (float32 or bf16; float32 for others): a SiLU-gated experts layer in one
+    kernel call, routing included; pairs whose expert index is outside [0, E) contribute nothing."""
     layer = _silu_experts_op if torch.compiler.is_compiling() else _silu_experts
     return layer(x, top_k_index, top_k_weights, gate_up_planes, down_planes, expert_bits, intermediate_dim,
                  group_size)  # fmt: skip
@@ -218,7 +266,7 @@ def experts_forward(
     if gated and activation in SILU and hidden_states.dtype != torch.float16:
         out = silu_experts(hidden_states, top_k_index, top_k_weights, gate_up_planes, down_planes, bits,
                            intermediate_dim, layout.group_size)  # fmt: skip
-        return out.to(hidden_states.dtype)
+        return out.to(hidden_states.dtype)  # float64 went as float32
     tokens, hidden = hidden_states.shape
     flat_expert = top_k_index.reshape(-1)
     pair = torch.nonzero((flat_expert >= 0) & (flat_expert < layout.num_experts)).squeeze(-1)

@@ -10,16 +10,21 @@ build, the torch reference (see ``PackedModule.kernel``).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
 from transformers.activations import ACT2FN
 
-from ..kernels.cpu_moe import experts_forward
+from ..kernels.cpu_moe import IO_DTYPES, SILU, SiluExpertsCall, experts_forward
 from ..kernels.grouped import grouped_experts_forward
 from ..kernels.reference import experts_reference
 from ..quant.layout import PackedLayout
 from .stored import PackedModule
+
+# Each module's prepared CPU kernel call, beside the module rather than in it: a ctypes record
+# neither deep-copies nor pickles.
+_CPU_CALLS: weakref.WeakKeyDictionary[PackedModule, SiluExpertsCall] = weakref.WeakKeyDictionary()
 
 
 class MixedBitExperts(PackedModule):
@@ -75,6 +80,9 @@ class MixedBitExperts(PackedModule):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        call = self._prepared_cpu_call(hidden_states)
+        if call is not None:
+            return call(hidden_states, top_k_index, top_k_weights)
         if self._use_triton(hidden_states):
             return grouped_experts_forward(
                 hidden_states, top_k_index, top_k_weights, self.layout, self._parameters,
@@ -88,6 +96,22 @@ class MixedBitExperts(PackedModule):
                 activation=self.hidden_act, gated=self.gated,
             )  # fmt: skip
         return self._reference_forward(hidden_states, top_k_index, top_k_weights)
+
+    def _prepared_cpu_call(self, x: torch.Tensor) -> SiluExpertsCall | None:
+        """The ready kernel call of an eager CPU forward of SiLU-gated experts in float32 or bf16, or
+        None where another path runs. Made once, and again when ``kernel`` or the tensors change."""
+        if x.device.type != "cpu" or x.dtype not in IO_DTYPES or torch.compiler.is_compiling():
+            return None
+        call = _CPU_CALLS.get(self)
+        if call is not None and call.kernel == self.kernel and call.holds(self._parameters):
+            return call
+        if not (self.gated and self.hidden_act in SILU) or self._use_triton(x) or not self._use_cpu_kernels(x):
+            return None
+        call = _CPU_CALLS[self] = SiluExpertsCall(
+            self.layout, self._parameters, self.input_projection, self.intermediate_dim
+        )
+        call.kernel = self.kernel
+        return call
 
     def _reference_forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

@@ -802,15 +802,43 @@ static void silu_times(const float *gate, const float *up, float *out, int n, in
 #endif
 }
 
+/* A SiLU-gated experts layer, made ready once per module by the host: its shapes and address tables. */
+typedef struct {
+    int32_t E, H, I, G;
+    const moeq_expert *gate_up, *down;
+} moeq_layer;
+
+/* flags of moeq_experts_forward */
+#define MOEQ_IO_BF16 1      /* x and out are bf16 (a bf16 model): rows are exact bf16, out is rounded once */
+#define MOEQ_WEIGHT_BF16 2  /* the routing weights are bf16, else float32 */
+#define MOEQ_PLAIN_C 4      /* the plain-C path of machines without AVX2 */
+
+/* The bf16 nearest to v (ties to even) as torch converts it: NaN to 0x7FC0. */
+static inline uint16_t float_to_bf16(float v) {
+    if (v != v) return 0x7FC0;
+    const float r = round_to_bf16(v);
+    uint32_t u;
+    memcpy(&u, &r, 4);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float bf16_to_float(uint16_t v) {
+    const uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 /* A whole SiLU-gated experts layer: out [T, H] = sum over slots of w[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))
  * with e = index[t, k]; pairs whose index is outside [0, E) are skipped. Pairs are counting-sorted
- * by expert (stable), so each expert's rows share a decode; the weighted sum runs in that order.
+ * by expert (stable), so each expert's rows share a decode; the weighted sum runs in that order,
+ * in float32, and a bf16 out is rounded from it once (as torch's .to() rounds: ties to even).
  * Returns 0, or -1 if scratch memory ran out. */
-int moeq_experts_forward(const float *x, int T, int topk, const int64_t *index, const float *weight,
-                         int E, int H, int I, int G, const moeq_expert *gate_up, const moeq_expert *down,
-                         float *out, int nthreads, int portable, int exact_bf16)
+int moeq_experts_forward(const moeq_layer *layer, const void *x, int T, int topk, const int64_t *index,
+                         const void *weight, void *out, int nthreads, int flags)
 {
-    const int pairs = T * topk;
+    const int E = layer->E, H = layer->H, I = layer->I, G = layer->G, pairs = T * topk;
+    const int io_bf16 = flags & MOEQ_IO_BF16, portable = (flags & MOEQ_PLAIN_C) != 0;
     int32_t *count = calloc((size_t)E + 1, sizeof(int32_t));
     int32_t *pair_of_row = malloc(sizeof(int32_t) * ((size_t)pairs + 1));
     int32_t *seg_start = malloc(sizeof(int32_t) * ((size_t)E + 1));
@@ -819,8 +847,10 @@ int moeq_experts_forward(const float *x, int T, int topk, const int64_t *index, 
     float *h = malloc(sizeof(float) * ((size_t)pairs * 2 * I + 1));
     float *act = malloc(sizeof(float) * ((size_t)pairs * I + 1));
     float *y = malloc(sizeof(float) * ((size_t)pairs * H + 1));
+    /* the float32 sum: out itself, or a scratch rounded into a bf16 out at the end */
+    float *sum = io_bf16 ? calloc((size_t)T * H + 1, sizeof(float)) : (float *)out;
     int status = -1;
-    if (!count || !pair_of_row || !seg_start || !seg_expert || !rows_x || !h || !act || !y) goto done;
+    if (!count || !pair_of_row || !seg_start || !seg_expert || !rows_x || !h || !act || !y || !sum) goto done;
     for (int p = 0; p < pairs; p++)
         if (index[p] >= 0 && index[p] < E) count[index[p] + 1]++;
     int nseg = 0;
@@ -836,39 +866,51 @@ int moeq_experts_forward(const float *x, int T, int topk, const int64_t *index, 
     for (int p = 0; p < pairs; p++)
         if (index[p] >= 0 && index[p] < E) pair_of_row[count[index[p]]++] = p;
     const int rows = seg_start[nseg];
-    memset(out, 0, sizeof(float) * (size_t)T * H);
-    if (rows == 0) { status = 0; goto done; }
+    if (!io_bf16) memset(sum, 0, sizeof(float) * (size_t)T * H);
+    if (rows) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8)
-    for (int r = 0; r < rows; r++) memcpy(rows_x + (size_t)r * H, x + (size_t)(pair_of_row[r] / topk) * H, sizeof(float) * H);
-    if (moeq_packed_gemm(rows_x, h, H, 2 * I, G, nseg, seg_start, seg_expert, gate_up, nthreads, portable, exact_bf16))
-        goto done;
-    /* silu(gate) * up [rows, I], in slices of SILU_SLICE so that decode's one or two rows use every
-     * thread too */
-    const int slices = (I + SILU_SLICE - 1) / SILU_SLICE;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int task = 0; task < rows * slices; task++) {
-        const int r = task / slices, i0 = (task % slices) * SILU_SLICE, n = I - i0 < SILU_SLICE ? I - i0 : SILU_SLICE;
-        silu_times(h + (size_t)r * 2 * I + i0, h + (size_t)r * 2 * I + I + i0, act + (size_t)r * I + i0, n, exact_bf16);
-    }
-    /* in a bf16 model (exact_bf16) silu(gate) * up was rounded to bf16, as transformers' dense experts
-     * and the Triton kernels round it: the down projection takes exact bf16 rows */
-    if (moeq_packed_gemm(act, y, I, H, G, nseg, seg_start, seg_expert, down, nthreads, portable, exact_bf16))
-        goto done;
-    /* the weighted sum, in row order for every output; threads take slices of the outputs */
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8)
-    for (int n0 = 0; n0 < H; n0 += 256) {
-        const int n1 = n0 + 256 < H ? n0 + 256 : H;
         for (int r = 0; r < rows; r++) {
-            const int p = pair_of_row[r];
-            const float w = weight[p];
-            float *o = out + (size_t)(p / topk) * H;
-            const float *yr = y + (size_t)r * H;
-            for (int n = n0; n < n1; n++) o[n] += w * yr[n];
+            const size_t t = (size_t)(pair_of_row[r] / topk);
+            if (io_bf16)
+                for (int k = 0; k < H; k++) rows_x[(size_t)r * H + k] = bf16_to_float(((const uint16_t *)x)[t * H + k]);
+            else
+                memcpy(rows_x + (size_t)r * H, (const float *)x + t * H, sizeof(float) * H);
+        }
+        if (moeq_packed_gemm(rows_x, h, H, 2 * I, G, nseg, seg_start, seg_expert, layer->gate_up, nthreads, portable,
+                             io_bf16))
+            goto done;
+        /* silu(gate) * up [rows, I], in slices of SILU_SLICE so that decode's one or two rows use every
+         * thread too */
+        const int slices = (I + SILU_SLICE - 1) / SILU_SLICE;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int task = 0; task < rows * slices; task++) {
+            const int r = task / slices, i0 = (task % slices) * SILU_SLICE, n = I - i0 < SILU_SLICE ? I - i0 : SILU_SLICE;
+            silu_times(h + (size_t)r * 2 * I + i0, h + (size_t)r * 2 * I + I + i0, act + (size_t)r * I + i0, n, io_bf16);
+        }
+        /* in a bf16 model silu(gate) * up was rounded to bf16, as transformers' dense experts and the
+         * Triton kernels round it: the down projection takes exact bf16 rows */
+        if (moeq_packed_gemm(act, y, I, H, G, nseg, seg_start, seg_expert, layer->down, nthreads, portable, io_bf16))
+            goto done;
+        /* the weighted sum, in row order for every output; threads take slices of the outputs */
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8)
+        for (int n0 = 0; n0 < H; n0 += 256) {
+            const int n1 = n0 + 256 < H ? n0 + 256 : H;
+            for (int r = 0; r < rows; r++) {
+                const int p = pair_of_row[r];
+                const float w = flags & MOEQ_WEIGHT_BF16 ? bf16_to_float(((const uint16_t *)weight)[p])
+                                                         : ((const float *)weight)[p];
+                float *o = sum + (size_t)(p / topk) * H;
+                const float *yr = y + (size_t)r * H;
+                for (int n = n0; n < n1; n++) o[n] += w * yr[n];
+            }
         }
     }
+    if (io_bf16)
+        for (size_t i = 0; i < (size_t)T * H; i++) ((uint16_t *)out)[i] = float_to_bf16(sum[i]);
     status = 0;
 done:
     free(count); free(pair_of_row); free(seg_start); free(seg_expert); free(rows_x); free(h); free(act); free(y);
+    if (io_bf16) free(sum);
     return status;
 }
 
