@@ -24,7 +24,7 @@ from .stored import PackedModule
 
 # Each module's prepared CPU kernel call, beside the module rather than in it: a ctypes record
 # neither deep-copies nor pickles.
-_CPU_CALLS: weakref.WeakKeyDictionary[PackedModule, SiluExpertsCall] = weakref.WeakKeyDictionary()
+_CPU_CALLS: weakref.WeakKeyDictionary[PackedModule, tuple[str, SiluExpertsCall]] = weakref.WeakKeyDictionary()
 
 
 class MixedBitExperts(PackedModule):
@@ -102,15 +102,13 @@ class MixedBitExperts(PackedModule):
         None where another path runs. Made once, and again when ``kernel`` or the tensors change."""
         if x.device.type != "cpu" or x.dtype not in IO_DTYPES or torch.compiler.is_compiling():
             return None
-        call = _CPU_CALLS.get(self)
-        if call is not None and call.kernel == self.kernel and call.holds(self._parameters):
+        kernel, call = _CPU_CALLS.get(self, (None, None))
+        if kernel == self.kernel and call.holds(self._parameters):
             return call
         if not (self.gated and self.hidden_act in SILU) or self._use_triton(x) or not self._use_cpu_kernels(x):
             return None
-        call = _CPU_CALLS[self] = SiluExpertsCall(
-            self.layout, self._parameters, self.input_projection, self.intermediate_dim
-        )
-        call.kernel = self.kernel
+        call = SiluExpertsCall(self.layout, self._parameters, self.input_projection, self.intermediate_dim)
+        _CPU_CALLS[self] = (self.kernel, call)
         return call
 
     def _reference_forward(
