@@ -310,7 +310,7 @@ def table_notes(names, rounds, prefill, threads, copy_gbs, alone, shares, comman
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["small", "large"], choices=["small", "large"])
-    parser.add_argument("--rounds", type=int, default=5, help="alternating pairs per variant")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating pairs per variant")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", help="table path (default: benchmarks/results/cpu.md; --smoke: .smoke/)")
     args = parser.parse_args()
