@@ -220,7 +220,7 @@ def test_an_eager_forward_reuses_its_prepared_call_until_the_module_changes():
     deep-copies."""
     import copy
 
-    from optimum_moeq.nn.experts import _CPU_CALLS
+    from optimum_moeq.nn.stored import _CPU_CALLS
 
     module = _module([2, 3])
     generator = torch.Generator().manual_seed(5)
@@ -247,8 +247,11 @@ def test_an_eager_forward_reuses_its_prepared_call_until_the_module_changes():
     assert _relative(twin(x.float(), top_k_index, top_k_weights), replaced) > 1e-2  # the new codes are read
     module.kernel = "torch"
     assert _relative(module(x.float(), top_k_index, top_k_weights), replaced) < 1e-5
-    setattr(module, name, torch.nn.Parameter(getattr(module, name).detach().mT.contiguous().mT, requires_grad=False))
     module.kernel = "cpu"
+    for dtype in (torch.float32, torch.bfloat16):  # no tokens: an empty result, not an error
+        empty = module(x[:0].to(dtype), top_k_index[:0], top_k_weights[:0])
+        assert empty.shape == (0, H) and empty.dtype == dtype
+    getattr(module, name).data = getattr(module, name).data.mT.contiguous().mT  # same object, other strides
     with pytest.raises(ValueError, match="contiguous"):
         module(x, top_k_index, top_k_weights)
 
@@ -264,6 +267,17 @@ def test_packed_linear_equals_its_dequantized_weight(integer_zeros):
     out = linear(x)
     expected = x.double() @ linear.dequantized().double().T + linear.bias.double()
     assert out.shape == (2, 5, 48) and _relative(out, expected) < 1e-6
+    # a bf16 model's rows: the prepared call reads and writes bf16 itself, and rounds as the general
+    # path's float32 result rounds through .to()
+    from optimum_moeq.nn.stored import _CPU_CALLS
+
+    rows = x.bfloat16()
+    general = cpu_moe.linear_forward(rows, linear.layout, linear._parameters)
+    assert torch.equal(linear(rows), general + linear.bias.to(torch.bfloat16))
+    assert isinstance(_CPU_CALLS[linear][1], cpu_moe.LinearCall) and general.dtype == torch.bfloat16
+    assert _relative(general, rows.double() @ linear.dequantized().double().T) < 5e-3
+    for dtype in (torch.float32, torch.bfloat16):
+        assert linear(x[:, :0].to(dtype)).shape == (2, 0, 48)
 
 
 def test_auto_takes_the_cpu_kernels_and_a_model_gives_the_reference_logits(tmp_path):

@@ -49,8 +49,8 @@ class LayerRecord(ctypes.Structure):
     ]
 
 
-# flags of moeq_experts_forward (packed_gemm.c)
-IO_BF16, WEIGHT_BF16, PLAIN_C = 1, 2, 4
+# flags of moeq_experts_forward and moeq_linear (packed_gemm.c)
+IO_BF16, WEIGHT_BF16 = 1, 2
 
 
 def cache_folder() -> str:
@@ -106,6 +106,11 @@ def _load(path: str) -> ctypes.CDLL:
     library.moeq_experts_forward.restype = ctypes.c_int
     library.moeq_experts_forward.argtypes = [
         ctypes.POINTER(LayerRecord), ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+    ]  # fmt: skip
+    library.moeq_linear.restype = ctypes.c_int
+    library.moeq_linear.argtypes = [
+        ctypes.POINTER(ExpertRecord), ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
     ]  # fmt: skip
     library.moeq_has_avx2.restype = ctypes.c_int

@@ -2,11 +2,11 @@
 and a whole SiLU-gated experts layer (routing, gate_up, SiLU(gate) * up, down, weighted sum).
 
 Each is a torch custom op (``moeq::cpu_*``), so ``torch.compile(fullgraph=True)`` sees one opaque
-call. Activations go to the projections in float32 and come back in float32 (the reference path's
-accumulation dtype); the SiLU layer reads and writes float32 or bf16 itself. The weights are read
-from the bit planes, never dequantized whole. A layer's tensors reach the kernel as the flat plane
-list of ``PackedLayout.kernel_planes`` and each expert's bit-width; the per-expert address table is
-made once per set of addresses, and once per module for eager forwards (``SiluExpertsCall``).
+call. The expert projections take and give float32 (the reference path's accumulation dtype); the
+SiLU layer and the linear read and write float32 or bf16 themselves. The weights are read from the
+bit planes, never dequantized whole. A layer's tensors reach the kernel as the flat plane list of
+``PackedLayout.kernel_planes`` and each expert's bit-width; the per-expert address table is made
+once per set of addresses, and once per module for eager forwards (``PreparedCall``).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def _packed_linear(
     return _gemm(x, seg_start, torch.zeros(1, dtype=torch.int32), planes, [bits], n, group_size)
 
 
-IO_DTYPES = (torch.float32, torch.bfloat16)  # what the SiLU layer's kernel reads and writes as they are
+IO_DTYPES = (torch.float32, torch.bfloat16)  # what the SiLU layer and linear kernels read and write as they are
 
 
 def _run_silu(layer, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -163,16 +163,28 @@ def _silu_experts(
 
 
 def _tensor_key(tensors) -> tuple:
-    return tuple((id(t), t.data_ptr()) for t in tensors.values() if t is not None)
+    """Which tensors these are and how they lie: a new object, storage, view or dtype changes it."""
+    return tuple((id(t), t.data_ptr(), t.stride(), t.dtype) for t in tensors.values() if t is not None)
 
 
-class SiluExpertsCall:
-    """One SiLU-gated experts layer's kernel call, made ready once: its shapes and address tables in
-    one C record, so that an eager forward runs a few lines of Python (decode calls every layer for
-    every token). Made from a module's tensors; ``holds`` tells whether the module still has those
-    very tensors (a new load, ``.to()`` or an assignment replaces them)."""
+class PreparedCall:
+    """A module's kernel call made ready once, its address tables and shapes in C records, so that
+    an eager forward runs a few lines of Python (decode calls every layer for every token). Made
+    from a module's tensors; ``holds`` tells whether the module still has those very tensors (a new
+    load, ``.to()`` or an assignment replaces them)."""
+
+    def __init__(self, tensors):
+        self._key = _tensor_key(tensors)
+
+    def holds(self, tensors) -> bool:
+        return _tensor_key(tensors) == self._key
+
+
+class SiluExpertsCall(PreparedCall):
+    """A SiLU-gated experts layer: ``call(x, top_k_index, top_k_weights)`` as ``silu_experts``."""
 
     def __init__(self, layout: PackedLayout, tensors, input_projection: str, intermediate_dim: int):
+        super().__init__(tensors)
         bits = list(layout.expert_bits)
         self._tables = (
             _checked_records(layout.kernel_planes(tensors, input_projection), bits),
@@ -180,13 +192,33 @@ class SiluExpertsCall:
         )
         hidden = layout.projections["down_proj"][0]
         self.layer = cpu_build.LayerRecord(len(bits), hidden, intermediate_dim, layout.group_size, *self._tables)
-        self._key = _tensor_key(tensors)
-
-    def holds(self, tensors) -> bool:
-        return _tensor_key(tensors) == self._key
 
     def __call__(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return _run_silu(self.layer, x, top_k_index, top_k_weights)
+
+
+class LinearCall(PreparedCall):
+    """A packed linear: ``call(x)`` is [..., in] -> [..., out] in x's dtype (float32 or bf16 read
+    and written as they are, others as float32), without the bias."""
+
+    def __init__(self, layout: PackedLayout, tensors):
+        super().__init__(tensors)
+        self.n, self.k = layout.projections["weight"]
+        self.group_size = layout.group_size
+        self._record = _checked_records(layout.kernel_planes(tensors, "weight"), [layout.expert_bits[0]])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.k)
+        flags = cpu_build.IO_BF16 if rows.dtype == torch.bfloat16 else 0
+        rows = (rows if flags or rows.dtype == torch.float32 else rows.float()).contiguous()
+        y = torch.empty(rows.shape[0], self.n, dtype=rows.dtype)
+        status = cpu_build.library().moeq_linear(
+            self._record, rows.data_ptr(), rows.shape[0], self.k, self.n, self.group_size, y.data_ptr(),
+            torch.get_num_threads(), flags,
+        )  # fmt: skip
+        if status:
+            raise MemoryError("optimum-moeq's CPU kernel could not allocate its scratch buffers.")
+        return y.reshape(*x.shape[:-1], self.n)
 
 
 # Custom ops, so that torch.compile(fullgraph=True) sees one opaque call each; eager calls go to the

@@ -10,21 +10,16 @@ build, the torch reference (see ``PackedModule.kernel``).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 
 import torch
 from transformers.activations import ACT2FN
 
-from ..kernels.cpu_moe import IO_DTYPES, SILU, SiluExpertsCall, experts_forward
+from ..kernels.cpu_moe import SILU, SiluExpertsCall, experts_forward
 from ..kernels.grouped import grouped_experts_forward
 from ..kernels.reference import experts_reference
 from ..quant.layout import PackedLayout
 from .stored import PackedModule
-
-# Each module's prepared CPU kernel call, beside the module rather than in it: a ctypes record
-# neither deep-copies nor pickles.
-_CPU_CALLS: weakref.WeakKeyDictionary[PackedModule, tuple[str, SiluExpertsCall]] = weakref.WeakKeyDictionary()
 
 
 class MixedBitExperts(PackedModule):
@@ -97,19 +92,10 @@ class MixedBitExperts(PackedModule):
             )  # fmt: skip
         return self._reference_forward(hidden_states, top_k_index, top_k_weights)
 
-    def _prepared_cpu_call(self, x: torch.Tensor) -> SiluExpertsCall | None:
-        """The ready kernel call of an eager CPU forward of SiLU-gated experts in float32 or bf16, or
-        None where another path runs. Made once, and again when ``kernel`` or the tensors change."""
-        if x.device.type != "cpu" or x.dtype not in IO_DTYPES or torch.compiler.is_compiling():
-            return None
-        kernel, call = _CPU_CALLS.get(self, (None, None))
-        if kernel == self.kernel and call.holds(self._parameters):
-            return call
-        if not (self.gated and self.hidden_act in SILU) or self._use_triton(x) or not self._use_cpu_kernels(x):
-            return None
-        call = SiluExpertsCall(self.layout, self._parameters, self.input_projection, self.intermediate_dim)
-        _CPU_CALLS[self] = (self.kernel, call)
-        return call
+    def _make_cpu_call(self) -> SiluExpertsCall | None:
+        if self.gated and self.hidden_act in SILU:
+            return SiluExpertsCall(self.layout, self._parameters, self.input_projection, self.intermediate_dim)
+        return None
 
     def _reference_forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.cpu_moe import linear_forward
+from ..kernels.cpu_moe import LinearCall, linear_forward
 from ..kernels.grouped import blocks_for_prefill, mixed_bit_projection
 from ..kernels.reference import dequantize_packed, packed_linear
 from ..quant import PackedProjection
@@ -42,12 +42,18 @@ class PackedLinear(PackedModule):
     def packed(self, proj: str = "weight", bits: int | None = None) -> PackedProjection:
         return super().packed(proj, self.bits if bits is None else bits)
 
+    def _make_cpu_call(self) -> LinearCall:
+        return LinearCall(self.layout, self._parameters)
+
     def dequantized(self) -> torch.Tensor:
         """The weight [out, in] in float32."""
         return dequantize_packed(self.packed())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_triton(x):
+        call = self._prepared_cpu_call(x)
+        if call is not None:
+            out = call(x)
+        elif self._use_triton(x):
             out = triton_linear_forward(x, self.layout, self._parameters)
         elif self._use_cpu_kernels(x):
             out = linear_forward(x, self.layout, self._parameters)

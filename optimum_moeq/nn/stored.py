@@ -8,6 +8,7 @@ quantized tensors through ``store``, whichever quantizer made them.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 
 import torch
@@ -20,6 +21,10 @@ from ..quant.layout import PackedLayout
 from ..quant.packed import concat_packed
 
 KERNELS = ("auto", "torch", "triton", "cpu")
+
+# Each module's prepared CPU kernel call and the ``kernel`` setting it was made under, beside the
+# module rather than in it: a ctypes record neither deep-copies nor pickles.
+_CPU_CALLS: weakref.WeakKeyDictionary[nn.Module, tuple[str, cpu_moe.PreparedCall]] = weakref.WeakKeyDictionary()
 
 # Experts of a width are quantized together (batched GPTQ) while their working set stays under
 # this: about 32 bytes per weight (float64 weights and their copies, int32 codes) and 24 per entry
@@ -140,6 +145,26 @@ class PackedModule(QuantizedModule):
                 )
             tensors.update(layout.named(proj, packed))
         return tensors
+
+    def _prepared_cpu_call(self, x: torch.Tensor):
+        """The ready kernel call of an eager forward of CPU inputs in float32 or bf16 (see
+        ``_make_cpu_call``), or None where another path runs. Made once, and again when ``kernel``
+        or the module's tensors change."""
+        if x.device.type != "cpu" or x.dtype not in cpu_moe.IO_DTYPES or torch.compiler.is_compiling():
+            return None
+        kernel, call = _CPU_CALLS.get(self, (None, None))
+        if call is not None and kernel == self.kernel and call.holds(self._parameters):
+            return call
+        if self._use_triton(x) or not self._use_cpu_kernels(x):
+            return None
+        call = self._make_cpu_call()
+        if call is not None:
+            _CPU_CALLS[self] = (self.kernel, call)
+        return call
+
+    def _make_cpu_call(self) -> cpu_moe.PreparedCall | None:
+        """The module's prepared CPU kernel call, or None where its forward has none."""
+        return None
 
     def _use_triton(self, x: torch.Tensor) -> bool:
         if self.kernel not in KERNELS:

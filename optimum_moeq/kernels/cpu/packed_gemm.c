@@ -626,8 +626,8 @@ int moeq_packed_gemm(const float *x, float *y, int K, int N, int G,
 #endif
     const int block_rows = bf16 ? BF16_ROWS : MAX_ROWS;
     const int total_rows = seg_start[nseg];
-    memset(y, 0, (size_t)total_rows * N * sizeof(float));
     if (total_rows == 0) return 0;
+    memset(y, 0, (size_t)total_rows * N * sizeof(float));
     int32_t *task_seg_block = malloc(sizeof(int32_t) * 2 * (size_t)(total_rows + nseg) + 2);
     if (!task_seg_block) return -1;
     int nrowblocks = 0;
@@ -802,18 +802,17 @@ static void silu_times(const float *gate, const float *up, float *out, int n, in
 #endif
 }
 
-/* A SiLU-gated experts layer, made ready once per module by the host: its shapes and address tables. */
+/* A SiLU-gated experts layer's shapes and address tables (the host keeps one per module). */
 typedef struct {
     int32_t E, H, I, G;
     const moeq_expert *gate_up, *down;
 } moeq_layer;
 
-/* flags of moeq_experts_forward */
+/* flags of moeq_experts_forward and moeq_linear */
 #define MOEQ_IO_BF16 1      /* x and out are bf16 (a bf16 model): rows are exact bf16, out is rounded once */
-#define MOEQ_WEIGHT_BF16 2  /* the routing weights are bf16, else float32 */
-#define MOEQ_PLAIN_C 4      /* the plain-C path of machines without AVX2 */
+#define MOEQ_WEIGHT_BF16 2  /* moeq_experts_forward: the routing weights are bf16, else float32 */
 
-/* The bf16 nearest to v (ties to even) as torch converts it: NaN to 0x7FC0. */
+/* The bf16 nearest to v (ties to even), as torch's .to() rounds; a NaN stays a NaN (0x7FC0). */
 static inline uint16_t float_to_bf16(float v) {
     if (v != v) return 0x7FC0;
     const float r = round_to_bf16(v);
@@ -838,7 +837,7 @@ int moeq_experts_forward(const moeq_layer *layer, const void *x, int T, int topk
                          const void *weight, void *out, int nthreads, int flags)
 {
     const int E = layer->E, H = layer->H, I = layer->I, G = layer->G, pairs = T * topk;
-    const int io_bf16 = flags & MOEQ_IO_BF16, portable = (flags & MOEQ_PLAIN_C) != 0;
+    const int io_bf16 = flags & MOEQ_IO_BF16;
     int32_t *count = calloc((size_t)E + 1, sizeof(int32_t));
     int32_t *pair_of_row = malloc(sizeof(int32_t) * ((size_t)pairs + 1));
     int32_t *seg_start = malloc(sizeof(int32_t) * ((size_t)E + 1));
@@ -850,7 +849,8 @@ int moeq_experts_forward(const moeq_layer *layer, const void *x, int T, int topk
     /* the float32 sum: out itself, or a scratch rounded into a bf16 out at the end */
     float *sum = io_bf16 ? calloc((size_t)T * H + 1, sizeof(float)) : (float *)out;
     int status = -1;
-    if (!count || !pair_of_row || !seg_start || !seg_expert || !rows_x || !h || !act || !y || !sum) goto done;
+    if (!count || !pair_of_row || !seg_start || !seg_expert || !rows_x || !h || !act || !y || (io_bf16 && !sum))
+        goto done;
     for (int p = 0; p < pairs; p++)
         if (index[p] >= 0 && index[p] < E) count[index[p] + 1]++;
     int nseg = 0;
@@ -866,7 +866,7 @@ int moeq_experts_forward(const moeq_layer *layer, const void *x, int T, int topk
     for (int p = 0; p < pairs; p++)
         if (index[p] >= 0 && index[p] < E) pair_of_row[count[index[p]]++] = p;
     const int rows = seg_start[nseg];
-    if (!io_bf16) memset(sum, 0, sizeof(float) * (size_t)T * H);
+    if (!io_bf16 && T) memset(sum, 0, sizeof(float) * (size_t)T * H);
     if (rows) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8)
         for (int r = 0; r < rows; r++) {
@@ -876,7 +876,7 @@ int moeq_experts_forward(const moeq_layer *layer, const void *x, int T, int topk
             else
                 memcpy(rows_x + (size_t)r * H, (const float *)x + t * H, sizeof(float) * H);
         }
-        if (moeq_packed_gemm(rows_x, h, H, 2 * I, G, nseg, seg_start, seg_expert, layer->gate_up, nthreads, portable,
+        if (moeq_packed_gemm(rows_x, h, H, 2 * I, G, nseg, seg_start, seg_expert, layer->gate_up, nthreads, 0,
                              io_bf16))
             goto done;
         /* silu(gate) * up [rows, I], in slices of SILU_SLICE so that decode's one or two rows use every
@@ -889,7 +889,7 @@ int moeq_experts_forward(const moeq_layer *layer, const void *x, int T, int topk
         }
         /* in a bf16 model silu(gate) * up was rounded to bf16, as transformers' dense experts and the
          * Triton kernels round it: the down projection takes exact bf16 rows */
-        if (moeq_packed_gemm(act, y, I, H, G, nseg, seg_start, seg_expert, layer->down, nthreads, portable, io_bf16))
+        if (moeq_packed_gemm(act, y, I, H, G, nseg, seg_start, seg_expert, layer->down, nthreads, 0, io_bf16))
             goto done;
         /* the weighted sum, in row order for every output; threads take slices of the outputs */
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8)
@@ -905,12 +905,44 @@ int moeq_experts_forward(const moeq_layer *layer, const void *x, int T, int topk
             }
         }
     }
-    if (io_bf16)
-        for (size_t i = 0; i < (size_t)T * H; i++) ((uint16_t *)out)[i] = float_to_bf16(sum[i]);
+    if (io_bf16) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (T > 8)
+        for (int t = 0; t < T; t++)
+            for (int n = 0; n < H; n++) ((uint16_t *)out)[(size_t)t * H + n] = float_to_bf16(sum[(size_t)t * H + n]);
+    }
     status = 0;
 done:
     free(count); free(pair_of_row); free(seg_start); free(seg_expert); free(rows_x); free(h); free(act); free(y);
     if (io_bf16) free(sum);
+    return status;
+}
+
+/* A packed linear: y [R, N] = x [R, K] @ W^T for one weight (a one-expert record), x and y float32,
+ * or bf16 with MOEQ_IO_BF16 (rows exact bf16, y rounded once from the float32 result). Returns 0,
+ * or -1 if scratch memory ran out. */
+int moeq_linear(const moeq_expert *weight, const void *x, int R, int K, int N, int G, void *y, int nthreads,
+                int flags)
+{
+    const int io_bf16 = flags & MOEQ_IO_BF16;
+    const int32_t seg_start[2] = {0, R}, seg_expert[1] = {0};
+    float *x32 = NULL, *y32 = (float *)y; /* a bf16 x and y go through float32 copies */
+    if (io_bf16) {
+        x32 = malloc(sizeof(float) * ((size_t)R * K + 1));
+        y32 = malloc(sizeof(float) * ((size_t)R * N + 1));
+        if (!x32 || !y32) { free(x32); free(y32); return -1; }
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (R > 8)
+        for (int r = 0; r < R; r++)
+            for (int k = 0; k < K; k++) x32[(size_t)r * K + k] = bf16_to_float(((const uint16_t *)x)[(size_t)r * K + k]);
+    }
+    int status = moeq_packed_gemm(io_bf16 ? x32 : (const float *)x, y32, K, N, G, 1, seg_start, seg_expert, weight,
+                                  nthreads, 0, io_bf16);
+    if (io_bf16) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (R > 8 && !status)
+        for (int r = 0; r < R; r++)
+            for (int n = 0; n < N; n++) ((uint16_t *)y)[(size_t)r * N + n] = float_to_bf16(y32[(size_t)r * N + n]);
+        free(x32);
+        free(y32);
+    }
     return status;
 }
 
