@@ -1,7 +1,7 @@
 """CPU speed of the packed experts: batch-1 decode and 512-token prefill of random Mixtral-shaped
 models, against dense bf16 / fp32 and every peer library that runs on CPU here, in one run.
 
-    python benchmarks/cpu.py                    # both models (the large one takes ~30 min)
+    python benchmarks/cpu.py                    # both models (about an hour here, 7 rounds)
     python benchmarks/cpu.py --models small     # hidden 1024, intermediate 3584, 4 layers
     python benchmarks/cpu.py --smoke            # tiny shapes: checks the script, not a figure
 
