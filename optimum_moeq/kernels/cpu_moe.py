@@ -68,6 +68,11 @@ def _checked_records(planes: list[torch.Tensor | None], expert_bits: list[int]):
     return _records(_addresses(planes, expert_bits))
 
 
+def _check(status: int) -> None:
+    if status:
+        raise MemoryError("optimum-moeq's CPU kernel could not allocate its scratch buffers.")
+
+
 _TABLES: dict[tuple, object] = {}
 
 
@@ -94,8 +99,7 @@ def _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable
         x.data_ptr(), y.data_ptr(), x.shape[1], n, group_size, seg_expert.numel(), seg_start.data_ptr(),
         seg_expert.data_ptr(), _table(planes, expert_bits), torch.get_num_threads(), int(portable), bf16_rows,
     )  # fmt: skip
-    if status:
-        raise MemoryError("optimum-moeq's CPU kernel could not allocate its scratch buffers.")
+    _check(status)
     return y
 
 
@@ -112,38 +116,48 @@ def _experts_gemm(
     return _gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable)
 
 
+IO_DTYPES = (torch.float32, torch.bfloat16)  # what the SiLU layer and linear kernels read and write as they are
+
+
+def _kernel_input(t: torch.Tensor, bf16_flag: int) -> tuple[torch.Tensor, int]:
+    """``t`` as the kernel reads it, contiguous: bf16 as it is (with ``bf16_flag``), float32 as it
+    is, anything else as float32; no conversion for the model's own dtypes, where decode's Python
+    time is spent."""
+    if t.dtype == torch.bfloat16:
+        return t.contiguous(), bf16_flag
+    return (t if t.dtype == torch.float32 else t.float()).contiguous(), 0
+
+
+def _run_linear(record, x: torch.Tensor, n: int, group_size: int) -> torch.Tensor:
+    """A packed linear (a one-expert ``cpu_build.ExpertRecord`` table) on x [..., K], out [..., n]
+    in x's dtype (float32 or bf16; others go as float32), a bf16 out rounded in the kernel."""
+    k = x.shape[-1]
+    rows, flags = _kernel_input(x.reshape(-1, k), cpu_build.IO_BF16)
+    y = torch.empty(rows.shape[0], n, dtype=rows.dtype)
+    _check(cpu_build.library().moeq_linear(
+        record, rows.data_ptr(), rows.shape[0], k, n, group_size, y.data_ptr(), torch.get_num_threads(), flags,
+    ))  # fmt: skip
+    return y.reshape(*x.shape[:-1], n)
+
+
 def _packed_linear(
     x: torch.Tensor, planes: list[torch.Tensor | None], bits: int, n: int, group_size: int
 ) -> torch.Tensor:
-    seg_start = torch.tensor([0, x.shape[0]], dtype=torch.int32)
-    return _gemm(x, seg_start, torch.zeros(1, dtype=torch.int32), planes, [bits], n, group_size)
-
-
-IO_DTYPES = (torch.float32, torch.bfloat16)  # what the SiLU layer and linear kernels read and write as they are
+    return _run_linear(_table(planes, [bits]), x, n, group_size)
 
 
 def _run_silu(layer, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """A SiLU-gated layer (a ``cpu_build.LayerRecord``) on x [T, H], out in x's dtype (float32 or
-    bf16; others go as float32). bf16 x and weights are read as they are, and out is rounded from
-    the float32 sum in the kernel: no conversion here, where decode's Python time is spent."""
-    flags = 0
-    if x.dtype == torch.bfloat16:
-        flags |= cpu_build.IO_BF16
-    elif x.dtype != torch.float32:
-        x = x.float()
-    if top_k_weights.dtype == torch.bfloat16:
-        flags |= cpu_build.WEIGHT_BF16
-    elif top_k_weights.dtype != torch.float32:
-        top_k_weights = top_k_weights.float()
-    x, weights = x.contiguous(), top_k_weights.contiguous()
+    bf16; others go as float32). bf16 x and routing weights are read as they are, and out is rounded
+    from the float32 sum in the kernel."""
+    x, io_flag = _kernel_input(x, cpu_build.IO_BF16)
+    weights, weight_flag = _kernel_input(top_k_weights, cpu_build.WEIGHT_BF16)
     index = (top_k_index if top_k_index.dtype == torch.int64 else top_k_index.long()).contiguous()
     out = torch.empty(x.shape, dtype=x.dtype)
-    status = cpu_build.library().moeq_experts_forward(
+    _check(cpu_build.library().moeq_experts_forward(
         layer, x.data_ptr(), x.shape[0], index.shape[-1], index.data_ptr(), weights.data_ptr(), out.data_ptr(),
-        torch.get_num_threads(), flags,
-    )  # fmt: skip
-    if status:
-        raise MemoryError("optimum-moeq's CPU kernel could not allocate its scratch buffers.")
+        torch.get_num_threads(), io_flag | weight_flag,
+    ))  # fmt: skip
     return out
 
 
@@ -203,22 +217,12 @@ class LinearCall(PreparedCall):
 
     def __init__(self, layout: PackedLayout, tensors):
         super().__init__(tensors)
-        self.n, self.k = layout.projections["weight"]
+        self.n = layout.projections["weight"][0]
         self.group_size = layout.group_size
         self._record = _checked_records(layout.kernel_planes(tensors, "weight"), [layout.expert_bits[0]])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.k)
-        flags = cpu_build.IO_BF16 if rows.dtype == torch.bfloat16 else 0
-        rows = (rows if flags or rows.dtype == torch.float32 else rows.float()).contiguous()
-        y = torch.empty(rows.shape[0], self.n, dtype=rows.dtype)
-        status = cpu_build.library().moeq_linear(
-            self._record, rows.data_ptr(), rows.shape[0], self.k, self.n, self.group_size, y.data_ptr(),
-            torch.get_num_threads(), flags,
-        )  # fmt: skip
-        if status:
-            raise MemoryError("optimum-moeq's CPU kernel could not allocate its scratch buffers.")
-        return y.reshape(*x.shape[:-1], self.n)
+        return _run_linear(self._record, x, self.n, self.group_size)
 
 
 # Custom ops, so that torch.compile(fullgraph=True) sees one opaque call each; eager calls go to the
@@ -235,7 +239,7 @@ def _(x, seg_start, seg_expert, planes, expert_bits, n, group_size, portable=Fal
 
 @_packed_linear_op.register_fake
 def _(x, planes, bits, n, group_size):
-    return x.new_empty((x.shape[0], n), dtype=torch.float32)
+    return x.new_empty((x.shape[0], n), dtype=x.dtype if x.dtype in IO_DTYPES else torch.float32)
 
 
 @_silu_experts_op.register_fake
@@ -252,7 +256,8 @@ def experts_gemm(x, seg_start, seg_expert, planes, expert_bits, n, group_size, p
 
 
 def packed_linear_cpu(x, planes, bits, n, group_size) -> torch.Tensor:
-    """float32 [R, n] = x [R, K] @ W.T for one packed weight (planes with a one-expert axis)."""
+    """[R, n] = x [R, K] @ W.T for one packed weight (planes with a one-expert axis), in x's dtype
+    (float32 or bf16; float32 for others)."""
     linear = _packed_linear_op if torch.compiler.is_compiling() else _packed_linear
     return linear(x, planes, bits, n, group_size)
 
@@ -325,4 +330,4 @@ def linear_forward(x: torch.Tensor, layout: PackedLayout, tensors) -> torch.Tens
     n, k = layout.projections["weight"]
     bits = layout.expert_bits[0]
     y = packed_linear_cpu(x.reshape(-1, k), layout.kernel_planes(tensors, "weight"), bits, n, layout.group_size)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)  # float16 and float64 went as float32

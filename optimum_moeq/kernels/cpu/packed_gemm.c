@@ -828,6 +828,22 @@ static inline float bf16_to_float(uint16_t v) {
     return f;
 }
 
+static void bf16_to_floats(const uint16_t *src, float *dst, size_t n) {
+    for (size_t i = 0; i < n; i++) dst[i] = bf16_to_float(src[i]);
+}
+
+/* Rows of bf16 into float32 and back (rounded), rows across threads where there are more than 8. */
+static void bf16_rows_to_float(const uint16_t *src, float *dst, int rows, int cols, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8)
+    for (int r = 0; r < rows; r++) bf16_to_floats(src + (size_t)r * cols, dst + (size_t)r * cols, cols);
+}
+
+static void float_rows_to_bf16(const float *src, uint16_t *dst, int rows, int cols, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 8)
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) dst[(size_t)r * cols + c] = float_to_bf16(src[(size_t)r * cols + c]);
+}
+
 /* A whole SiLU-gated experts layer: out [T, H] = sum over slots of w[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))
  * with e = index[t, k]; pairs whose index is outside [0, E) are skipped. Pairs are counting-sorted
  * by expert (stable), so each expert's rows share a decode; the weighted sum runs in that order,
@@ -872,7 +888,7 @@ int moeq_experts_forward(const moeq_layer *layer, const void *x, int T, int topk
         for (int r = 0; r < rows; r++) {
             const size_t t = (size_t)(pair_of_row[r] / topk);
             if (io_bf16)
-                for (int k = 0; k < H; k++) rows_x[(size_t)r * H + k] = bf16_to_float(((const uint16_t *)x)[t * H + k]);
+                bf16_to_floats((const uint16_t *)x + t * H, rows_x + (size_t)r * H, H);
             else
                 memcpy(rows_x + (size_t)r * H, (const float *)x + t * H, sizeof(float) * H);
         }
@@ -905,11 +921,7 @@ int moeq_experts_forward(const moeq_layer *layer, const void *x, int T, int topk
             }
         }
     }
-    if (io_bf16) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (T > 8)
-        for (int t = 0; t < T; t++)
-            for (int n = 0; n < H; n++) ((uint16_t *)out)[(size_t)t * H + n] = float_to_bf16(sum[(size_t)t * H + n]);
-    }
+    if (io_bf16) float_rows_to_bf16(sum, (uint16_t *)out, T, H, nthreads);
     status = 0;
 done:
     free(count); free(pair_of_row); free(seg_start); free(seg_expert); free(rows_x); free(h); free(act); free(y);
@@ -930,16 +942,12 @@ int moeq_linear(const moeq_expert *weight, const void *x, int R, int K, int N, i
         x32 = malloc(sizeof(float) * ((size_t)R * K + 1));
         y32 = malloc(sizeof(float) * ((size_t)R * N + 1));
         if (!x32 || !y32) { free(x32); free(y32); return -1; }
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (R > 8)
-        for (int r = 0; r < R; r++)
-            for (int k = 0; k < K; k++) x32[(size_t)r * K + k] = bf16_to_float(((const uint16_t *)x)[(size_t)r * K + k]);
+        bf16_rows_to_float((const uint16_t *)x, x32, R, K, nthreads);
     }
     int status = moeq_packed_gemm(io_bf16 ? x32 : (const float *)x, y32, K, N, G, 1, seg_start, seg_expert, weight,
                                   nthreads, 0, io_bf16);
     if (io_bf16) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (R > 8 && !status)
-        for (int r = 0; r < R; r++)
-            for (int n = 0; n < N; n++) ((uint16_t *)y)[(size_t)r * N + n] = float_to_bf16(y32[(size_t)r * N + n]);
+        if (!status) float_rows_to_bf16(y32, (uint16_t *)y, R, N, nthreads);
         free(x32);
         free(y32);
     }
